@@ -1,0 +1,12 @@
+"""dlm: diffusion language models. Train from scratch, sample, infill, evaluate.
+
+    import dlm
+    lm = dlm.DiffusionLM.from_pretrained("default")
+    print(lm.generate("ROMEO:", max_new_tokens=128, steps=64))
+"""
+
+from dlm.config import CheckpointConfig, ModelConfig, ProcessConfig, SamplingConfig, TrainConfig
+
+__version__ = "0.1.0"
+
+__all__ = ["CheckpointConfig", "ModelConfig", "ProcessConfig", "SamplingConfig", "TrainConfig", "__version__"]

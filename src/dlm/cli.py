@@ -1,0 +1,156 @@
+"""`dlm train | generate | infill | eval`: a thin shell over the library.
+
+    dlm train --data shakespeare --model small --out runs/x
+    dlm generate "ROMEO:" --model default --max-new-tokens 128 --steps 64
+    dlm infill "To be, or not to be, [MASK] is the question" --model default
+    dlm eval --model default --data shakespeare --json
+
+Every error the user can fix is printed as one line `dlm: error: ...` with exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from dlm.config import ConfigError
+
+
+def _train(args: argparse.Namespace) -> None:
+    from dlm.config import ModelConfig, ProcessConfig, TrainConfig
+    from dlm.train import train
+
+    overrides = {"arch": args.arch} if args.arch else {}
+    if args.max_len:
+        overrides["max_len"] = args.max_len
+    model_cfg = ModelConfig.preset(args.model, **overrides)
+    loss = args.loss or ("ar" if model_cfg.arch == "ar" else "masked_elbo")
+    pcfg = ProcessConfig(process=args.process, schedule=args.schedule, loss=loss, infill_prob=args.infill_prob,
+                         max_span=args.max_span)
+    tcfg = TrainConfig(data=args.data, out=args.out, tokenizer=args.tokenizer, max_steps=args.max_steps,
+                       batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup,
+                       bf16=args.bf16, ema=args.ema, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+                       seed=args.seed, threads=args.threads)
+    summary = train(tcfg, model_cfg, pcfg, device=args.device, show_progress=not args.quiet)
+    print(json.dumps(summary))
+
+
+def _load(args: argparse.Namespace):
+    from dlm.pipeline import DiffusionLM
+
+    return DiffusionLM.from_pretrained(args.model, device=args.device)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    lm = _load(args)
+    text = lm.generate(args.prompt, max_new_tokens=args.max_new_tokens, steps=args.steps,
+                       block_length=args.block_length, temperature=args.temperature, remasking=args.remasking,
+                       seed=args.seed)
+    print(json.dumps({"prompt": args.prompt, "completion": text}) if args.json else args.prompt + text)
+
+
+def _infill(args: argparse.Namespace) -> None:
+    lm = _load(args)
+    text = lm.infill(args.text, steps=args.steps, max_span=args.max_span, temperature=args.temperature,
+                     remasking=args.remasking, seed=args.seed)
+    print(json.dumps({"text": text}) if args.json else text)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from dlm.eval.heldout import evaluate_text
+
+    lm = _load(args)
+    result = evaluate_text(lm, args.data, n_samples=args.samples, seed=args.seed, max_windows=args.max_windows)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        kind = "exact NLL" if result["exact"] else "ELBO bound"
+        print(f"{result['bits_per_char']:.4f} bits/char ({kind}, ± {result['stderr']:.4f}), "
+              f"{result['bits_per_token']:.4f} bits/token over {result['n_tokens']} tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dlm", description="Diffusion language models: train, sample, infill, evaluate.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from scratch (re-run the same command to resume)")
+    t.add_argument("--data", required=True, help="corpus name (shakespeare, python-stdlib, fortunes-it) or a path")
+    t.add_argument("--model", default="small", help="size preset: tiny, small, base, large")
+    t.add_argument("--arch", choices=["llada", "dit", "ar"], help="network (default: the preset's, llada)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--process", default="masked")
+    t.add_argument("--schedule", default="linear", help="linear (LLaDA), loglinear (MDLM), cosine")
+    t.add_argument("--loss", help="masked_elbo (default), masked_unweighted, ar")
+    t.add_argument("--infill-prob", type=float, default=0.0, help="fraction of sequences on the infilling objective")
+    t.add_argument("--max-span", type=int, default=64)
+    t.add_argument("--tokenizer", default="byte", help="byte, or bpe:<vocab size>")
+    t.add_argument("--max-steps", type=int, default=1000)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--max-len", type=int, help="model context (default: the preset's)")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast")
+    t.add_argument("--ema", type=float, default=0.0)
+    t.add_argument("--eval-every", type=int, default=250)
+    t.add_argument("--ckpt-every", type=int, default=250)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    def sampling_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="default", help="shipped model name or checkpoint folder")
+        p.add_argument("--steps", type=int)
+        p.add_argument("--temperature", type=float)
+        p.add_argument("--remasking", choices=["low_confidence", "random"])
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--json", action="store_true")
+
+    g = sub.add_parser("generate", help="continue a prompt")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--block-length", type=int)
+    sampling_flags(g)
+    g.set_defaults(func=_generate)
+
+    i = sub.add_parser("infill", help="fill [MASK] / [MASK:n] gaps in a text")
+    i.add_argument("text")
+    i.add_argument("--max-span", type=int, help="length of a bare [MASK] gap (default 64)")
+    sampling_flags(i)
+    i.set_defaults(func=_infill)
+
+    e = sub.add_parser("eval", help="held-out likelihood bound in bits per char / token")
+    e.add_argument("--model", default="default")
+    e.add_argument("--data", required=True, help="a corpus name (its validation split) or a text file")
+    e.add_argument("--samples", type=int, default=4, help="Monte Carlo samples per window")
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_eval)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from dlm.checkpoint import CheckpointError
+    from dlm.data import CorpusError
+    from dlm.sampling import SamplingError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, CorpusError, CheckpointError, SamplingError, ValueError) as e:
+        print(f"dlm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("dlm: interrupted (a training run resumes from its last checkpoint when re-run)", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

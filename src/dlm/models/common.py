@@ -1,0 +1,101 @@
+"""Building blocks shared by every network: RMSNorm, rotary embeddings, SDPA attention, SwiGLU.
+
+Shapes: B batch, L length, D width, H heads, hd = D / H.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlm.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """RoPE (Su et al.), rotate-half convention as in LLaMA / LLaDA; cos/sin cached and grown on demand."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def cos_sin(self, L: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cache is None or self._cache[0] < L or self._cache[1] != device:
+            pos = torch.arange(max(L, 256), device=device, dtype=torch.float32)
+            freqs = torch.outer(pos, self.inv_freq.to(device))  # (L, hd/2)
+            emb = torch.cat([freqs, freqs], dim=-1)  # (L, hd)
+            self._cache = (emb.shape[0], device, emb.cos(), emb.sin())
+        _, _, cos, sin = self._cache
+        return cos[:L], sin[:L]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, L, hd); cos, sin: (L, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)  # in float32, as LLaDA
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, causal: bool) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.causal = causal
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=self.causal and attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, L, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.ff_width, bias=False)
+        self.down = nn.Linear(cfg.ff_width, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def padding_attn_mask(attention_mask: torch.Tensor | None, causal: bool, L: int) -> torch.Tensor | None:
+    """attention_mask (B, L) with 1 = real token -> SDPA boolean mask (B, 1, L, L), True = may attend."""
+    if attention_mask is None:
+        return None
+    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
+    mask = keys.expand(-1, 1, L, L)
+    if causal:
+        mask = mask & torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()
+    # A padded query row that sees no key would give NaN: let it see itself.
+    return mask | torch.eye(L, dtype=torch.bool, device=mask.device)
+
+
+def init_weights(module: nn.Module, n_layers: int) -> None:
+    """GPT-2 / LLaMA init: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers)."""
+    for name, p in module.named_parameters():
+        if p.dim() < 2:
+            continue
+        std = 0.02 / (2 * n_layers) ** 0.5 if name.endswith(("proj.weight", "down.weight")) else 0.02
+        nn.init.normal_(p, mean=0.0, std=std)

@@ -1,0 +1,71 @@
+"""Forward processes: corrupt clean tokens x0 (B, L) at time t (B,) into xt (B, L).
+
+`MaskedProcess` is the absorbing process of LLaDA / MDLM: each token independently becomes [MASK] with
+probability move_chance(t). `span_infill_example` builds the infilling objective's training sequence: a span of
+the text becomes a longer gap whose tail is [PAD], so the model learns to fill gaps of unknown length.
+
+    proc = MaskedProcess(mask_id, schedule); xt, is_masked = proc.q_sample(x0, t, generator)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dlm.registry import Registry
+from dlm.schedules import NoiseSchedule
+
+PROCESSES: Registry[type[ForwardProcess]] = Registry("forward process")
+
+
+class ForwardProcess:
+    def __init__(self, mask_id: int, schedule: NoiseSchedule) -> None:
+        self.mask_id = mask_id
+        self.schedule = schedule
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None,
+                 maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def prior_sample(self, batch: int, length: int, device: str | torch.device = "cpu") -> torch.Tensor:
+        raise NotImplementedError
+
+
+@PROCESSES.register("masked")
+class MaskedProcess(ForwardProcess):
+    """Absorbing-state diffusion: xt_i = [MASK] with probability 1 - alpha(t), else x0_i."""
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None,
+                 maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0: (B, L), t: (B,), maskable: (B, L) bool or None -> xt (B, L), is_masked (B, L) bool."""
+        p_mask = self.schedule.move_chance(t).to(torch.float32)[:, None]  # (B, 1)
+        u = torch.rand(x0.shape, generator=generator, device=x0.device)
+        is_masked = u < p_mask
+        if maskable is not None:
+            is_masked &= maskable
+        xt = torch.where(is_masked, torch.full_like(x0, self.mask_id), x0)
+        return xt, is_masked
+
+    def prior_sample(self, batch: int, length: int, device: str | torch.device = "cpu") -> torch.Tensor:
+        return torch.full((batch, length), self.mask_id, dtype=torch.long, device=device)
+
+
+def span_infill_example(x0: torch.Tensor, pad_id: int, max_span: int, generator: torch.Generator | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn one clean sequence (L,) into an infilling example (L,) and its gap mask (L,) bool.
+
+    A span of m tokens (1 <= m < max_span) at position a is replaced by a gap of G tokens (m < G <= max_span):
+    the span's m tokens then G - m [PAD]. The right context follows and the result is cut back to L. At
+    sampling time a bare [MASK] becomes max_span masks, so the model must learn to write the text first and
+    close the gap with [PAD]; the pipeline strips the pads.
+    """
+    L = x0.shape[0]
+    max_span = min(max_span, L // 2)
+    g = generator
+    G = int(torch.randint(2, max_span + 1, (1,), generator=g))
+    m = int(torch.randint(1, G, (1,), generator=g))
+    a = int(torch.randint(0, L - G + 1, (1,), generator=g))
+    pads = torch.full((G - m,), pad_id, dtype=x0.dtype, device=x0.device)
+    out = torch.cat([x0[: a + m], pads, x0[a + m:]])[:L]
+    gap = torch.zeros(L, dtype=torch.bool, device=x0.device)
+    gap[a: a + G] = True
+    return out, gap

@@ -1,0 +1,91 @@
+"""Samplers: `set_timesteps` plans a block's commits, `step` turns one forward pass into one denoising step.
+
+`LLaDASampler` is the reverse process of LLaDA (Nie et al. 2025; ML-GSAI/LLaDA `generate.py`): a block's masks
+are spread evenly over its steps (the remainder to the first steps); each step predicts every masked token
+(argmax of the logits, with Gumbel noise in float64 when temperature > 0), scores it with the remasking rule
+and commits the n best masked positions that lie before the block's end. Committed tokens are never re-masked.
+
+    sampler = SAMPLERS.build("llada", mask_id=tok.mask_id, temperature=0.0, remasking="low_confidence")
+    sampler.set_timesteps(steps, is_masked[:, lo:hi]); out = sampler.step(logits, xt, lo, hi, generator)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dlm.registry import Registry
+from dlm.sampling.remasking import REMASKING
+
+SAMPLERS: Registry[type[Sampler]] = Registry("sampler")
+
+
+@dataclass
+class SamplerOutput:
+    xt: torch.Tensor  # (B, L) the canvas after this step
+    committed: torch.Tensor  # (B, L) bool: positions unmasked by this step
+    x0: torch.Tensor  # (B, L) the model's prediction at every position (xt where not masked)
+    confidence: torch.Tensor  # (B, L) float64 score of each prediction (-inf where not eligible)
+
+
+def num_transfer_tokens(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """n_masked (B,) -> (B, steps) commits per step: n // steps each, the remainder to the first steps."""
+    base = n_masked // steps
+    remainder = n_masked % steps
+    plan = base[:, None].repeat(1, steps)
+    plan += (torch.arange(steps, device=n_masked.device)[None, :] < remainder[:, None]).long()
+    return plan
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """argmax(logits / T + Gumbel) computed in float64 (LLaDA's `add_gumbel_noise`, in log space); T=0: argmax."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
+    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+    return (logits.double() + temperature * gumbel).argmax(-1)
+
+
+class Sampler:
+    def __init__(self, mask_id: int, temperature: float = 0.0, remasking: str = "low_confidence") -> None:
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        self.mask_id = mask_id
+        self.temperature = temperature
+        self.remasking = REMASKING.build(remasking)
+        self.plan: torch.Tensor | None = None  # (B, steps)
+        self.step_index = 0
+
+    def set_timesteps(self, steps: int, is_masked: torch.Tensor) -> None:
+        """is_masked: (B, Lb) masks of the block about to be denoised."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.plan = num_transfer_tokens(is_masked.sum(1), steps)
+        self.step_index = 0
+
+    @property
+    def commits_planned(self) -> torch.Tensor:
+        """(B,) how many tokens the next step commits."""
+        assert self.plan is not None, "call set_timesteps first"
+        return self.plan[:, self.step_index]
+
+    def step(self, logits: torch.Tensor, xt: torch.Tensor, lo: int, hi: int,
+             generator: torch.Generator | None = None) -> SamplerOutput:
+        raise NotImplementedError
+
+
+@SAMPLERS.register("llada")
+class LLaDASampler(Sampler):
+    def step(self, logits, xt, lo, hi, generator=None):
+        """logits (B, L, V), xt (B, L); commits inside [0, hi) only (earlier blocks are already complete)."""
+        n = self.commits_planned
+        is_masked = xt == self.mask_id  # (B, L)
+        x0 = gumbel_argmax(logits, self.temperature, generator)  # (B, L)
+        probs = torch.softmax(logits.double(), dim=-1)  # (B, L, V) float64, as the reference
+        confidence = self.remasking.confidence(probs, x0, generator)  # (B, L)
+        confidence[:, hi:] = -torch.inf
+        x0 = torch.where(is_masked, x0, xt)
+        commit = self.remasking.select(confidence, is_masked & (confidence > -torch.inf), n)
+        self.step_index += 1
+        return SamplerOutput(xt=torch.where(commit, x0, xt), committed=commit, x0=x0, confidence=confidence)

@@ -1,0 +1,114 @@
+"""`train()`: corpus -> tokenizer -> model -> Trainer, the recipe behind `dlm train` (and `python -m dlm.train`).
+
+A run folder is self-describing: re-running the same command resumes from its latest checkpoint, with the
+tokenizer and configs saved there (a changed model or process config is refused rather than silently mixed).
+
+    train(TrainConfig(data="shakespeare", out="runs/x", max_steps=2000, bf16=True), ModelConfig.preset("small"))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dlm.checkpoint import CONFIG, TOKENIZER, resolve_checkpoint_dir
+from dlm.config import CheckpointConfig, ConfigError, ModelConfig, ProcessConfig, TrainConfig
+from dlm.data import TokenStream, load_corpus, split_documents, tokenize_documents, unigram_entropy_bits
+from dlm.losses import LOSSES
+from dlm.models import build_model, count_params
+from dlm.process import PROCESSES
+from dlm.schedules import SCHEDULES
+from dlm.tokenizer import Tokenizer, build_tokenizer
+
+
+def build_process(pcfg: ProcessConfig, tok: Tokenizer):
+    schedule = SCHEDULES.build(pcfg.schedule, eps=pcfg.eps)
+    return PROCESSES.build(pcfg.process, tok.mask_id, schedule)
+
+
+def validate(model_cfg: ModelConfig, pcfg: ProcessConfig, tcfg: TrainConfig) -> None:
+    """Refuse inconsistent settings before any work is done."""
+    LOSSES.get(pcfg.loss)
+    SCHEDULES.get(pcfg.schedule)
+    PROCESSES.get(pcfg.process)
+    causal_loss = LOSSES.get(pcfg.loss).causal
+    if causal_loss != (model_cfg.arch == "ar"):
+        raise ConfigError(f"loss {pcfg.loss!r} does not fit arch {model_cfg.arch!r}: use arch 'ar' with loss 'ar', "
+                          "and a bidirectional arch (llada, dit) with a masked loss")
+    if causal_loss and pcfg.infill_prob > 0:
+        raise ConfigError("the infilling objective needs a bidirectional model; set infill_prob=0 for ar")
+    if tcfg.seq_len > model_cfg.max_len:
+        raise ConfigError(f"seq_len={tcfg.seq_len} exceeds the model's max_len={model_cfg.max_len}")
+    if tcfg.max_steps < 1 or tcfg.batch_size < 1:
+        raise ConfigError("max_steps and batch_size must be >= 1")
+    if not 0.0 <= pcfg.infill_prob <= 1.0:
+        raise ConfigError(f"infill_prob must be in [0, 1], got {pcfg.infill_prob}")
+
+
+def train(tcfg: TrainConfig, model_cfg: ModelConfig | None = None, pcfg: ProcessConfig | None = None,
+          device: str = "cpu", show_progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) a model; returns a summary with the final held-out bits/char and the unigram baseline."""
+    out = Path(tcfg.out)
+    model_cfg = model_cfg or ModelConfig.preset("small")
+    pcfg = pcfg or ProcessConfig()
+    if tcfg.threads > 0:
+        torch.set_num_threads(tcfg.threads)
+
+    docs = load_corpus(tcfg.data)
+    train_docs, val_docs = split_documents(docs, tcfg.val_fraction)
+    resuming = (out / "latest").exists()
+    if resuming:
+        ckpt = resolve_checkpoint_dir(out)
+        tok = Tokenizer.load(ckpt / TOKENIZER)
+        saved = CheckpointConfig.load(ckpt / CONFIG)
+        if saved.model.to_dict() != model_cfg.replace(vocab_size=saved.model.vocab_size).to_dict() or \
+                saved.process.to_dict() != pcfg.to_dict():
+            raise ConfigError(f"{out} holds a run with a different model or process config; "
+                              "use a new --out, or the same options to resume")
+        model_cfg = saved.model
+    else:
+        tok = build_tokenizer(tcfg.tokenizer, (d.text for d in train_docs))
+        model_cfg = model_cfg.replace(vocab_size=tok.vocab_size)
+    validate(model_cfg, pcfg, tcfg)
+
+    train_tokens = tokenize_documents(train_docs, tok)
+    val_tokens = tokenize_documents(val_docs, tok) if val_docs else None
+    train_stream = TokenStream(train_tokens, tcfg.seq_len)
+    val_stream = TokenStream(val_tokens, tcfg.seq_len) if val_tokens is not None and \
+        len(val_tokens) > tcfg.seq_len else None
+    n_chars = sum(len(d.text) + 1 for d in val_docs)  # +1: the [EOS] after each document counts as a char
+    chars_per_token = (len(val_tokens) / n_chars) if val_tokens is not None and n_chars else 1.0
+
+    torch.manual_seed(tcfg.seed)
+    model = build_model(model_cfg)
+    loss_fn = LOSSES.build(pcfg.loss, antithetic=pcfg.antithetic, bos_id=tok.bos_id)
+    process = build_process(pcfg, tok)
+    ckpt_cfg = CheckpointConfig(model=model_cfg, process=pcfg,
+                                extra={"data": tcfg.data, "n_params": count_params(model)})
+    from dlm.trainer import Trainer
+
+    trainer = Trainer(model, loss_fn, process, train_stream, val_stream, tcfg, ckpt_cfg, tok, device=device,
+                      chars_per_token=chars_per_token, show_progress=show_progress)
+    history = trainer.fit()
+    evals = [h for h in history if "val_bits_per_char" in h]
+    summary = {
+        "out": str(out),
+        "steps": trainer.step,
+        "n_params": count_params(model),
+        "train_tokens": len(train_tokens),
+        "val_tokens": len(val_tokens) if val_tokens is not None else 0,
+        "final_val_bits_per_char": evals[-1]["val_bits_per_char"] if evals else None,
+        "unigram_bits_per_char": (unigram_entropy_bits(train_tokens, val_tokens, tok.vocab_size) * chars_per_token
+                                  if val_tokens is not None else None),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+if __name__ == "__main__":  # python -m dlm.train ... takes the same flags as `dlm train`
+    from dlm.cli import main
+
+    main(["train", *__import__("sys").argv[1:]])
