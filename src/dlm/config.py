@@ -50,6 +50,8 @@ def _check_type(cls_name: str, name: str, value: Any, tp: Any) -> Any:
 class _Config:
     @classmethod
     def from_dict(cls: type[T], d: dict[str, Any]) -> T:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(d).__name__}")
         hints = typing.get_type_hints(cls)
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(d) - known)
@@ -175,7 +177,11 @@ class CheckpointConfig(_Config):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CheckpointConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"a checkpoint config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
+        if not isinstance(d.get("extra", {}), dict):
+            raise ConfigError("checkpoint config 'extra' must be a JSON object")
         version = d.get("format_version", FORMAT_VERSION)
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise ConfigError(

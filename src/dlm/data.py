@@ -153,9 +153,14 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
 
 def tokenize_documents(docs: list[Document], tok: Tokenizer) -> np.ndarray:
     """Concatenate documents, each followed by [EOS], into one int32 token array."""
+    from dlm.tokenizer import ByteTokenizer
+
     parts = []
     for d in docs:
-        parts.append(np.asarray(tok.encode(d.text), dtype=np.int32))
+        if isinstance(tok, ByteTokenizer):  # fast path: the bytes are the ids
+            parts.append(np.frombuffer(d.text.encode("utf-8"), dtype=np.uint8).astype(np.int32))
+        else:
+            parts.append(np.asarray(tok.encode(d.text), dtype=np.int32))
         parts.append(np.asarray([tok.eos_id], dtype=np.int32))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 

@@ -51,6 +51,8 @@ class Tokenizer:
             d = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read tokenizer {path}: {e}") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} is not a dlm tokenizer: expected a JSON object")
         kind = d.get("dlm_tokenizer")
         if kind == "byte":
             return ByteTokenizer()
@@ -89,6 +91,8 @@ class BPETokenizer(Tokenizer):
     """Byte-level BPE (GPT-2 style pre-tokenisation) from the `tokenizers` library; round-trips any text."""
 
     def __init__(self, hf_tokenizer: Any) -> None:
+        # "[MASK]" typed in a text is text: only the pipeline turns gaps into mask ids.
+        hf_tokenizer.encode_special_tokens = True
         self._tok = hf_tokenizer
         ids = [hf_tokenizer.token_to_id(s) for s in SPECIALS]
         if any(i is None for i in ids):
@@ -127,7 +131,10 @@ class BPETokenizer(Tokenizer):
     def from_json(cls, d: dict[str, Any]) -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
-        return cls(HFTokenizer.from_str(json.dumps(d["hf"])))
+        try:
+            return cls(HFTokenizer.from_str(json.dumps(d["hf"])))
+        except Exception as e:  # KeyError, TypeError, or the tokenizers library's own exception type
+            raise ValueError(f"the BPE tokenizer file is malformed: {e}") from e
 
 
 def build_tokenizer(spec: str, train_texts: Iterable[str] | None = None) -> Tokenizer:

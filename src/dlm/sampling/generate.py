@@ -41,8 +41,9 @@ def plan_blocks(gen_length: int, steps: int, block_length: int | None) -> tuple[
                             f"(e.g. block_length={_largest_divisor(gen_length, block_length)})")
     n_blocks = gen_length // block_length
     if steps % n_blocks:
+        suggestion = max(n_blocks, steps // n_blocks * n_blocks)
         raise SamplingError(f"steps={steps} must be a multiple of the number of blocks "
-                            f"(max_new_tokens/block_length = {n_blocks}), e.g. steps={max(n_blocks, steps // n_blocks * n_blocks)}")
+                            f"(max_new_tokens/block_length = {n_blocks}), e.g. steps={suggestion}")
     return block_length, n_blocks, steps // n_blocks
 
 

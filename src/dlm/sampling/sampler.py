@@ -26,7 +26,7 @@ class SamplerOutput:
     xt: torch.Tensor  # (B, L) the canvas after this step
     committed: torch.Tensor  # (B, L) bool: positions unmasked by this step
     x0: torch.Tensor  # (B, L) the model's prediction at every position (xt where not masked)
-    confidence: torch.Tensor  # (B, L) float64 score of each prediction (-inf where not eligible)
+    confidence: torch.Tensor  # (B, L) float64 score of each prediction (-inf past the block's end)
 
 
 def num_transfer_tokens(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -81,6 +81,8 @@ class LLaDASampler(Sampler):
         """logits (B, L, V), xt (B, L); commits inside [0, hi) only (earlier blocks are already complete)."""
         n = self.commits_planned
         is_masked = xt == self.mask_id  # (B, L)
+        # [MASK] is never a prediction: committing it would leave the position masked.
+        logits = logits.index_fill(-1, torch.tensor([self.mask_id], device=logits.device), -torch.inf)
         x0 = gumbel_argmax(logits, self.temperature, generator)  # (B, L)
         probs = torch.softmax(logits.double(), dim=-1)  # (B, L, V) float64, as the reference
         confidence = self.remasking.confidence(probs, x0, generator)  # (B, L)
