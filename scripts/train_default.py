@@ -67,7 +67,7 @@ def export(n_samples: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--which", choices=["dlm", "ar", "both"], default="both")
-    ap.add_argument("--max-steps", type=int, default=4000)
+    ap.add_argument("--max-steps", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--export", action="store_true", help="evaluate both runs and export the DLM to the package")
     ap.add_argument("--eval-samples", type=int, default=8)

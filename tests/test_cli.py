@@ -16,6 +16,14 @@ def dlm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return p
 
 
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, text_file):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    dlm("train", "--data", str(text_file), "--model", "tiny", "--max-len", "64", "--seq-len", "64",
+        "--batch-size", "2", "--max-steps", "2", "--eval-every", "100", "--out", str(run), "--threads", "1", "--quiet")
+    return run
+
+
 def test_train_then_generate_infill_eval(tmp_path, text_file):
     out = tmp_path / "run"
     p = dlm("train", "--data", str(text_file), "--model", "tiny", "--max-len", "64", "--seq-len", "64",
@@ -49,23 +57,19 @@ def test_train_then_generate_infill_eval(tmp_path, text_file):
     (["train", "--data", "{data}", "--out", "{tmp}/y", "--model", "huge"], "unknown model preset"),
     (["eval", "--model", "{tmp}", "--data", "{data}"], "no model.safetensors"),
 ])
-def test_errors_are_one_line(tmp_path, text_file, args, message):
-    run = tmp_path / "run"
-    if any("{run}" in a for a in args):
-        dlm("train", "--data", str(text_file), "--model", "tiny", "--max-len", "64", "--seq-len", "64",
-            "--batch-size", "2", "--max-steps", "2", "--eval-every", "100", "--out", str(run), "--threads", "1",
-            "--quiet")
-    args = [a.format(run=run, tmp=tmp_path, data=text_file) for a in args]
+def test_errors_are_one_line(tmp_path, text_file, small_run, args, message):
+    args = [a.format(run=small_run, tmp=tmp_path, data=text_file) for a in args]
     p = dlm(*args, check=False)
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dlm: error:") and message in lines[0], p.stderr
 
 
-def test_truncated_checkpoint_is_a_one_line_error(tmp_path, text_file):
-    run = tmp_path / "run"
-    dlm("train", "--data", str(text_file), "--model", "tiny", "--max-len", "64", "--seq-len", "64",
-        "--batch-size", "2", "--max-steps", "2", "--eval-every", "100", "--out", str(run), "--threads", "1", "--quiet")
+def test_truncated_checkpoint_is_a_one_line_error(tmp_path, small_run):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(small_run, run)
     w = run / "ckpt-000002" / "model.safetensors"
     w.write_bytes(w.read_bytes()[:1000])
     p = dlm("generate", "x", "--model", str(run), check=False)

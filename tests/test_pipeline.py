@@ -72,7 +72,7 @@ def test_bad_input_gives_clear_errors(lm):
     with pytest.raises(SamplingError, match="no gap"):
         lm.infill("nothing to fill")
     with pytest.raises(ValueError, match="remasking"):
-        lm.generate("ROMEO:", remasking="nope")
+        lm.generate("ROMEO:", max_new_tokens=32, steps=32, remasking="nope")
 
 
 def test_unknown_model_name(tmp_path):

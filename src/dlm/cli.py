@@ -32,7 +32,7 @@ def _train(args: argparse.Namespace) -> None:
     tcfg = TrainConfig(data=args.data, out=args.out, tokenizer=args.tokenizer, max_steps=args.max_steps,
                        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup,
                        bf16=args.bf16, ema=args.ema, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
-                       seed=args.seed, threads=args.threads)
+                       log_every=args.log_every, seed=args.seed, threads=args.threads)
     summary = train(tcfg, model_cfg, pcfg, device=args.device, show_progress=not args.quiet)
     print(json.dumps(summary))
 
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ema", type=float, default=0.0)
     t.add_argument("--eval-every", type=int, default=250)
     t.add_argument("--ckpt-every", type=int, default=250)
+    t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--device", default="cpu")
