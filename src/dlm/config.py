@@ -152,16 +152,68 @@ class TrainConfig(_Config):
 
 
 @dataclass
-class SamplingConfig(_Config):
-    """Default options of DiffusionLM.generate / infill; every one can be overridden per call."""
+class GenerationConfig(_Config):
+    """Every option of DiffusionLM.generate / infill / stream; defaults saved with a checkpoint, overridable per call.
 
-    steps: int = 64
+    `validate()` checks the options against each other with errors that say which values would work.
+    """
+
     max_new_tokens: int = 128
-    block_length: int = 32  # semi-autoregressive block size; = max_new_tokens for one block
-    temperature: float = 0.0  # 0 is greedy; > 0 is Gumbel-max sampling in float64
-    remasking: str = "low_confidence"
+    steps: int = 64
+    block_length: int = 32  # semi-autoregressive block size; 0 or >= max_new_tokens: one block
+    sampler: str = "llada"  # registry name in dlm.sampling.SAMPLERS: llada, dream, mdlm, fast_dllm, ...
+    remasking: str = "low_confidence"  # registry name in dlm.sampling.REMASKING
+    temperature: float = 0.0  # 0 is greedy; > 0 samples (Gumbel-max in float64 for llada)
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already on the canvas (CTRL-style)
+    cfg_scale: float = 0.0  # classifier-free guidance: uncond + (s + 1) (cond - uncond), prompt masked in uncond
+    eps: float = 1e-3  # dream / mdlm: the last timestep of the linear schedule 1 -> eps
+    alg_temp: float | None = None  # dream: > 0 samples which positions to commit instead of taking the top-k
+    threshold: float | None = None  # fast_dllm: commit every masked token with confidence >= threshold (>= 1)
+    factor: float | None = None  # fast_dllm factor decoding: commit the n best with (n + 1)(1 - c_n) < factor
+    cache: str = "none"  # none, prefix, dual: Fast-dLLM KV caches, refreshed at each block
+    ban_eos: bool = False  # never generate [EOS]
+    defer_eos: bool = False  # an [EOS] is committed only when nothing else is left in the block
+    stop_at_eos: bool = False  # variable length: a row stops once its block holds [EOS]; the rest becomes [EOS]
+    num_samples: int = 1  # n samples of each prompt in one batched call
     max_span: int = 64  # length of a bare [MASK] gap in infill
     seed: int | None = None
+
+    def validate(self) -> GenerationConfig:
+        def bad(msg: str) -> None:
+            raise ConfigError(msg)
+
+        if self.max_new_tokens < 1:
+            bad(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.steps < 1:
+            bad(f"steps must be >= 1, got {self.steps}")
+        if self.temperature < 0:
+            bad(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            bad(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.cfg_scale < 0:
+            bad(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if not 0.0 < self.eps < 1.0:
+            bad(f"eps must be in (0, 1), got {self.eps}")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            bad(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.factor is not None and self.factor <= 0:
+            bad(f"factor must be > 0, got {self.factor}")
+        if self.cache not in ("none", "prefix", "dual"):
+            bad(f"cache must be none, prefix or dual, got {self.cache!r}")
+        if self.num_samples < 1:
+            bad(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.max_span < 1:
+            bad(f"max_span must be >= 1, got {self.max_span}")
+        return self
+
+
+SamplingConfig = GenerationConfig  # the name used by checkpoints written before GenerationConfig
 
 
 @dataclass
@@ -170,7 +222,7 @@ class CheckpointConfig(_Config):
 
     model: ModelConfig = field(default_factory=ModelConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: GenerationConfig = field(default_factory=GenerationConfig)
     format_version: int = FORMAT_VERSION
     library: str = "dlm"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -191,7 +243,7 @@ class CheckpointConfig(_Config):
         return cls(
             model=ModelConfig.from_dict(d.pop("model", {})),
             process=ProcessConfig.from_dict(d.pop("process", {})),
-            sampling=SamplingConfig.from_dict(d.pop("sampling", {})),
+            sampling=GenerationConfig.from_dict(d.pop("sampling", {})),
             format_version=version,
             library=d.pop("library", "dlm"),
             extra=(d.pop("format_version", None), d.pop("extra", {}))[1],

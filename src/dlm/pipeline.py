@@ -136,8 +136,7 @@ class DiffusionLM:
                  sampler: str, callback: Callable[[StepEvent], None] | None) -> torch.Tensor:
         g = torch.Generator(device=self.device)
         g.manual_seed(opts.seed if opts.seed is not None else torch.seed() % 2**63)
-        s = SAMPLERS.build(sampler, mask_id=self.tokenizer.mask_id, temperature=opts.temperature,
-                           remasking=opts.remasking)
+        s = SAMPLERS.build(sampler, mask_id=self.tokenizer.mask_id, config=opts)
         return denoise(self.logits, canvas.to(self.device), start, opts.steps, opts.block_length, s,
                        generator=g, processors=processors, callback=callback).cpu()
 

@@ -5,7 +5,7 @@ are spread evenly over its steps (the remainder to the first steps); each step p
 (argmax of the logits, with Gumbel noise in float64 when temperature > 0), scores it with the remasking rule
 and commits the n best masked positions that lie before the block's end. Committed tokens are never re-masked.
 
-    sampler = SAMPLERS.build("llada", mask_id=tok.mask_id, temperature=0.0, remasking="low_confidence")
+    sampler = SAMPLERS.build("llada", mask_id=tok.mask_id, config=GenerationConfig(temperature=0.0))
     sampler.set_timesteps(steps, is_masked[:, lo:hi]); out = sampler.step(logits, xt, lo, hi, generator)
 """
 
@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Any
+
 import torch
 
+from dlm.config import GenerationConfig
 from dlm.registry import Registry
 from dlm.sampling.remasking import REMASKING
 
@@ -48,12 +51,17 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
 
 
 class Sampler:
-    def __init__(self, mask_id: int, temperature: float = 0.0, remasking: str = "low_confidence") -> None:
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+    """A denoising rule. Options live on `self.config` (a GenerationConfig); `step` takes only tensors.
+
+    Subclasses implement `set_timesteps` (plan a block) and `step` (one forward pass -> one update). The base
+    plans LLaDA's even split; `commits_planned` is what the next step commits when the rule fixes a count.
+    """
+
+    def __init__(self, mask_id: int, config: GenerationConfig | None = None, **overrides: Any) -> None:
+        self.config = (config or GenerationConfig()).replace(**overrides).validate()
         self.mask_id = mask_id
-        self.temperature = temperature
-        self.remasking = REMASKING.build(remasking)
+        self.temperature = self.config.temperature
+        self.remasking = REMASKING.build(self.config.remasking)
         self.plan: torch.Tensor | None = None  # (B, steps)
         self.step_index = 0
 
