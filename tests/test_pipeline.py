@@ -82,3 +82,96 @@ def test_unknown_model_name(tmp_path):
         DiffusionLM.from_pretrained("no-such-model")
     with pytest.raises(CheckpointError, match="holds no model.safetensors"):
         DiffusionLM.from_pretrained(str(tmp_path))
+
+
+def test_batch_of_prompts_of_different_lengths_matches_each_alone(lm):
+    prompts = ["ROMEO:\n", "HAMLET:\nTo be, or not to be,", "Ay"]
+    batch = lm.generate(prompts, max_new_tokens=16, steps=16, block_length=8, seed=0)
+    alone = [lm.generate(p, max_new_tokens=16, steps=16, block_length=8, seed=0) for p in prompts]
+    assert batch == alone
+
+
+def test_ids_with_attention_mask_match_text_batch(lm):
+    tok = lm.tokenizer
+    a, b = tok.encode("KING:\n"), tok.encode("QUEEN MARGARET:\n")
+    ids = torch.full((2, len(b)), tok.pad_id)
+    ids[0, len(b) - len(a):] = torch.tensor(a)
+    ids[1] = torch.tensor(b)
+    am = (ids != tok.pad_id).long()
+    out = lm.generate(ids, attention_mask=am, max_new_tokens=8, steps=8, block_length=8)
+    texts = lm.generate(["KING:\n", "QUEEN MARGARET:\n"], max_new_tokens=8, steps=8, block_length=8)
+    assert [tok.decode(r[len(b):].tolist()) for r in out] == texts
+
+
+def test_num_samples_gives_diverse_samples_in_one_call(lm):
+    outs = lm.generate("ROMEO:\n", max_new_tokens=16, steps=16, block_length=16, temperature=1.0, num_samples=4,
+                       seed=0)
+    assert isinstance(outs, list) and len(outs) == 4 and len(set(outs)) > 1
+    many = lm.generate(["A", "B"], max_new_tokens=8, steps=8, block_length=8, num_samples=2, temperature=1.0, seed=0)
+    assert len(many) == 2 and all(len(group) == 2 for group in many)
+
+
+def test_stream_yields_every_step_and_ends_unmasked(lm):
+    events = list(lm.stream("ROMEO:\n", max_new_tokens=16, steps=8, block_length=8, seed=0))
+    assert len(events) == 8
+    assert all(int(e.output.committed.sum()) == 2 for e in events)  # 16 masks over 8 steps
+    final = events[-1].output.xt
+    assert not (final == lm.tokenizer.mask_id).any()
+    assert lm.tokenizer.decode(final[0, 7:].tolist()) == lm.generate("ROMEO:\n", max_new_tokens=16, steps=8,
+                                                                       block_length=8, seed=0)
+
+
+def test_unknown_option_is_a_clear_error(lm):
+    with pytest.raises(SamplingError, match="unknown"):
+        lm.generate("ROMEO:", max_new_tokens=8, steps=8, nonsense=3)
+    with pytest.raises(SamplingError, match="top_p"):
+        lm.generate("ROMEO:", max_new_tokens=8, steps=8, top_p=1.5)
+
+
+class EosLover(torch.nn.Module):
+    """Fixed logits: [EOS] is the top prediction at every position from `eos_from` on, else byte 'a'."""
+
+    causal = False
+    needs_time = False
+
+    def __init__(self, vocab: int, eos_id: int, eos_from: int) -> None:
+        super().__init__()
+        self.vocab, self.eos_id, self.eos_from = vocab, eos_id, eos_from
+        self.calls = 0
+
+    def forward(self, x, t=None, attention_mask=None):
+        self.calls += 1
+        B, L = x.shape
+        logits = torch.zeros(B, L, self.vocab)
+        logits[..., ord("a")] = 1.0
+        logits[:, self.eos_from:, self.eos_id] = 5.0  # very confident EOS
+        return logits
+
+
+def _eos_lm(eos_from: int):
+    from dlm.config import CheckpointConfig, ModelConfig
+    from dlm.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    cfg = CheckpointConfig(model=ModelConfig.preset("tiny", max_len=128))
+    return DiffusionLM(EosLover(tok.vocab_size, tok.eos_id, eos_from), tok, cfg)
+
+
+def test_eos_options():
+    lm = _eos_lm(eos_from=10)  # prompt of 2 tokens; EOS wins from position 10 on
+    kw = dict(max_new_tokens=32, steps=32, block_length=8, seed=0)
+    assert lm.generate("xy", **kw) == "a" * 8  # text output is cut at the first [EOS]
+    assert lm.generate("xy", ban_eos=True, **kw) == "a" * 32
+    # defer_eos: within a block, EOS predictions are committed only after every other one
+    short = _eos_lm(eos_from=6)
+    eos = short.tokenizer.eos_id
+    for defer, expected in ((False, [eos] * 4 + [ord("a")] * 4), (True, [ord("a")] * 4 + [eos] * 4)):
+        order = []
+        short.generate("xy", defer_eos=defer, max_new_tokens=8, steps=8, block_length=8, seed=0,
+                       callback=lambda e, order=order: order.extend(e.output.x0[0][e.output.committed[0]].tolist()))
+        assert order == expected
+    # stop_at_eos: the row stops after the block holding [EOS]; later blocks need no forward pass
+    lm.model.calls = 0
+    ids = lm.generate(torch.tensor([[120, 121]]), stop_at_eos=True, **kw)
+    assert lm.model.calls == 16  # two blocks of 8 steps, then the row is done
+    assert (ids[0, 10:] == lm.tokenizer.eos_id).all()

@@ -11,9 +11,12 @@ Every error the user can fix is printed as one line `dlm: error: ...` with exit 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from collections.abc import Sequence
+from typing import Any
 
 from dlm.config import ConfigError
 
@@ -43,12 +46,63 @@ def _load(args: argparse.Namespace):
     return DiffusionLM.from_pretrained(args.model, device=args.device)
 
 
+def _generation_fields() -> list[tuple[str, Any]]:
+    from dlm.config import GenerationConfig
+
+    hints = typing.get_type_hints(GenerationConfig)
+    return [(f.name, hints[f.name]) for f in dataclasses.fields(GenerationConfig)]
+
+
+def add_generation_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per GenerationConfig field (--max-new-tokens, --cfg-scale, ...), typed from the dataclass."""
+    for name, tp in _generation_fields():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        args = [t for t in typing.get_args(tp) if t is not type(None)] or [tp]
+        base = args[0]
+        if base is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(flag, type=base, default=None, metavar=base.__name__.upper())
+
+
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name, _ in _generation_fields()
+            if getattr(args, name, None) is not None}
+
+
 def _generate(args: argparse.Namespace) -> None:
     lm = _load(args)
-    text = lm.generate(args.prompt, max_new_tokens=args.max_new_tokens, steps=args.steps,
-                       block_length=args.block_length, temperature=args.temperature, remasking=args.remasking,
-                       seed=args.seed)
-    print(json.dumps({"prompt": args.prompt, "completion": text}) if args.json else args.prompt + text)
+    opts = generation_options(args)
+    callbacks = []
+    live = trajectory = None
+    if args.show or args.save_trajectory:
+        from dlm.sampling import display
+
+        if args.show:
+            live = display.LiveCanvas(lm.tokenizer, prompt_len=len(lm.tokenizer.encode(args.prompt)))
+            callbacks.append(live)
+        if args.save_trajectory:
+            trajectory = display.Trajectory()
+            callbacks.append(trajectory)
+
+    def callback(event) -> None:
+        for cb in callbacks:
+            cb(event)
+
+    if live is not None:
+        with live:
+            text = lm.generate(args.prompt, callback=callback, **opts)
+    else:
+        text = lm.generate(args.prompt, callback=callback if callbacks else None, **opts)
+    if trajectory is not None:
+        trajectory.save_html(args.save_trajectory, lm.tokenizer, prompt_len=len(lm.tokenizer.encode(args.prompt)))
+    texts = text if isinstance(text, list) else [text]
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "completion": text}))
+    else:
+        print("\n\n".join(args.prompt + t for t in texts))
 
 
 def _infill(args: argparse.Namespace) -> None:
@@ -107,17 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default="default", help="shipped model name or checkpoint folder")
         p.add_argument("--steps", type=int)
         p.add_argument("--temperature", type=float)
-        p.add_argument("--remasking", choices=["low_confidence", "random"])
+        p.add_argument("--remasking", help="low_confidence, random, ... (dlm.sampling.REMASKING)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="cpu")
         p.add_argument("--json", action="store_true")
 
-    g = sub.add_parser("generate", help="continue a prompt")
+    g = sub.add_parser("generate", help="continue a prompt (every GenerationConfig option is a flag)")
     g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--block-length", type=int)
-    sampling_flags(g)
-    g.set_defaults(func=_generate)
+    g.add_argument("--model", default="default", help="shipped model name or checkpoint folder")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--json", action="store_true")
+    g.add_argument("--show", action="store_true", help="render the canvas resolving live in the terminal")
+    g.add_argument("--save-trajectory", metavar="HTML", help="write a self-contained HTML animation of the steps")
+    add_generation_flags(g)
+    g.set_defaults(func=_generate, seed=0)
 
     i = sub.add_parser("infill", help="fill [MASK] / [MASK:n] gaps in a text")
     i.add_argument("text")

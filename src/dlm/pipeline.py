@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import queue
 import re
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,8 @@ from typing import Any
 import torch
 
 from dlm.checkpoint import CheckpointError, load_pretrained
-from dlm.config import CheckpointConfig, SamplingConfig
-from dlm.sampling import SAMPLERS, SamplingError, StepEvent, SuppressTokens, denoise
+from dlm.config import CheckpointConfig, ConfigError, GenerationConfig
+from dlm.sampling import SAMPLERS, SamplingError, StepEvent, SuppressTokens, denoise_steps
 from dlm.tokenizer import Tokenizer
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -83,12 +85,14 @@ class DiffusionLM:
         t = (ids == self.tokenizer.mask_id).float().mean(1) if getattr(self.model, "needs_time", False) else None
         return self.model(ids, t, attention_mask=attention_mask).float()
 
-    # ----- generation -----------------------------------------------------------------------------------------
-    def _options(self, **kw: Any) -> SamplingConfig:
+    # ----- generation ---------------------------------------------------------------------------------------
+    def _options(self, config: GenerationConfig | None = None, **kw: Any) -> GenerationConfig:
+        """The checkpoint's defaults, then `config`, then keyword overrides (None means: keep)."""
         given = {k: v for k, v in kw.items() if v is not None}
         try:
-            return self.sampling.replace(**given)
-        except ValueError as e:
+            base = config if config is not None else self.sampling
+            return base.replace(**given).validate()
+        except ConfigError as e:
             raise SamplingError(str(e)) from e
 
     def _check_length(self, L: int) -> None:
@@ -96,49 +100,136 @@ class DiffusionLM:
             raise SamplingError(f"the canvas needs {L} tokens but the model's context is {self.max_len}; "
                                 "shorten the prompt or lower max_new_tokens")
 
-    def generate(self, prompt: str | torch.Tensor, max_new_tokens: int | None = None, steps: int | None = None,
-                 block_length: int | None = None, temperature: float | None = None, remasking: str | None = None,
-                 seed: int | None = None, sampler: str = "llada",
-                 callback: Callable[[StepEvent], None] | None = None) -> str | torch.Tensor:
-        """Text -> the generated continuation (cut at the first [EOS]); LongTensor (B, L) -> (B, L + new)."""
+    def _prompt_batch(self, prompt: Any, attention_mask: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+        """str | list[str] | LongTensor -> left-padded ids (B, P), their attention mask or None, and the kind."""
+        tok = self.tokenizer
+        if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt and
+                                       all(isinstance(p, str) for p in prompt)):
+            texts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if any(not t for t in texts):
+                raise SamplingError("the prompt is empty: give at least one character of text")
+            rows = [tok.encode(t) for t in texts]
+            P = max(len(r) for r in rows)
+            ids = torch.full((len(rows), P), tok.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), P), dtype=torch.long)
+            for i, r in enumerate(rows):  # left padding: every row's generated region starts at P
+                ids[i, P - len(r):] = torch.tensor(r, dtype=torch.long)
+                mask[i, P - len(r):] = 1
+            return ids, (mask if not bool(mask.all()) else None), ("text" if isinstance(prompt, str) else "texts")
+        if isinstance(prompt, (list, tuple)):
+            raise SamplingError("a prompt is a string, a list of strings, or a LongTensor (B, L) of token ids")
+        ids = torch.as_tensor(prompt, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise SamplingError(f"prompt ids must be a non-empty LongTensor (B, L), got shape {tuple(ids.shape)}")
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask, dtype=torch.long)
+            if attention_mask.shape != ids.shape:
+                raise SamplingError(f"attention_mask {tuple(attention_mask.shape)} must match the ids "
+                                    f"{tuple(ids.shape)}")
+            if bool(attention_mask.all()):
+                attention_mask = None
+        return ids, attention_mask, "ids"
+
+    def _model_fn(self, attention_mask: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """(B, L) canvas -> float32 logits, with the padding mask and (for DiT) t = fraction of masks."""
+        needs_time = getattr(self.model, "needs_time", False)
+        mask_id = self.tokenizer.mask_id
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            t = None
+            if needs_time:
+                real = attention_mask if attention_mask is not None else torch.ones_like(x)
+                t = ((x == mask_id) & real.bool()).sum(1).float() / real.sum(1).clamp_min(1).float()
+            with torch.no_grad():
+                return self.model(x, t, attention_mask=attention_mask).float()
+
+        return fn
+
+    def _events(self, canvas: torch.Tensor, start: int, opts: GenerationConfig, attention_mask: torch.Tensor | None,
+                processors: list, prompt_mask: torch.Tensor | None) -> Iterator[StepEvent]:
+        """The denoising events of one call (no caches: a generator; with caches: the cached driver)."""
+        g = torch.Generator(device=self.device)
+        g.manual_seed(opts.seed if opts.seed is not None else torch.seed() % 2**63)
+        tok = self.tokenizer
+        sampler = SAMPLERS.build(opts.sampler, mask_id=tok.mask_id, config=opts, eos_id=tok.eos_id)
+        canvas = canvas.to(self.device)
+        am = attention_mask.to(self.device) if attention_mask is not None else None
+        model_fn = self._model_fn(am)
+        if opts.cfg_scale > 0 and prompt_mask is not None:
+            model_fn = classifier_free_guidance(model_fn, prompt_mask.to(self.device), opts.cfg_scale, tok.mask_id)
+        eos = tok.eos_id if opts.stop_at_eos else None
+        if opts.cache != "none":
+            yield from _callback_to_iterator(lambda cb: denoise_cached(
+                self.model, canvas, start, opts.steps, opts.block_length, sampler, generator=g,
+                processors=processors, callback=cb, attention_mask=am, mode=opts.cache))
+            return
+        yield from denoise_steps(model_fn, canvas, start, opts.steps, opts.block_length, sampler, g, processors, eos)
+
+    def _prepare(self, prompt: Any, attention_mask: torch.Tensor | None, opts: GenerationConfig):
         if self.is_causal:
             raise SamplingError("this checkpoint is an autoregressive baseline; DiffusionLM samples diffusion models")
-        opts = self._options(max_new_tokens=max_new_tokens, steps=steps, block_length=block_length,
-                             temperature=temperature, remasking=remasking, seed=seed)
-        as_text = isinstance(prompt, str)
-        if as_text:
-            if not prompt:
-                raise SamplingError("the prompt is empty: give at least one character of text")
-            ids = torch.tensor([self.tokenizer.encode(prompt)], dtype=torch.long)
-        else:
-            ids = torch.as_tensor(prompt, dtype=torch.long)
-            if ids.dim() == 1:
-                ids = ids[None]
-            if ids.dim() != 2 or ids.shape[1] == 0:
-                raise SamplingError(f"prompt ids must be a non-empty LongTensor (B, L), got shape {tuple(ids.shape)}")
+        ids, am, kind = self._prompt_batch(prompt, attention_mask)
+        n = opts.num_samples
+        if n > 1:
+            ids = ids.repeat_interleave(n, 0)
+            am = am.repeat_interleave(n, 0) if am is not None else None
         B, P = ids.shape
         L = P + opts.max_new_tokens
         self._check_length(L)
         canvas = torch.full((B, L), self.tokenizer.mask_id, dtype=torch.long)
         canvas[:, :P] = ids
-        tok = self.tokenizer
-        # [MASK] / [BOS] are never valid outputs, and [PAD] only closes infilling gaps.
-        processors = [SuppressTokens([tok.mask_id, tok.bos_id, tok.pad_id])]
-        out = self._denoise(canvas, P, opts, processors, sampler, callback)
-        if not as_text:
+        full_am = None
+        if am is not None:
+            full_am = torch.ones((B, L), dtype=torch.long)
+            full_am[:, :P] = am
+        prompt_mask = torch.zeros((B, L), dtype=torch.bool)
+        prompt_mask[:, :P] = True if am is None else am.bool()
+        processors = build_processors(opts, self.tokenizer)
+        return canvas, P, full_am, processors, prompt_mask, kind
+
+    def generate(self, prompt: str | list[str] | torch.Tensor, max_new_tokens: int | None = None,
+                 steps: int | None = None, block_length: int | None = None, temperature: float | None = None,
+                 remasking: str | None = None, seed: int | None = None, sampler: str | None = None,
+                 callback: Callable[[StepEvent], None] | None = None, attention_mask: torch.Tensor | None = None,
+                 config: GenerationConfig | None = None, **options: Any) -> Any:
+        """Generate after one prompt or a batch; every GenerationConfig field is accepted as a keyword.
+
+        str -> str (the continuation, cut at the first [EOS]); list[str] -> list[str] (prompts of different
+        lengths are left-padded and masked out); LongTensor (B, L) [+ attention_mask (B, L)] -> LongTensor
+        (B, L + max_new_tokens), prompt included. With num_samples=n > 1: a list of n strings per prompt, or n
+        consecutive rows per prompt row.
+        """
+        opts = self._options(config, max_new_tokens=max_new_tokens, steps=steps, block_length=block_length,
+                             temperature=temperature, remasking=remasking, seed=seed, sampler=sampler, **options)
+        canvas, P, am, processors, prompt_mask, kind = self._prepare(prompt, attention_mask, opts)
+        out = canvas
+        for event in self._events(canvas, P, opts, am, processors, prompt_mask):
+            if callback is not None:
+                callback(event)
+            out = event.output.xt
+        out = out.cpu()
+        if kind == "ids":
             return out
-        new = out[0, P:].tolist()
+        texts = [self._decode_new(row[P:].tolist()) for row in out]
+        n = opts.num_samples
+        grouped = [texts[i: i + n] for i in range(0, len(texts), n)] if n > 1 else texts
+        return grouped[0] if kind == "text" else grouped
+
+    def stream(self, prompt: str | list[str] | torch.Tensor, config: GenerationConfig | None = None,
+               attention_mask: torch.Tensor | None = None, **options: Any) -> Iterator[StepEvent]:
+        """Yield every denoising step (canvas, newly committed positions, their confidences) as it happens."""
+        opts = self._options(config, **options)
+        canvas, P, am, processors, prompt_mask, _ = self._prepare(prompt, attention_mask, opts)
+        yield from self._events(canvas, P, opts, am, processors, prompt_mask)
+
+    def _decode_new(self, new: list[int]) -> str:
+        tok = self.tokenizer
         if tok.eos_id in new:
             new = new[: new.index(tok.eos_id)]
-        return tok.decode(new)
-
-    def _denoise(self, canvas: torch.Tensor, start: int, opts: SamplingConfig, processors: list,
-                 sampler: str, callback: Callable[[StepEvent], None] | None) -> torch.Tensor:
-        g = torch.Generator(device=self.device)
-        g.manual_seed(opts.seed if opts.seed is not None else torch.seed() % 2**63)
-        s = SAMPLERS.build(sampler, mask_id=self.tokenizer.mask_id, config=opts)
-        return denoise(self.logits, canvas.to(self.device), start, opts.steps, opts.block_length, s,
-                       generator=g, processors=processors, callback=callback).cpu()
+        return tok.decode([i for i in new if i != tok.pad_id])
 
     # ----- infilling ------------------------------------------------------------------------------------------
     def parse_gaps(self, text: str, max_span: int) -> tuple[list[int], list[Gap], list[str]]:
@@ -170,14 +261,14 @@ class DiffusionLM:
         """
         if self.is_causal:
             raise SamplingError("this checkpoint is an autoregressive baseline; it cannot infill")
-        opts = self._options(temperature=temperature, remasking=remasking, seed=seed, max_span=max_span)
+        opts = self._options(None, temperature=temperature, remasking=remasking, seed=seed, max_span=max_span)
         ids, gaps, pieces = self.parse_gaps(text, opts.max_span)
         if not gaps:
             raise SamplingError("no gap in the text: mark each gap with [MASK] (unknown length) or [MASK:n]")
         self._check_length(len(ids))
         canvas = torch.tensor([ids], dtype=torch.long)
         n_masks = sum(g.length for g in gaps)
-        opts = opts.replace(steps=steps or n_masks, block_length=0)
+        opts = opts.replace(steps=steps or n_masks, block_length=0, max_new_tokens=1, num_samples=1, cache="none")
         tok = self.tokenizer
         fixed = torch.zeros_like(canvas, dtype=torch.bool)
         for g in gaps:
@@ -186,10 +277,52 @@ class DiffusionLM:
         processors = [SuppressTokens([tok.mask_id, tok.bos_id]),
                       SuppressTokens([tok.pad_id, tok.eos_id], where=fixed)]  # a fixed gap holds n real tokens
         # The whole canvas is one block: every gap sees both sides at every step.
-        out = self._denoise(canvas, 0, opts, processors, "llada", callback)[0].tolist()
+        out = canvas
+        for event in self._events(canvas, 0, opts.replace(sampler="llada"), None, processors, None):
+            if callback is not None:
+                callback(event)
+            out = event.output.xt
+        out = out.cpu()[0].tolist()
         result = [pieces[0]]
         for g, after in zip(gaps, pieces[1:], strict=True):
             fill = [i for i in out[g.start: g.start + g.length] if i not in (tok.pad_id, tok.eos_id)]
             result.append(tok.decode(fill))
             result.append(after)
         return "".join(result)
+
+
+def build_processors(opts: GenerationConfig, tok: Tokenizer) -> list:
+    """[MASK] / [BOS] are never outputs; [PAD] only closes infilling gaps; [EOS] banned on request."""
+    banned = [tok.mask_id, tok.bos_id, tok.pad_id] + ([tok.eos_id] if opts.ban_eos else [])
+    return [SuppressTokens(banned)]
+
+
+def classifier_free_guidance(model_fn, prompt_mask, scale, mask_id):
+    raise SamplingError("cfg_scale needs dlm.sampling.guidance (not available yet)")
+
+
+def denoise_cached(*args, **kwargs):
+    raise SamplingError("KV caching is not available yet")
+
+
+def _callback_to_iterator(run: Callable[[Callable[[StepEvent], None]], Any]) -> Iterator[StepEvent]:
+    """Turn a callback-driven loop into an iterator: the loop runs in a thread and hands each event over."""
+    q: queue.Queue = queue.Queue(maxsize=1)
+    done = object()
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run(q.put)
+        except BaseException as e:  # re-raised in the consumer's thread
+            error.append(e)
+        finally:
+            q.put(done)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    while (item := q.get()) is not done:
+        yield item
+    thread.join()
+    if error:
+        raise error[0]

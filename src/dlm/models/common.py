@@ -1,6 +1,6 @@
-"""Building blocks shared by every network: RMSNorm, rotary embeddings, SDPA attention, SwiGLU.
+"""Building blocks shared by every network: RMSNorm, rotary embeddings, SDPA attention, SwiGLU, a KV cache.
 
-Shapes: B batch, L length, D width, H heads, hd = D / H.
+Shapes: B batch, L length, D width, H heads, hd = D / H; n the length of a slice [start, start + n) of a canvas.
 """
 
 from __future__ import annotations
@@ -48,6 +48,56 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)  # in float32, as LLaDA
 
 
+class KVCache:
+    """Keys and values (B, H, L, hd) of every attention layer for one canvas, after RoPE (Fast-dLLM's KV cache).
+
+    Filling: while `start` is None (new, or after `refill()`), a forward on the whole canvas (B, L) stores the K, V
+    of each layer. Reusing: after `window(start)`, a forward on a slice xt[:, start:start + n] attends over the
+    stored K/V of every other position and the fresh K/V of the slice; the fresh K/V overwrite the stored ones at
+    [start, start + n) (as Fast-dLLM's dual cache does), the rest is left as it was when the cache was filled.
+    Inference only: the in-place write would break autograd.
+
+        cache = KVCache(); logits = net(x, cache=cache)                     # (B, L, V), fills the cache
+        logits = net(x[:, lo:hi], cache=cache.window(lo))                   # (B, hi - lo, V)
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.start: int | None = None
+
+    @property
+    def length(self) -> int:
+        """L, the length of the cached canvas (0 while empty)."""
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def window(self, start: int) -> KVCache:
+        """The next forwards run on a slice that begins at canvas position `start`."""
+        self.start = start
+        return self
+
+    def refill(self) -> KVCache:
+        """The next forward runs on the whole canvas and replaces what is stored."""
+        self.keys, self.values, self.start = [], [], None
+        return self
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, H, n, hd) of the current input -> the keys and values its queries attend over."""
+        if self.start is None:
+            if layer == 0:
+                self.keys, self.values = [], []
+            if layer != len(self.keys):
+                raise RuntimeError(f"KVCache filled out of order: layer {layer} after {len(self.keys)} layers")
+            self.keys.append(k)
+            self.values.append(v)
+            return k, v
+        a, b = self.start, self.start + k.shape[2]
+        ck, cv = self.keys[layer], self.values[layer]
+        ck[:, :, a:b] = k
+        cv[:, :, a:b] = v
+        return ck, cv
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, causal: bool) -> None:
         super().__init__()
@@ -58,10 +108,13 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B, n, D); cos, sin (n, hd) of the true positions of x. With a cache the keys span the whole canvas."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H, L_canvas, hd)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=self.causal and attn_mask is None,
             dropout_p=self.dropout if self.training else 0.0,
@@ -80,16 +133,23 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-def padding_attn_mask(attention_mask: torch.Tensor | None, causal: bool, L: int) -> torch.Tensor | None:
-    """attention_mask (B, L) with 1 = real token -> SDPA boolean mask (B, 1, L, L), True = may attend."""
+def padding_attn_mask(attention_mask: torch.Tensor | None, causal: bool, L: int, start: int = 0,
+                      n: int | None = None) -> torch.Tensor | None:
+    """attention_mask (B, L) with 1 = real token -> SDPA boolean mask (B, 1, n, L), True = may attend.
+
+    The rows are the queries at positions [start, start + n) (default: all L); the columns every key.
+    """
     if attention_mask is None:
         return None
-    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
-    mask = keys.expand(-1, 1, L, L)
+    n = L - start if n is None else n
+    device = attention_mask.device
+    q_pos = torch.arange(start, start + n, device=device)[:, None]  # (n, 1)
+    k_pos = torch.arange(L, device=device)[None, :]  # (1, L)
+    mask = attention_mask.bool()[:, None, None, :].expand(-1, 1, n, L)
     if causal:
-        mask = mask & torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()
+        mask = mask & (k_pos <= q_pos)
     # A padded query row that sees no key would give NaN: let it see itself.
-    return mask | torch.eye(L, dtype=torch.bool, device=mask.device)
+    return mask | (k_pos == q_pos)
 
 
 def init_weights(module: nn.Module, n_layers: int) -> None:

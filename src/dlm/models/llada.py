@@ -3,7 +3,11 @@
 Bidirectional by default (the mask predictor of LLaDA, Nie et al. 2025); `causal=True` gives the AR baseline
 with the very same blocks (models/ar.py). The network maps tokens to logits and nothing else.
 
+An optional `KVCache` (models/common.py) lets a forward recompute only a slice of the canvas against the stored
+keys and values of the rest (Fast-dLLM's prefix and dual caches; the loop is dlm.sampling.cache).
+
     net = Transformer(ModelConfig(vocab_size=260)); logits = net(xt)   # (B, L) -> (B, L, V)
+    cache = KVCache(); net(xt, cache=cache); net(xt[:, a:b], cache=cache.window(a))   # -> (B, b - a, V)
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import torch
 from torch import nn
 
 from dlm.config import ModelConfig
-from dlm.models.common import Attention, RMSNorm, Rotary, SwiGLU, init_weights, padding_attn_mask
+from dlm.models.common import Attention, KVCache, RMSNorm, Rotary, SwiGLU, init_weights, padding_attn_mask
 
 
 class Block(nn.Module):
@@ -23,14 +27,15 @@ class Block(nn.Module):
         self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ff = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, attn_mask=None):  # x: (B, L, D)
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0):  # x: (B, L, D)
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, layer)
         return x + self.ff(self.ff_norm(x))
 
 
 class Transformer(nn.Module):
     causal = False
     needs_time = False
+    supports_kv_cache = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -43,12 +48,32 @@ class Transformer(nn.Module):
         init_weights(self, cfg.n_layers)
 
     def forward(self, xt: torch.Tensor, t: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """xt: (B, L) token ids; t is ignored (the mask count carries the time); -> logits (B, L, V)."""
-        B, L = xt.shape
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """xt: (B, L) token ids; t is ignored (the mask count carries the time); -> logits (B, L, V).
+
+        With a filled `cache` windowed at `start`, xt (B, n) is the slice [start, start + n) of the cached canvas
+        and `attention_mask` (if any) still covers the whole canvas (B, L); -> logits of the slice (B, n, V).
+        """
+        B, n = xt.shape
+        start = 0 if cache is None or cache.start is None else cache.start
+        L = n if cache is None or cache.start is None else self._check_slice(cache, B, start, n)
         cos, sin = self.rotary.cos_sin(L, xt.device)
-        mask = padding_attn_mask(attention_mask, self.causal, L)
-        x = self.wte(xt)  # (B, L, D)
-        for block in self.blocks:
-            x = block(x, cos, sin, mask)
-        return self.lm_head(self.ln_f(x))  # (B, L, V)
+        cos, sin = cos[start:start + n], sin[start:start + n]  # the slice's true positions
+        if self.causal and n < L and attention_mask is None:
+            attention_mask = torch.ones(B, L, dtype=torch.bool, device=xt.device)  # SDPA's is_causal assumes start 0
+        mask = padding_attn_mask(attention_mask, self.causal, L, start, n)
+        x = self.wte(xt)  # (B, n, D)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, cache, i)
+        return self.lm_head(self.ln_f(x))  # (B, n, V)
+
+    @staticmethod
+    def _check_slice(cache: KVCache, B: int, start: int, n: int) -> int:
+        L = cache.length
+        if L == 0:
+            raise ValueError("the KV cache is empty: run a forward on the whole canvas with it first")
+        if start < 0 or start + n > L:
+            raise ValueError(f"slice [{start}, {start + n}) does not fit the cached canvas of length {L}")
+        if cache.keys[0].shape[0] != B:
+            raise ValueError(f"the cache holds a batch of {cache.keys[0].shape[0]} rows, the input has {B}")
+        return L

@@ -9,7 +9,7 @@ outside the generated region that hold [MASK] (infilling gaps) are denoised with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,30 +51,69 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, at_most + 1) if n % d == 0)
 
 
-@torch.no_grad()
+def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, start: int, steps: int,
+                  block_length: int | None, sampler: Sampler, generator: torch.Generator | None = None,
+                  processors: Sequence[LogitsProcessor] = (), eos_id: int | None = None) -> Iterator[StepEvent]:
+    """The denoising loop as a generator of StepEvents; the final canvas is the last event's `output.xt`.
+
+    model_fn: (B, L) -> float logits (B, L, V). x: (B, L) canvas whose [start, L) is generated block by block.
+    Sampler attributes the loop honours:
+      `fixed_plan`: the sampler's `commits_planned` is exact, so a step that commits nothing skips its forward.
+      `variable_steps`: keep stepping until the block has no mask (threshold decoding), not a fixed count.
+      `reuse_logits_when_unchanged`: reuse the last logits when the canvas did not change (MDLM's cache).
+    With `eos_id` (variable length), a row whose finished block holds [EOS] has the rest of its canvas filled with
+    [EOS] and takes no further commits; the loop ends when every row has stopped.
+    """
+    x = x.clone()
+    B, L = x.shape
+    block_length, n_blocks, steps_per_block = plan_blocks(L - start, steps, block_length)
+    mask_id = sampler.mask_id
+    last_x: torch.Tensor | None = None
+    last_logits: torch.Tensor | None = None
+    global_step = 0
+    with torch.no_grad():
+        for b in range(n_blocks):
+            lo, hi = start + b * block_length, start + (b + 1) * block_length
+            # The first block also owns every mask before it (infilling gaps inside the prompt).
+            region = slice(0 if b == 0 else lo, hi)
+            if not (x[:, region] == mask_id).any():
+                continue
+            sampler.set_timesteps(steps_per_block, x[:, region] == mask_id)
+            budget = steps_per_block if not getattr(sampler, "variable_steps", False) else L + steps_per_block
+            for _ in range(budget):
+                if not (x[:, region] == mask_id).any():
+                    break
+                if getattr(sampler, "fixed_plan", False) and int(sampler.commits_planned.max()) == 0:
+                    sampler.step_index += 1  # nothing to commit: skip the forward pass, the result is identical
+                    global_step += 1
+                    continue
+                if getattr(sampler, "reuse_logits_when_unchanged", False) and last_x is not None and \
+                        torch.equal(last_x, x):
+                    raw = last_logits
+                else:
+                    raw = model_fn(x)
+                    last_x, last_logits = x, raw
+                logits = apply_processors(processors, raw, x)
+                out = sampler.step(logits, x, lo, hi, generator)
+                x = out.xt
+                yield StepEvent(block=b, step=global_step, output=out)
+                global_step += 1
+            if eos_id is not None:
+                done = (x[:, start:hi] == eos_id).any(1)  # (B,)
+                if done.any():
+                    x[done, hi:] = eos_id
+                if bool(done.all()):
+                    break
+
+
 def denoise(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, start: int, steps: int,
             block_length: int | None, sampler: Sampler, generator: torch.Generator | None = None,
-            processors: Sequence[LogitsProcessor] = (), callback: Callable[[StepEvent], None] | None = None
-            ) -> torch.Tensor:
-    """model_fn: (B, L) -> float logits (B, L, V). x: (B, L) canvas; [start, L) is generated block by block."""
-    x = x.clone()
-    L = x.shape[1]
-    block_length, n_blocks, steps_per_block = plan_blocks(L - start, steps, block_length)
-    global_step = 0
-    for b in range(n_blocks):
-        lo, hi = start + b * block_length, start + (b + 1) * block_length
-        # The first block also owns every mask before it (infilling gaps inside the prompt).
-        region = slice(0 if b == 0 else lo, hi)
-        sampler.set_timesteps(steps_per_block, x[:, region] == sampler.mask_id)
-        for _ in range(steps_per_block):
-            if int(sampler.commits_planned.max()) == 0:
-                sampler.step_index += 1  # nothing to commit: skip the forward pass, the result is identical
-                global_step += 1
-                continue
-            logits = apply_processors(processors, model_fn(x), x)
-            out = sampler.step(logits, x, lo, hi, generator)
-            x = out.xt
-            if callback is not None:
-                callback(StepEvent(block=b, step=global_step, output=out))
-            global_step += 1
-    return x
+            processors: Sequence[LogitsProcessor] = (), callback: Callable[[StepEvent], None] | None = None,
+            eos_id: int | None = None) -> torch.Tensor:
+    """Run `denoise_steps` to the end -> the final canvas (B, L); `callback` sees every StepEvent."""
+    final = x
+    for event in denoise_steps(model_fn, x, start, steps, block_length, sampler, generator, processors, eos_id):
+        if callback is not None:
+            callback(event)
+        final = event.output.xt
+    return final.clone() if final is x else final

@@ -57,9 +57,11 @@ class Sampler:
     plans LLaDA's even split; `commits_planned` is what the next step commits when the rule fixes a count.
     """
 
-    def __init__(self, mask_id: int, config: GenerationConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, mask_id: int, config: GenerationConfig | None = None, eos_id: int | None = None,
+                 **overrides: Any) -> None:
         self.config = (config or GenerationConfig()).replace(**overrides).validate()
         self.mask_id = mask_id
+        self.eos_id = eos_id
         self.temperature = self.config.temperature
         self.remasking = REMASKING.build(self.config.remasking)
         self.plan: torch.Tensor | None = None  # (B, steps)
@@ -85,6 +87,8 @@ class Sampler:
 
 @SAMPLERS.register("llada")
 class LLaDASampler(Sampler):
+    fixed_plan = True  # commits_planned is exact: a step planned to commit nothing needs no forward pass
+
     def step(self, logits, xt, lo, hi, generator=None):
         """logits (B, L, V), xt (B, L); commits inside [0, hi) only (earlier blocks are already complete)."""
         n = self.commits_planned
@@ -94,6 +98,9 @@ class LLaDASampler(Sampler):
         x0 = gumbel_argmax(logits, self.temperature, generator)  # (B, L)
         probs = torch.softmax(logits.double(), dim=-1)  # (B, L, V) float64, as the reference
         confidence = self.remasking.confidence(probs, x0, generator)  # (B, L)
+        if self.config.defer_eos and self.eos_id is not None:
+            # Keep [EOS] from being committed early: it ranks below every other prediction of its row.
+            confidence = torch.where(x0 == self.eos_id, confidence - 2.0, confidence)
         confidence[:, hi:] = -torch.inf
         x0 = torch.where(is_masked, x0, xt)
         commit = self.remasking.select(confidence, is_masked & (confidence > -torch.inf), n)

@@ -1,0 +1,88 @@
+"""Fast-dLLM parallel decoding (Wu et al. 2025, arXiv:2505.22618; NVlabs/Fast-dLLM `llada/generate.py`).
+
+Each step predicts every masked token as LLaDA does (argmax, Gumbel-max in float64 when temperature > 0), scores
+it with the remasking rule, and commits, among the masked positions before the block's end:
+
+- `factor` f (Fast-dLLM's `get_transfer_index_dynamic`): the n most confident, n the first rank whose successor
+  fails its bar: the i-th most confident (i = 1, 2, ...) passes when c_i >= 1 - f / (i + 1), i.e. (i + 1)(1 - c_i)
+  <= f; the first always passes. As in the reference, when the failing one is the last masked position, all are
+  committed (so the last two masks of a block always go together).
+- `threshold` tau (`get_transfer_index`): every position with c >= tau, and always the single most confident.
+- neither: LLaDA's planned count (the base class plan), so the sampler then equals `llada`.
+`factor` wins when both are set, as in the reference. The number of steps of a block is then variable: a driver
+steps until the block holds no mask (`variable_steps`; sampling.cache.denoise_cached does).
+
+    sampler = SAMPLERS.build("fast_dllm", mask_id=tok.mask_id, config=GenerationConfig(threshold=0.9))
+    sampler.set_timesteps(steps, is_masked[:, lo:hi]); out = sampler.step(logits, xt, lo, hi, generator)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dlm.sampling.sampler import SAMPLERS, Sampler, SamplerOutput, gumbel_argmax
+
+
+def threshold_count(confidence: torch.Tensor, eligible: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, L) scores, (B, L) bool -> (B,) how many eligible positions reach the threshold, at least one if any."""
+    n = (eligible & (confidence >= threshold)).sum(1)
+    return torch.minimum(n.clamp_min(1), eligible.sum(1))
+
+
+def factor_count(confidence: torch.Tensor, eligible: torch.Tensor, factor: float) -> torch.Tensor:
+    """(B, L) scores, (B, L) bool -> (B,) the commit count of Fast-dLLM's factor rule (see the module docstring)."""
+    B, L = confidence.shape
+    ranked = torch.where(eligible, confidence, -torch.inf).sort(1, descending=True).values  # (B, L)
+    n = eligible.sum(1)  # (B,)
+    rank = torch.arange(L, device=confidence.device)  # 0-based: rank r holds the (r + 1)-th most confident
+    bar = 1.0 - factor / (rank.to(confidence.dtype) + 2.0)
+    bar[0] = -torch.inf  # the most confident always passes
+    fails = (ranked < bar) & (rank < n[:, None])  # (B, L)
+    first_fail = torch.where(fails.any(1), fails.int().argmax(1), n)  # argmax returns the first maximum
+    # The reference cannot tell "no failure" from "the last one fails": both commit every masked position.
+    return torch.where(first_fail == n - 1, n, first_fail)
+
+
+@SAMPLERS.register("fast_dllm")
+class FastDLLMSampler(Sampler):
+    variable_steps = True  # a driver steps until [region start, hi) holds no mask, not a fixed number of times
+
+    @property
+    def adaptive(self) -> bool:
+        """True when the logits decide how many tokens a step commits (threshold or factor)."""
+        return self.config.threshold is not None or self.config.factor is not None
+
+    def set_timesteps(self, steps: int, is_masked: torch.Tensor) -> None:
+        super().set_timesteps(steps, is_masked)
+        self.remaining = is_masked.sum(1)  # (B,) masks left in the block
+
+    @property
+    def commits_planned(self) -> torch.Tensor:
+        """(B,) the planned count; with threshold / factor an upper bound (every mask left), 0 once done."""
+        assert self.plan is not None, "call set_timesteps first"
+        if self.adaptive or self.step_index >= self.plan.shape[1]:
+            return self.remaining
+        return self.plan[:, self.step_index]
+
+    def step(self, logits, xt, lo, hi, generator=None):
+        """logits (B, L, V), xt (B, L); commits masked positions inside [0, hi) only (earlier blocks are complete,
+        so this is [lo, hi) except for the first block, which also owns masks inside the prompt)."""
+        is_masked = xt == self.mask_id  # (B, L)
+        # [MASK] is never a prediction: committing it would leave the position masked.
+        logits = logits.index_fill(-1, torch.tensor([self.mask_id], device=logits.device), -torch.inf)
+        x0 = gumbel_argmax(logits, self.temperature, generator)  # (B, L)
+        probs = torch.softmax(logits.double(), dim=-1)  # (B, L, V) float64, as the reference
+        confidence = self.remasking.confidence(probs, x0, generator)  # (B, L)
+        confidence[:, hi:] = -torch.inf  # Fast-dLLM: nothing past the current block
+        x0 = torch.where(is_masked, x0, xt)
+        eligible = is_masked & (confidence > -torch.inf)
+        if self.config.factor is not None:
+            n = factor_count(confidence, eligible, self.config.factor)
+        elif self.config.threshold is not None:
+            n = threshold_count(confidence, eligible, self.config.threshold)
+        else:
+            n = self.commits_planned
+        commit = self.remasking.select(confidence, eligible, n)
+        self.step_index += 1
+        self.remaining = (self.remaining - commit.sum(1).to(self.remaining.device)).clamp_min(0)
+        return SamplerOutput(xt=torch.where(commit, x0, xt), committed=commit, x0=x0, confidence=confidence)
