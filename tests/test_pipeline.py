@@ -175,3 +175,28 @@ def test_eos_options():
     ids = lm.generate(torch.tensor([[120, 121]]), stop_at_eos=True, **kw)
     assert lm.model.calls == 16  # two blocks of 8 steps, then the row is done
     assert (ids[0, 10:] == lm.tokenizer.eos_id).all()
+
+
+def test_guidance_and_filters_run_through_the_pipeline(lm):
+    prompts = ["ROMEO:\n", "Ay"]  # different lengths: the guided forward doubles the padding mask too
+    guided = lm.generate(prompts, max_new_tokens=8, steps=8, block_length=8, cfg_scale=1.5)
+    plain = lm.generate(prompts, max_new_tokens=8, steps=8, block_length=8)
+    assert len(guided) == 2 and all(isinstance(t, str) for t in guided)
+    assert guided == [lm.generate(p, max_new_tokens=8, steps=8, block_length=8, cfg_scale=1.5) for p in prompts]
+    assert plain == [lm.generate(p, max_new_tokens=8, steps=8, block_length=8) for p in prompts]
+    out = lm.generate("ROMEO:\n", max_new_tokens=16, steps=16, block_length=16, temperature=1.0, top_k=1, seed=1)
+    assert out == lm.generate("ROMEO:\n", max_new_tokens=16, steps=16, block_length=16, temperature=1.0, top_k=1,
+                              seed=2)  # top_k=1 leaves nothing to sample
+    assert isinstance(lm.infill("To be, [MASK:4] to be", cfg_scale=1.0, seed=0), str)
+
+
+@pytest.mark.parametrize("options", [
+    {"sampler": "dream", "remasking": "entropy"}, {"sampler": "dream", "remasking": "maskgit_plus", "top_p": 0.9},
+    {"sampler": "dream", "remasking": "origin", "temperature": 0.5}, {"sampler": "dream", "remasking": "topk_margin",
+                                                                      "alg_temp": 0.5},
+    {"sampler": "mdlm"}, {"sampler": "mdlm_cache", "temperature": 0.8}, {"sampler": "llada", "remasking": "random"},
+])
+def test_every_sampler_runs_from_the_pipeline(lm, options):
+    ids = lm.generate(["ROMEO:\n", "Ay"], max_new_tokens=16, steps=8, block_length=16, seed=0, **options)
+    again = lm.generate(["ROMEO:\n", "Ay"], max_new_tokens=16, steps=8, block_length=16, seed=0, **options)
+    assert ids == again and all(isinstance(t, str) for t in ids)

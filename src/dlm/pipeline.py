@@ -21,7 +21,9 @@ import torch
 
 from dlm.checkpoint import CheckpointError, load_pretrained
 from dlm.config import CheckpointConfig, ConfigError, GenerationConfig
-from dlm.sampling import SAMPLERS, SamplingError, StepEvent, SuppressTokens, denoise_steps
+from dlm.sampling import SAMPLERS, SamplingError, StepEvent, denoise_steps
+from dlm.sampling.guidance import classifier_free_guidance
+from dlm.sampling.processors import BannedTokens, build_processors
 from dlm.tokenizer import Tokenizer
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -157,8 +159,12 @@ class DiffusionLM:
         sampler = SAMPLERS.build(opts.sampler, mask_id=tok.mask_id, config=opts, eos_id=tok.eos_id)
         canvas = canvas.to(self.device)
         am = attention_mask.to(self.device) if attention_mask is not None else None
-        model_fn = self._model_fn(am)
-        if opts.cfg_scale > 0 and prompt_mask is not None:
+        guided = opts.cfg_scale > 0 and prompt_mask is not None
+        # With guidance the network sees 2B rows (conditional + unconditional), so the padding mask doubles.
+        model_fn = self._model_fn(torch.cat([am, am]) if am is not None and guided else am)
+        if guided:
+            if opts.cache != "none":
+                raise SamplingError("cfg_scale > 0 needs cache='none' (the KV caches hold one copy of each row)")
             model_fn = classifier_free_guidance(model_fn, prompt_mask.to(self.device), opts.cfg_scale, tok.mask_id)
         eos = tok.eos_id if opts.stop_at_eos else None
         if opts.cache != "none":
@@ -187,7 +193,10 @@ class DiffusionLM:
             full_am[:, :P] = am
         prompt_mask = torch.zeros((B, L), dtype=torch.bool)
         prompt_mask[:, :P] = True if am is None else am.bool()
-        processors = build_processors(opts, self.tokenizer)
+        filters = opts
+        if getattr(SAMPLERS.get(opts.sampler), "applies_top_k_top_p", False):
+            filters = opts.replace(top_k=None, top_p=None)  # the sampler filters itself, in its reference's order
+        processors = build_processors(filters, self.tokenizer)
         return canvas, P, full_am, processors, prompt_mask, kind
 
     def generate(self, prompt: str | list[str] | torch.Tensor, max_new_tokens: int | None = None,
@@ -253,7 +262,7 @@ class DiffusionLM:
 
     def infill(self, text: str, steps: int | None = None, max_span: int | None = None,
                temperature: float | None = None, remasking: str | None = None, seed: int | None = None,
-               callback: Callable[[StepEvent], None] | None = None) -> str:
+               callback: Callable[[StepEvent], None] | None = None, **options: Any) -> str:
         """Fill every [MASK] (up to max_span tokens, pads removed) and [MASK:n] (exactly n tokens) gap.
 
         The text outside the gaps is returned unchanged, character for character. `steps` defaults to the
@@ -261,7 +270,8 @@ class DiffusionLM:
         """
         if self.is_causal:
             raise SamplingError("this checkpoint is an autoregressive baseline; it cannot infill")
-        opts = self._options(None, temperature=temperature, remasking=remasking, seed=seed, max_span=max_span)
+        opts = self._options(None, temperature=temperature, remasking=remasking, seed=seed, max_span=max_span,
+                             **options)
         ids, gaps, pieces = self.parse_gaps(text, opts.max_span)
         if not gaps:
             raise SamplingError("no gap in the text: mark each gap with [MASK] (unknown length) or [MASK:n]")
@@ -274,11 +284,13 @@ class DiffusionLM:
         for g in gaps:
             if g.fixed:
                 fixed[0, g.start: g.start + g.length] = True
-        processors = [SuppressTokens([tok.mask_id, tok.bos_id]),
-                      SuppressTokens([tok.pad_id, tok.eos_id], where=fixed)]  # a fixed gap holds n real tokens
+        # [PAD] closes a bare [MASK] gap; a fixed [MASK:n] gap holds n real tokens.
+        processors = build_processors(opts, tok, allow_pad=True,
+                                      extra=[BannedTokens([tok.pad_id, tok.eos_id], where=fixed)])
         # The whole canvas is one block: every gap sees both sides at every step.
         out = canvas
-        for event in self._events(canvas, 0, opts.replace(sampler="llada"), None, processors, None):
+        prompt_mask = canvas != tok.mask_id  # guidance (cfg_scale > 0) masks the known text, as LLaDA
+        for event in self._events(canvas, 0, opts.replace(sampler="llada"), None, processors, prompt_mask):
             if callback is not None:
                 callback(event)
             out = event.output.xt
@@ -289,16 +301,6 @@ class DiffusionLM:
             result.append(tok.decode(fill))
             result.append(after)
         return "".join(result)
-
-
-def build_processors(opts: GenerationConfig, tok: Tokenizer) -> list:
-    """[MASK] / [BOS] are never outputs; [PAD] only closes infilling gaps; [EOS] banned on request."""
-    banned = [tok.mask_id, tok.bos_id, tok.pad_id] + ([tok.eos_id] if opts.ban_eos else [])
-    return [SuppressTokens(banned)]
-
-
-def classifier_free_guidance(model_fn, prompt_mask, scale, mask_id):
-    raise SamplingError("cfg_scale needs dlm.sampling.guidance (not available yet)")
 
 
 def denoise_cached(*args, **kwargs):

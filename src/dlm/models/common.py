@@ -53,9 +53,9 @@ class KVCache:
 
     Filling: while `start` is None (new, or after `refill()`), a forward on the whole canvas (B, L) stores the K, V
     of each layer. Reusing: after `window(start)`, a forward on a slice xt[:, start:start + n] attends over the
-    stored K/V of every other position and the fresh K/V of the slice; the fresh K/V overwrite the stored ones at
-    [start, start + n) (as Fast-dLLM's dual cache does), the rest is left as it was when the cache was filled.
-    Inference only: the in-place write would break autograd.
+    stored K/V of every other position and the fresh K/V of the slice, spliced in at [start, start + n). The
+    stored K/V stay as they were when the cache was filled (Fast-dLLM's dual cache writes the slice back in
+    place; that changes nothing, the slice is recomputed at every use, and out of place autograd still works).
 
         cache = KVCache(); logits = net(x, cache=cache)                     # (B, L, V), fills the cache
         logits = net(x[:, lo:hi], cache=cache.window(lo))                   # (B, hi - lo, V)
@@ -93,9 +93,8 @@ class KVCache:
             return k, v
         a, b = self.start, self.start + k.shape[2]
         ck, cv = self.keys[layer], self.values[layer]
-        ck[:, :, a:b] = k
-        cv[:, :, a:b] = v
-        return ck, cv
+        return (torch.cat([ck[:, :, :a], k, ck[:, :, b:]], dim=2),
+                torch.cat([cv[:, :, :a], v, cv[:, :, b:]], dim=2))  # (B, H, L, hd)
 
 
 class Attention(nn.Module):

@@ -1,10 +1,28 @@
 """Sampling: samplers (set_timesteps / step), remasking rules, logits processors and the denoising loop."""
 
+from dlm.sampling.display import LiveCanvas, Trajectory
+from dlm.sampling.dream import DreamSampler  # registers "dream" and maskgit_plus / topk_margin / entropy
 from dlm.sampling.generate import SamplingError, StepEvent, denoise, denoise_steps, plan_blocks
-from dlm.sampling.processors import LogitsProcessor, SuppressTokens, apply_processors
+from dlm.sampling.guidance import ClassifierFreeGuidance, classifier_free_guidance
+from dlm.sampling.mdlm import MDLMCacheSampler, MDLMSampler  # registers "mdlm", "mdlm_cache"
+from dlm.sampling.processors import (
+    AllowedTokens,
+    BannedTokens,
+    LogitsProcessor,
+    RepetitionPenalty,
+    SuppressTokens,
+    Temperature,
+    TopK,
+    TopP,
+    apply_processors,
+    build_processors,
+)
 from dlm.sampling.remasking import REMASKING, Remasking
 from dlm.sampling.sampler import SAMPLERS, LLaDASampler, Sampler, SamplerOutput, num_transfer_tokens
 
 __all__ = ["SAMPLERS", "REMASKING", "Sampler", "LLaDASampler", "SamplerOutput", "Remasking", "LogitsProcessor",
            "SuppressTokens", "apply_processors", "denoise", "plan_blocks", "num_transfer_tokens", "StepEvent",
-           "SamplingError", "denoise_steps"]
+           "SamplingError", "denoise_steps", "LiveCanvas", "Trajectory", "ClassifierFreeGuidance",
+           "classifier_free_guidance", "AllowedTokens", "BannedTokens", "RepetitionPenalty", "Temperature", "TopK",
+           "TopP",
+           "build_processors", "DreamSampler", "MDLMSampler", "MDLMCacheSampler"]

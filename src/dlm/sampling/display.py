@@ -4,7 +4,7 @@ Both are callbacks of the denoising loop (`denoise(..., callback=...)`, `Diffusi
 taking a `StepEvent` whose `.output` holds the canvas `xt` (B, L), the `committed` (B, L) positions of this step
 and their `confidence` (B, L).
 
-    with LiveCanvas(lm.tokenizer, start=prompt_len) as live:      # a rich.live.Live view of row 0
+    with LiveCanvas(lm.tokenizer, prompt_len) as live:            # a rich.live.Live view of row 0, on stderr
         lm.generate(prompt, callback=live)
     traj = Trajectory(); lm.generate(prompt, callback=traj)
     traj.save_html("run.html", lm.tokenizer, prompt_len)          # self-contained: inline CSS and JS, no URLs
@@ -99,25 +99,28 @@ class TokenTexts:
 # ----- live terminal view -----------------------------------------------------------------------------------
 
 class LiveCanvas:
-    """A `rich.live.Live` view of row `row`'s canvas [start, end) redrawn at each denoising step.
+    """A `rich.live.Live` view of row `row`'s canvas [prompt_len, end) redrawn at each denoising step.
+
+    It draws on `console`, by default a rich Console on stderr, so stdout stays clean for the generated text.
 
     Masks are a dim block, tokens committed by the latest step are highlighted, and a header gives the step
     (and block). Use it as a context manager (or call `stop()`); it also starts itself on the first event.
 
     On a console that is not a terminal (a log file, a pipe, CI) nothing is printed per step: `stop()` prints
-    one plain line with the last step number followed by the final text, with no styling and no ANSI codes.
+    one plain line with the last step number followed by the final text (its own newlines kept), with no styling
+    and no ANSI codes.
     Redraws are throttled to `refresh_per_second`; the last state is always drawn on `stop()`.
     """
 
-    def __init__(self, tokenizer: Tokenizer, start: int = 0, end: int | None = None, row: int = 0,
+    def __init__(self, tokenizer: Tokenizer, prompt_len: int = 0, end: int | None = None, row: int = 0,
                  total_steps: int | None = None, console: Console | None = None,
                  refresh_per_second: float = 20.0) -> None:
         from rich.console import Console
 
         self.texts = TokenTexts(tokenizer)
-        self.start_pos, self.end_pos, self.row = start, end, row
+        self.start_pos, self.end_pos, self.row = prompt_len, end, row
         self.total_steps = total_steps
-        self.console = console if console is not None else Console()
+        self.console = console if console is not None else Console(stderr=True)
         self.min_interval = 1.0 / refresh_per_second if refresh_per_second > 0 else 0.0
         self._live: Any = None
         self._last: StepEvent | None = None
@@ -133,7 +136,7 @@ class LiveCanvas:
 
     @property
     def interactive(self) -> bool:
-        return self.console.is_terminal and not self.console.is_dumb_terminal
+        return (self.console.is_terminal and not self.console.is_dumb_terminal) or self.console.is_jupyter
 
     def start(self) -> None:
         if self._running:
@@ -187,7 +190,8 @@ class LiveCanvas:
 
         pieces, ids, fresh = self._pieces(event)
         n_masked = sum(i == self.texts.mask_id for i in ids)
-        text = Text(f"{self._header(event)} · {n_masked} masked\n", style="bold")
+        text = Text()
+        text.append(f"{self._header(event)} · {n_masked} masked\n", style="bold")
         for piece, i, new in zip(pieces, ids, fresh, strict=True):
             if i == self.texts.mask_id:
                 text.append(piece, style="dim")

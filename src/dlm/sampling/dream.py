@@ -129,8 +129,8 @@ class DreamSampler(Sampler):
         self.remaining = is_masked.sum(1)  # (B,)
         self.step_index = 0
         B = is_masked.shape[0]
-        left = self.remaining.clone()
-        plan = torch.zeros(B, steps, dtype=torch.long, device=is_masked.device)
+        left = self.remaining.cpu()  # planned on the CPU: the loop reads each count as a Python int
+        plan = torch.zeros(B, steps, dtype=torch.long)
         for i in range(steps):
             if i < steps - 1:
                 t, s = self.timesteps[i], self.timesteps[i + 1]
@@ -140,7 +140,7 @@ class DreamSampler(Sampler):
             else:
                 plan[:, i] = left  # the last step commits whatever is left, in every row
             left = left - plan[:, i]
-        self.plan = plan
+        self.plan = plan.to(is_masked.device)
 
     @property
     def commits_planned(self) -> torch.Tensor:
@@ -152,30 +152,34 @@ class DreamSampler(Sampler):
         B, L = xt.shape
         i = self.step_index
         last = i == self.timesteps.numel() - 2
-        is_masked = (xt == self.mask_id) & (torch.arange(L, device=xt.device) < hi)  # (B, L)
         cfg = self.config
-        # [MASK] is never a prediction: committing it would leave the position masked.
-        logits = logits.double().index_fill(-1, torch.tensor([self.mask_id], device=logits.device), -torch.inf)
-        logits = filter_logits(logits, cfg.temperature, cfg.top_p, cfg.top_k)  # (B, L, V) float64
-        probs = logits.softmax(-1)
-        x0 = gumbel_argmax(logits, 1.0, generator) if cfg.temperature > 0 else probs.argmax(-1)  # (B, L)
+        candidate = (xt == self.mask_id) & (torch.arange(L, device=xt.device) < hi)  # (B, L): may commit now
+        x0 = xt.clone()
+        confidence = torch.full(xt.shape, -torch.inf, dtype=torch.float64, device=xt.device)
+        if bool(candidate.any()):  # Dream's `sample_tokens` on the candidates' logits only
+            cand = logits[candidate].double()  # (N, V) float64
+            cand[:, self.mask_id] = -torch.inf  # [MASK] is never a prediction: the position would stay masked
+            cand = filter_logits(cand, cfg.temperature, cfg.top_p, cfg.top_k)
+            probs = cand.softmax(-1)
+            pred = gumbel_argmax(cand, 1.0, generator) if cfg.temperature > 0 else probs.argmax(-1)  # (N,)
+            if self.origin:
+                conf = probs.gather(-1, pred[:, None])[:, 0]
+            else:
+                conf = self.remasking.confidence(probs[None], pred[None], generator)[0]  # (N,)
+            x0[candidate] = pred
+            confidence[candidate] = conf.double()
         if self.origin:
             p_transfer = 1.0 if last else float(1 - self.timesteps[i + 1] / self.timesteps[i])
             u = torch.rand((B, L), generator=generator, dtype=torch.float64, device=xt.device)
-            commit = is_masked & (u < p_transfer)
-            confidence = probs.gather(-1, x0[..., None]).squeeze(-1)
+            commit = candidate & (u < p_transfer)
         else:
-            confidence = self.remasking.confidence(probs, x0, generator)  # (B, L) float64
             score = confidence
             if cfg.alg_temp:
                 # Drawing n without replacement from softmax(c / alg_temp) = top-n of c / alg_temp + Gumbel.
                 u = torch.rand((B, L), generator=generator, dtype=torch.float64, device=xt.device)
                 score = confidence / cfg.alg_temp - torch.log(-torch.log(u.clamp_min(1e-300)))
-            n = is_masked.sum(1) if last else self.commits_planned
-            commit = self.remasking.select(score, is_masked, n)
-        confidence = confidence.clone()
-        confidence[:, hi:] = -torch.inf
-        x0 = torch.where(xt == self.mask_id, x0, xt)
+            n = candidate.sum(1) if last else self.commits_planned
+            commit = self.remasking.select(score, candidate, n)
         self.remaining = self.remaining - commit.sum(1).to(self.remaining.device)
         self.step_index += 1
         return SamplerOutput(xt=torch.where(commit, x0, xt), committed=commit, x0=x0, confidence=confidence)

@@ -3,14 +3,14 @@
 Each step predicts every masked token as LLaDA does (argmax, Gumbel-max in float64 when temperature > 0), scores
 it with the remasking rule, and commits, among the masked positions before the block's end:
 
-- `factor` f (Fast-dLLM's `get_transfer_index_dynamic`): the n most confident, n the first rank whose successor
-  fails its bar: the i-th most confident (i = 1, 2, ...) passes when c_i >= 1 - f / (i + 1), i.e. (i + 1)(1 - c_i)
-  <= f; the first always passes. As in the reference, when the failing one is the last masked position, all are
-  committed (so the last two masks of a block always go together).
+- `factor` f (Fast-dLLM's `get_transfer_index_dynamic`): rank the masked positions by confidence; the i-th
+  (i = 1, 2, ...) passes when c_i >= 1 - f / (i + 1), i.e. (i + 1)(1 - c_i) <= f, and the first always passes;
+  commit the k positions before the first one that fails (all if none fails). As in the reference, when the
+  first failure is the last masked position, all are committed too (so a block's last two masks go together).
 - `threshold` tau (`get_transfer_index`): every position with c >= tau, and always the single most confident.
 - neither: LLaDA's planned count (the base class plan), so the sampler then equals `llada`.
 `factor` wins when both are set, as in the reference. The number of steps of a block is then variable: a driver
-steps until the block holds no mask (`variable_steps`; sampling.cache.denoise_cached does).
+steps until the block holds no mask (`variable_steps`; denoise_steps and sampling.cache.denoise_cached do).
 
     sampler = SAMPLERS.build("fast_dllm", mask_id=tok.mask_id, config=GenerationConfig(threshold=0.9))
     sampler.set_timesteps(steps, is_masked[:, lo:hi]); out = sampler.step(logits, xt, lo, hi, generator)
@@ -45,12 +45,19 @@ def factor_count(confidence: torch.Tensor, eligible: torch.Tensor, factor: float
 
 @SAMPLERS.register("fast_dllm")
 class FastDLLMSampler(Sampler):
-    variable_steps = True  # a driver steps until [region start, hi) holds no mask, not a fixed number of times
+    """LLaDA's step with Fast-dLLM's commit count; without threshold and factor it is LLaDASampler exactly."""
+
+    variable_steps = True  # a driver steps until the block holds no mask, not a fixed number of times
 
     @property
     def adaptive(self) -> bool:
         """True when the logits decide how many tokens a step commits (threshold or factor)."""
         return self.config.threshold is not None or self.config.factor is not None
+
+    @property
+    def fixed_plan(self) -> bool:
+        """Without threshold / factor, `commits_planned` is exact and a step planned to commit nothing is skipped."""
+        return not self.adaptive
 
     def set_timesteps(self, steps: int, is_masked: torch.Tensor) -> None:
         super().set_timesteps(steps, is_masked)
@@ -65,24 +72,29 @@ class FastDLLMSampler(Sampler):
         return self.plan[:, self.step_index]
 
     def step(self, logits, xt, lo, hi, generator=None):
-        """logits (B, L, V), xt (B, L); commits masked positions inside [0, hi) only (earlier blocks are complete,
-        so this is [lo, hi) except for the first block, which also owns masks inside the prompt)."""
-        is_masked = xt == self.mask_id  # (B, L)
-        # [MASK] is never a prediction: committing it would leave the position masked.
-        logits = logits.index_fill(-1, torch.tensor([self.mask_id], device=logits.device), -torch.inf)
-        x0 = gumbel_argmax(logits, self.temperature, generator)  # (B, L)
-        probs = torch.softmax(logits.double(), dim=-1)  # (B, L, V) float64, as the reference
-        confidence = self.remasking.confidence(probs, x0, generator)  # (B, L)
-        confidence[:, hi:] = -torch.inf  # Fast-dLLM: nothing past the current block
-        x0 = torch.where(is_masked, x0, xt)
-        eligible = is_masked & (confidence > -torch.inf)
+        """logits (B, L, V), xt (B, L); commits masked positions inside [0, hi) only: earlier blocks are complete,
+        so this is [lo, hi) except in the first block, which also owns masks inside the prompt (infilling)."""
+        candidate = xt == self.mask_id
+        candidate[:, hi:] = False  # Fast-dLLM: nothing past the current block (its confidence is -inf)
+        x0 = xt.clone()
+        confidence = torch.full(xt.shape, -torch.inf, dtype=torch.float64, device=xt.device)
+        if bool(candidate.any()):  # argmax and float64 softmax at the candidates only, as LLaDASampler
+            cand_logits = logits[candidate]  # (N, V)
+            cand_logits[:, self.mask_id] = -torch.inf  # [MASK] is never a prediction
+            pred = gumbel_argmax(cand_logits, self.temperature, generator)  # (N,)
+            probs = torch.softmax(cand_logits.double(), dim=-1)  # (N, V) float64, as the reference
+            conf = self.remasking.confidence(probs[None], pred[None], generator)[0].double()  # (N,)
+            if self.config.defer_eos and self.eos_id is not None:
+                conf = torch.where(pred == self.eos_id, conf - 2.0, conf)  # [EOS] ranks (and passes) last
+            x0[candidate] = pred
+            confidence[candidate] = conf
         if self.config.factor is not None:
-            n = factor_count(confidence, eligible, self.config.factor)
+            n = factor_count(confidence, candidate, self.config.factor)
         elif self.config.threshold is not None:
-            n = threshold_count(confidence, eligible, self.config.threshold)
+            n = threshold_count(confidence, candidate, self.config.threshold)
         else:
             n = self.commits_planned
-        commit = self.remasking.select(confidence, eligible, n)
+        commit = self.remasking.select(confidence, candidate, n)
         self.step_index += 1
         self.remaining = (self.remaining - commit.sum(1).to(self.remaining.device)).clamp_min(0)
         return SamplerOutput(xt=torch.where(commit, x0, xt), committed=commit, x0=x0, confidence=confidence)

@@ -55,18 +55,22 @@ class MDLMSampler(Sampler):
         """logits (B, L, V), xt (B, L); commits at masked positions < hi only."""
         B, L = xt.shape
         i = self.step_index
-        is_masked = (xt == self.mask_id) & (torch.arange(L, device=xt.device) < hi)  # (B, L)
-        # SUBS: [MASK] is never a prediction.
-        logits = logits.double().index_fill(-1, torch.tensor([self.mask_id], device=logits.device), -torch.inf)
-        x0 = gumbel_argmax(logits, self.temperature, generator)  # (B, L)
+        candidate = (xt == self.mask_id) & (torch.arange(L, device=xt.device) < hi)  # (B, L): may commit now
         u = torch.rand((B, L), generator=generator, dtype=torch.float64, device=xt.device)
-        commit = is_masked & (u < self.unmask_probability(i))
-        if i == self.timesteps.numel() - 2:  # noise removal: what is still masked takes the argmax
-            x0 = torch.where(commit, x0, logits.argmax(-1))
-            commit = is_masked
-        confidence = logits.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)  # (B, L) float64
-        confidence[:, hi:] = -torch.inf
-        x0 = torch.where(xt == self.mask_id, x0, xt)
+        commit = candidate & (u < self.unmask_probability(i))
+        last = i == self.timesteps.numel() - 2
+        x0 = xt.clone()
+        confidence = torch.full(xt.shape, -torch.inf, dtype=torch.float64, device=xt.device)
+        if bool(candidate.any()):
+            cand = logits[candidate].double()  # (N, V) float64
+            cand[:, self.mask_id] = -torch.inf  # SUBS: [MASK] is never a prediction
+            pred = gumbel_argmax(cand, self.temperature, generator)  # (N,)
+            if last:  # noise removal: what the ancestral draw leaves masked takes the argmax
+                pred = torch.where(commit[candidate], pred, cand.argmax(-1))
+            x0[candidate] = pred
+            confidence[candidate] = cand.softmax(-1).gather(-1, pred[:, None])[:, 0]
+        if last:
+            commit = candidate
         self.remaining = self.remaining - commit.sum(1).to(self.remaining.device)
         self.step_index += 1
         return SamplerOutput(xt=torch.where(commit, x0, xt), committed=commit, x0=x0, confidence=confidence)

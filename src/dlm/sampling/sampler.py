@@ -12,7 +12,6 @@ and commits the n best masked positions that lie before the block's end. Committ
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Any
 
 import torch
@@ -28,8 +27,8 @@ SAMPLERS: Registry[type[Sampler]] = Registry("sampler")
 class SamplerOutput:
     xt: torch.Tensor  # (B, L) the canvas after this step
     committed: torch.Tensor  # (B, L) bool: positions unmasked by this step
-    x0: torch.Tensor  # (B, L) the model's prediction at every position (xt where not masked)
-    confidence: torch.Tensor  # (B, L) float64 score of each prediction (-inf past the block's end)
+    x0: torch.Tensor  # (B, L) the prediction at each position the step could commit (xt elsewhere)
+    confidence: torch.Tensor  # (B, L) float64 score of each candidate prediction (-inf where not a candidate)
 
 
 def num_transfer_tokens(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -87,22 +86,31 @@ class Sampler:
 
 @SAMPLERS.register("llada")
 class LLaDASampler(Sampler):
+    """LLaDA's step. The argmax and the float64 softmax run only at the positions this step may commit (masked,
+    before the block's end): the same tokens as the reference, which softmaxes every position of the canvas."""
+
     fixed_plan = True  # commits_planned is exact: a step planned to commit nothing needs no forward pass
 
     def step(self, logits, xt, lo, hi, generator=None):
         """logits (B, L, V), xt (B, L); commits inside [0, hi) only (earlier blocks are already complete)."""
         n = self.commits_planned
         is_masked = xt == self.mask_id  # (B, L)
-        # [MASK] is never a prediction: committing it would leave the position masked.
-        logits = logits.index_fill(-1, torch.tensor([self.mask_id], device=logits.device), -torch.inf)
-        x0 = gumbel_argmax(logits, self.temperature, generator)  # (B, L)
-        probs = torch.softmax(logits.double(), dim=-1)  # (B, L, V) float64, as the reference
-        confidence = self.remasking.confidence(probs, x0, generator)  # (B, L)
-        if self.config.defer_eos and self.eos_id is not None:
-            # Keep [EOS] from being committed early: it ranks below every other prediction of its row.
-            confidence = torch.where(x0 == self.eos_id, confidence - 2.0, confidence)
-        confidence[:, hi:] = -torch.inf
-        x0 = torch.where(is_masked, x0, xt)
-        commit = self.remasking.select(confidence, is_masked & (confidence > -torch.inf), n)
+        candidate = is_masked.clone()
+        candidate[:, hi:] = False  # (B, L): may be committed by this step
+        x0 = xt.clone()
+        confidence = torch.full(xt.shape, -torch.inf, dtype=torch.float64, device=xt.device)
+        if bool(candidate.any()):
+            cand_logits = logits[candidate]  # (N, V)
+            # [MASK] is never a prediction: committing it would leave the position masked.
+            cand_logits[:, self.mask_id] = -torch.inf
+            pred = gumbel_argmax(cand_logits, self.temperature, generator)  # (N,)
+            probs = torch.softmax(cand_logits.double(), dim=-1)  # (N, V) float64, as the reference
+            conf = self.remasking.confidence(probs[None], pred[None], generator)[0]  # (N,)
+            if self.config.defer_eos and self.eos_id is not None:
+                # Keep [EOS] from being committed early: it ranks below every other prediction of its row.
+                conf = torch.where(pred == self.eos_id, conf - 2.0, conf)
+            x0[candidate] = pred
+            confidence[candidate] = conf.double()
+        commit = self.remasking.select(confidence, candidate, n)
         self.step_index += 1
         return SamplerOutput(xt=torch.where(commit, x0, xt), committed=commit, x0=x0, confidence=confidence)
