@@ -195,8 +195,24 @@ def test_guidance_and_filters_run_through_the_pipeline(lm):
     {"sampler": "dream", "remasking": "origin", "temperature": 0.5}, {"sampler": "dream", "remasking": "topk_margin",
                                                                       "alg_temp": 0.5},
     {"sampler": "mdlm"}, {"sampler": "mdlm_cache", "temperature": 0.8}, {"sampler": "llada", "remasking": "random"},
+    {"sampler": "fast_dllm", "threshold": 0.5}, {"sampler": "fast_dllm", "factor": 1.0, "cache": "dual"},
+    {"sampler": "fast_dllm", "threshold": 0.7, "cache": "prefix"}, {"sampler": "llada", "cache": "dual"},
 ])
 def test_every_sampler_runs_from_the_pipeline(lm, options):
     ids = lm.generate(["ROMEO:\n", "Ay"], max_new_tokens=16, steps=8, block_length=16, seed=0, **options)
     again = lm.generate(["ROMEO:\n", "Ay"], max_new_tokens=16, steps=8, block_length=16, seed=0, **options)
     assert ids == again and all(isinstance(t, str) for t in ids)
+
+
+def test_threshold_decoding_and_caches_save_forward_passes(lm):
+    def nfe(**kw):
+        events = list(lm.stream(["ROMEO:\n", "Ay"], max_new_tokens=32, steps=32, block_length=16, **kw))
+        assert not (events[-1].output.xt == lm.tokenizer.mask_id).any()
+        return len(events)
+
+    assert nfe() == 32
+    assert nfe(sampler="fast_dllm", threshold=0.3) < 32
+    # a prefix cache changes the cost of each step, not their number; its first step per block is exact
+    assert nfe(cache="prefix") == 32
+    with pytest.raises(SamplingError, match="cache='none'"):
+        lm.generate("ROMEO:", max_new_tokens=8, steps=8, cfg_scale=1.0, cache="dual")

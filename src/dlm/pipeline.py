@@ -9,9 +9,7 @@
 
 from __future__ import annotations
 
-import queue
 import re
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ import torch
 
 from dlm.checkpoint import CheckpointError, load_pretrained
 from dlm.config import CheckpointConfig, ConfigError, GenerationConfig
-from dlm.sampling import SAMPLERS, SamplingError, StepEvent, denoise_steps
+from dlm.sampling import SAMPLERS, SamplingError, StepEvent, denoise_cached_steps, denoise_steps
 from dlm.sampling.guidance import classifier_free_guidance
 from dlm.sampling.processors import BannedTokens, build_processors
 from dlm.tokenizer import Tokenizer
@@ -167,10 +165,9 @@ class DiffusionLM:
                 raise SamplingError("cfg_scale > 0 needs cache='none' (the KV caches hold one copy of each row)")
             model_fn = classifier_free_guidance(model_fn, prompt_mask.to(self.device), opts.cfg_scale, tok.mask_id)
         eos = tok.eos_id if opts.stop_at_eos else None
-        if opts.cache != "none":
-            yield from _callback_to_iterator(lambda cb: denoise_cached(
-                self.model, canvas, start, opts.steps, opts.block_length, sampler, generator=g,
-                processors=processors, callback=cb, attention_mask=am, mode=opts.cache))
+        if opts.cache != "none" and getattr(self.model, "supports_kv_cache", False):
+            yield from denoise_cached_steps(self.model, canvas, start, opts.steps, opts.block_length, sampler, g,
+                                            processors, attention_mask=am, mode=opts.cache, eos_id=eos)
             return
         yield from denoise_steps(model_fn, canvas, start, opts.steps, opts.block_length, sampler, g, processors, eos)
 
@@ -301,30 +298,3 @@ class DiffusionLM:
             result.append(tok.decode(fill))
             result.append(after)
         return "".join(result)
-
-
-def denoise_cached(*args, **kwargs):
-    raise SamplingError("KV caching is not available yet")
-
-
-def _callback_to_iterator(run: Callable[[Callable[[StepEvent], None]], Any]) -> Iterator[StepEvent]:
-    """Turn a callback-driven loop into an iterator: the loop runs in a thread and hands each event over."""
-    q: queue.Queue = queue.Queue(maxsize=1)
-    done = object()
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            run(q.put)
-        except BaseException as e:  # re-raised in the consumer's thread
-            error.append(e)
-        finally:
-            q.put(done)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    while (item := q.get()) is not done:
-        yield item
-    thread.join()
-    if error:
-        raise error[0]

@@ -1,7 +1,9 @@
 """Sampling: samplers (set_timesteps / step), remasking rules, logits processors and the denoising loop."""
 
+from dlm.sampling.cache import denoise_cached, denoise_cached_steps
 from dlm.sampling.display import LiveCanvas, Trajectory
 from dlm.sampling.dream import DreamSampler  # registers "dream" and maskgit_plus / topk_margin / entropy
+from dlm.sampling.fast_dllm import FastDLLMSampler  # registers "fast_dllm"
 from dlm.sampling.generate import SamplingError, StepEvent, denoise, denoise_steps, plan_blocks
 from dlm.sampling.guidance import ClassifierFreeGuidance, classifier_free_guidance
 from dlm.sampling.mdlm import MDLMCacheSampler, MDLMSampler  # registers "mdlm", "mdlm_cache"
@@ -25,4 +27,5 @@ __all__ = ["SAMPLERS", "REMASKING", "Sampler", "LLaDASampler", "SamplerOutput", 
            "SamplingError", "denoise_steps", "LiveCanvas", "Trajectory", "ClassifierFreeGuidance",
            "classifier_free_guidance", "AllowedTokens", "BannedTokens", "RepetitionPenalty", "Temperature", "TopK",
            "TopP",
-           "build_processors", "DreamSampler", "MDLMSampler", "MDLMCacheSampler"]
+           "build_processors", "DreamSampler", "MDLMSampler", "MDLMCacheSampler", "denoise_cached",
+           "denoise_cached_steps", "FastDLLMSampler"]
