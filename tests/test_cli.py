@@ -74,3 +74,17 @@ def test_truncated_checkpoint_is_a_one_line_error(tmp_path, small_run):
     w.write_bytes(w.read_bytes()[:1000])
     p = dlm("generate", "x", "--model", str(run), check=False)
     assert p.returncode == 2 and "corrupt or truncated" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_generate_show_and_save_trajectory(tmp_path, small_run):
+    html = tmp_path / "run.html"
+    p = dlm("generate", "de", "--model", str(small_run), "--max-new-tokens", "8", "--steps", "4", "--block-length", "8",
+            "--show", "--save-trajectory", str(html), "--sampler", "fast_dllm", "--threshold", "0.5", "--cache", "dual")
+    assert p.stdout.startswith("de")
+    page = html.read_text()
+    assert "<script" in page and "http://" not in page and "https://" not in page
+
+
+def test_generate_rejects_an_unknown_sampler(small_run):
+    p = dlm("generate", "x", "--model", str(small_run), "--sampler", "nope", check=False)
+    assert p.returncode == 2 and "unknown sampler" in p.stderr

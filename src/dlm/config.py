@@ -67,6 +67,18 @@ class _Config:
         merged = {**self.to_dict(), **changes}
         return type(self).from_dict(merged)
 
+    def save_json(self, path: str | Path) -> None:
+        from dlm.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load_json(cls: type[T], path: str | Path) -> T:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+
 
 @dataclass
 class ModelConfig(_Config):

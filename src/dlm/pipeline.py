@@ -91,9 +91,11 @@ class DiffusionLM:
         given = {k: v for k, v in kw.items() if v is not None}
         try:
             base = config if config is not None else self.sampling
-            return base.replace(**given).validate()
-        except ConfigError as e:
+            opts = base.replace(**given).validate()
+            SAMPLERS.get(opts.sampler)  # an unknown name fails here, before any work
+        except (ConfigError, ValueError) as e:
             raise SamplingError(str(e)) from e
+        return opts
 
     def _check_length(self, L: int) -> None:
         if L > self.max_len:
