@@ -11,9 +11,8 @@ The cached K/V are those of the canvas at the block's start, so within a block t
 from the uncached loop (the staleness the paper accepts for its speed). mode="none" recomputes the whole canvas
 every step (no cache) with the same loop, for samplers with a variable number of steps.
 
-The loop honours the same sampler attributes as `denoise_steps` (sampling/generate.py): `variable_steps`
-(fast_dllm: step until the block holds no mask, as the reference loops do), `fixed_plan` (skip a step planned to
-commit nothing) and `reuse_logits_when_unchanged` (within a block), and the same `eos_id` stopping rule.
+It is the loop of `denoise_steps` (sampling/generate.py) itself, driving a `CachedForward` model_fn that the loop
+tells when a block begins; every sampler attribute and the `eos_id` stopping rule work the same.
 
 The samplers and processors always see full-canvas logits (B, L, V): the fresh logits of the slice, and outside
 it the logits of the block's first (full) forward. A sampler commits only masked positions before the block's
@@ -32,11 +31,48 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from dlm.models.common import KVCache
-from dlm.sampling.generate import SamplingError, StepEvent, plan_blocks
-from dlm.sampling.processors import LogitsProcessor, apply_processors
+from dlm.sampling.generate import SamplingError, StepEvent, denoise_steps
+from dlm.sampling.processors import LogitsProcessor
 from dlm.sampling.sampler import Sampler
 
 MODES = ("none", "prefix", "dual")
+
+
+class CachedForward:
+    """A model_fn for `denoise_steps` that keeps a KV cache across the steps of a block.
+
+    `begin_block(a, lo, hi)` is called by the loop at each block's start: the next call refreshes the cache with a
+    full forward; later calls recompute only [a, L) (prefix) or [a, hi) (dual) and take the rest of the (B, L, V)
+    logits from the block's first forward.
+    """
+
+    def __init__(self, model: torch.nn.Module, mode: str, attention_mask: torch.Tensor | None = None,
+                 time_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.model, self.mode, self.attention_mask, self.time_fn = model, mode, attention_mask, time_fn
+        self.cache = KVCache()
+        self.block_first: torch.Tensor | None = None  # logits (B, L, V) of the block's full forward
+        self.a = self.end = 0
+
+    def _forward(self, x: torch.Tensor, xt: torch.Tensor, c: KVCache | None) -> torch.Tensor:
+        t = self.time_fn(x) if self.time_fn is not None else None  # t of the whole canvas, also for a slice
+        kwargs = {"cache": c} if c is not None else {}
+        return self.model(xt, t, attention_mask=self.attention_mask, **kwargs).float()
+
+    def begin_block(self, a: int, lo: int, hi: int) -> None:
+        self.block_first = None
+        self.a = a
+        self.end = hi if self.mode == "dual" else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "none":
+            return self._forward(x, x, None)
+        if self.block_first is None:  # the block's first step refreshes the cache: exactly the uncached step
+            self.block_first = self._forward(x, x, self.cache.refill())
+            return self.block_first
+        end = self.end if self.end is not None else x.shape[1]
+        raw = self.block_first.clone()
+        raw[:, self.a:end] = self._forward(x, x[:, self.a:end], self.cache.window(self.a))
+        return raw
 
 
 def denoise_cached_steps(model: torch.nn.Module, x: torch.Tensor, start: int, steps: int, block_length: int | None,
@@ -44,7 +80,7 @@ def denoise_cached_steps(model: torch.nn.Module, x: torch.Tensor, start: int, st
                          processors: Sequence[LogitsProcessor] = (), attention_mask: torch.Tensor | None = None,
                          mode: str = "prefix", time_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                          eos_id: int | None = None) -> Iterator[StepEvent]:
-    """The cached loop as a generator of StepEvents; the final canvas is the last event's `output.xt`.
+    """`denoise_steps` with a `CachedForward`: the same events, fewer recomputed positions.
 
     model: net(xt, t, attention_mask=, cache=) -> logits, with `supports_kv_cache` (else it runs uncached, with a
     warning). x: (B, L) canvas whose [start, L) is generated block by block. attention_mask: (B, L), 1 = real
@@ -56,61 +92,8 @@ def denoise_cached_steps(model: torch.nn.Module, x: torch.Tensor, start: int, st
     if mode != "none" and not getattr(model, "supports_kv_cache", False):
         warnings.warn(f"{type(model).__name__} has no KV cache; running cache={mode!r} without one", stacklevel=2)
         mode = "none"
-    x = x.clone()
-    B, L = x.shape
-    mask_id = sampler.mask_id
-    block_length, n_blocks, steps_per_block = plan_blocks(L - start, steps, block_length)
-    cache = KVCache()
-
-    def forward(xt: torch.Tensor, c: KVCache | None) -> torch.Tensor:
-        t = time_fn(x) if time_fn is not None else None  # t of the whole canvas, also for a slice
-        kwargs = {"cache": c} if c is not None else {}
-        return model(xt, t, attention_mask=attention_mask, **kwargs).float()
-
-    global_step = 0
-    with torch.no_grad():
-        for b in range(n_blocks):
-            lo, hi = start + b * block_length, start + (b + 1) * block_length
-            # The first block also owns every mask before it (infilling gaps inside the prompt).
-            region = slice(0 if b == 0 else lo, hi)
-            if not (x[:, region] == mask_id).any():
-                continue
-            sampler.set_timesteps(steps_per_block, x[:, region] == mask_id)
-            # The recomputed slice [a, end) starts at the block, or at the first gap inside the prompt.
-            a = min(lo, region.start + int((x[:, region] == mask_id).any(0).nonzero()[0]))
-            end = L if mode == "prefix" else hi
-            block_first: torch.Tensor | None = None  # logits (B, L, V) of the block's full forward
-            last: tuple[torch.Tensor, torch.Tensor] | None = None  # (canvas, logits) of the previous step
-            budget = steps_per_block if not getattr(sampler, "variable_steps", False) else L + steps_per_block
-            for _ in range(budget):
-                if not (x[:, region] == mask_id).any():
-                    break
-                if getattr(sampler, "fixed_plan", False) and int(sampler.commits_planned.max()) == 0:
-                    sampler.step_index += 1  # nothing to commit: skip the forward pass, the result is identical
-                    global_step += 1
-                    continue
-                if getattr(sampler, "reuse_logits_when_unchanged", False) and last is not None and \
-                        torch.equal(last[0], x):
-                    raw = last[1]
-                elif mode == "none":
-                    raw = forward(x, None)
-                elif block_first is None:  # the block's first step refreshes the cache: exactly the uncached step
-                    raw = block_first = forward(x, cache.refill())
-                else:
-                    raw = block_first.clone()
-                    raw[:, a:end] = forward(x[:, a:end], cache.window(a))
-                last = (x, raw)
-                logits = apply_processors(processors, raw, x)
-                out = sampler.step(logits, x, lo, hi, generator)
-                x = out.xt
-                yield StepEvent(block=b, step=global_step, output=out)
-                global_step += 1
-            if eos_id is not None:
-                done = (x[:, start:hi] == eos_id).any(1)  # (B,)
-                if done.any():
-                    x[done, hi:] = eos_id
-                if bool(done.all()):
-                    break
+    forward = CachedForward(model, mode, attention_mask, time_fn)
+    yield from denoise_steps(forward, x, start, steps, block_length, sampler, generator, processors, eos_id)
 
 
 def denoise_cached(model: torch.nn.Module, x: torch.Tensor, start: int, steps: int, block_length: int | None,

@@ -56,7 +56,8 @@ def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
                   processors: Sequence[LogitsProcessor] = (), eos_id: int | None = None) -> Iterator[StepEvent]:
     """The denoising loop as a generator of StepEvents; the final canvas is the last event's `output.xt`.
 
-    model_fn: (B, L) -> float logits (B, L, V). x: (B, L) canvas whose [start, L) is generated block by block.
+    model_fn: (B, L) -> float logits (B, L, V); one with a `begin_block(a, lo, hi)` method (a KV-cached forward,
+    sampling/cache.py) is told where each block starts. x: (B, L) canvas whose [start, L) is generated block by block.
     Sampler attributes the loop honours:
       `fixed_plan`: the sampler's `commits_planned` is exact, so a step that commits nothing skips its forward.
       `variable_steps`: keep stepping until the block has no mask (threshold decoding), not a fixed count.
@@ -79,6 +80,10 @@ def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
             if not (x[:, region] == mask_id).any():
                 continue
             sampler.set_timesteps(steps_per_block, x[:, region] == mask_id)
+            if hasattr(model_fn, "begin_block"):  # a cached forward: the slice starts at the block or first gap
+                first_gap = int((x[:, region] == mask_id).any(0).nonzero()[0]) + region.start
+                model_fn.begin_block(min(lo, first_gap), lo, hi)
+                last_x = None  # reuse logits only within a block
             budget = steps_per_block if not getattr(sampler, "variable_steps", False) else L + steps_per_block
             for _ in range(budget):
                 if not (x[:, region] == mask_id).any():
