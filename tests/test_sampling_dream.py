@@ -7,11 +7,14 @@ import math
 
 import pytest
 import torch
+from sampling_helpers import canvas_of as _canvas_of
+from sampling_helpers import check_invariants as _check_invariants
+from sampling_helpers import run
 
 import dlm.sampling.dream  # noqa: F401  (registers "dream" and the three rules)
 from dlm.config import ConfigError, ModelConfig
 from dlm.models import build_model
-from dlm.sampling import REMASKING, SAMPLERS, StepEvent, denoise
+from dlm.sampling import REMASKING, SAMPLERS
 from dlm.sampling.dream import ORIGIN, DreamSampler, filter_logits, top_k_filter, top_p_filter
 
 V, MASK = 64, 63
@@ -28,31 +31,12 @@ class FixedModel:
         return self.logits.clone()
 
 
-def run(model, canvas, start, steps, block_length, sampler, seed=0):
-    events: list[StepEvent] = []
-    out = denoise(model, canvas, start, steps, block_length, sampler, torch.Generator().manual_seed(seed),
-                  callback=events.append)
-    return out, events
-
-
 def canvas_of(prompts: list[list[int]], n_new: int) -> torch.Tensor:
-    return torch.tensor([p + [MASK] * n_new for p in prompts])
+    return _canvas_of(prompts, n_new, MASK)
 
 
 def check_invariants(canvas, out, events, start, block_length=None):
-    """Prompt kept, no mask left, each mask committed exactly once, never past the current block's end."""
-    was_masked = canvas == MASK
-    assert torch.equal(out[~was_masked], canvas[~was_masked]), "the prompt is never changed"
-    assert not (out == MASK).any(), "no mask left"
-    seen = torch.zeros_like(was_masked)
-    bl = block_length or canvas.shape[1] - start
-    for ev in events:
-        c = ev.output.committed
-        assert not (c & seen).any() and not (c & ~was_masked).any()
-        assert not c[:, start + (ev.block + 1) * bl:].any(), "commits stay before the block's end"
-        assert ev.output.confidence.dtype == torch.float64
-        seen |= c
-    assert torch.equal(seen, was_masked)
+    _check_invariants(canvas, out, events, start, MASK, block_length)
 
 
 # ----- the rules ------------------------------------------------------------------------------------------------

@@ -7,9 +7,12 @@ import math
 
 import pytest
 import torch
+from sampling_helpers import canvas_of as _canvas_of
+from sampling_helpers import check_invariants as _check_invariants
+from sampling_helpers import run
 
 import dlm.sampling.mdlm  # noqa: F401  (registers "mdlm" and "mdlm_cache")
-from dlm.sampling import SAMPLERS, StepEvent, denoise
+from dlm.sampling import SAMPLERS
 from dlm.sampling.mdlm import MDLMCacheSampler, MDLMSampler
 
 V, MASK = 64, 63
@@ -39,30 +42,12 @@ class CanvasModel:
         return logits.scatter_add(-1, ((left + 1) % 60)[..., None], torch.full((*x.shape, 1), 3.0))
 
 
-def run(model, canvas, start, steps, block_length, sampler, seed=0):
-    events: list[StepEvent] = []
-    out = denoise(model, canvas, start, steps, block_length, sampler, torch.Generator().manual_seed(seed),
-                  callback=events.append)
-    return out, events
-
-
 def canvas_of(prompts: list[list[int]], n_new: int) -> torch.Tensor:
-    return torch.tensor([p + [MASK] * n_new for p in prompts])
+    return _canvas_of(prompts, n_new, MASK)
 
 
 def check_invariants(canvas, out, events, start, block_length=None):
-    was_masked = canvas == MASK
-    assert torch.equal(out[~was_masked], canvas[~was_masked]), "the prompt is never changed"
-    assert not (out == MASK).any(), "no mask left"
-    seen = torch.zeros_like(was_masked)
-    bl = block_length or canvas.shape[1] - start
-    for ev in events:
-        c = ev.output.committed
-        assert not (c & seen).any() and not (c & ~was_masked).any()
-        assert not c[:, start + (ev.block + 1) * bl:].any(), "commits stay before the block's end"
-        assert ev.output.confidence.dtype == torch.float64
-        seen |= c
-    assert torch.equal(seen, was_masked)
+    _check_invariants(canvas, out, events, start, MASK, block_length)
 
 
 def test_registered():
