@@ -1,9 +1,10 @@
-"""`dlm train | generate | infill | eval`: a thin shell over the library.
+"""`dlm train | generate | infill | eval | serve`: a thin shell over the library.
 
     dlm train --data shakespeare --model small --out runs/x
     dlm generate "ROMEO:" --model default --max-new-tokens 128 --steps 64
     dlm infill "To be, or not to be, [MASK] is the question" --model default
     dlm eval --model default --data shakespeare --json
+    dlm serve --model default --port 8000 --api-key KEY
 
 Every error the user can fix is printed as one line `dlm: error: ...` with exit status 2, never a traceback.
 """
@@ -125,6 +126,32 @@ def _eval(args: argparse.Namespace) -> None:
               f"{result['bits_per_token']:.4f} bits/token over {result['n_tokens']} tokens")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import os
+    from pathlib import Path
+
+    try:
+        import uvicorn
+
+        from dlm.server import ServerSettings, create_app
+    except ImportError as e:
+        raise ValueError(f"dlm serve needs the serve extra: pip install 'dlm[serve]' ({e})") from e
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    settings = ServerSettings(api_key=args.api_key or os.environ.get("DLM_API_KEY") or None,
+                              max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                              max_steps=args.max_steps, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
+                              queue_size=args.queue_size, timeout=args.timeout, batch_size=args.batch_size,
+                              batch_wait_ms=args.batch_wait_ms)
+    name = args.model_name or (Path(args.model).name if "/" in args.model else args.model)
+    app = create_app(_load(args), name, settings)
+    auth = "with an API key" if settings.api_key else "without auth"
+    print(f"dlm: serving {name} on http://{args.host}:{args.port} ({auth})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dlm", description="Diffusion language models: train, sample, infill, evaluate.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -191,6 +218,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_eval)
+
+    s = sub.add_parser("serve", help="HTTP API: OpenAI-compatible completions, infilling, live denoising")
+    s.add_argument("--model", default="default", help="shipped model name or checkpoint folder")
+    s.add_argument("--model-name", help="the name clients use (default: the --model name or folder name)")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $DLM_API_KEY, else no auth)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    s.add_argument("--max-prompt-tokens", type=int, default=1024)
+    s.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens and infill gaps")
+    s.add_argument("--max-steps", type=int, default=1024)
+    s.add_argument("--max-n", type=int, default=8, help="cap on n (and prompts x n) of one request")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--queue-size", type=int, default=64, help="requests waiting; one more gets 429")
+    s.add_argument("--timeout", type=float, default=300.0, help="seconds per request; 504 after")
+    s.add_argument("--batch-size", type=int, default=8, help="rows decoded together; 1 disables batching")
+    s.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long an idle worker waits for a batch")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=_serve)
     return ap
 
 

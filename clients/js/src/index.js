@@ -35,6 +35,7 @@ export class SSEParser {
     this.buffer = "";
     this.skipLF = false; // the previous chunk ended in CR: a LF at the start of the next one belongs to it
     this.sawFirst = false;
+    this.lastId = null; // persists across events, as the spec says
     this.reset();
   }
 
@@ -94,7 +95,7 @@ export class SSEParser {
         this.reset();
         return null;
       }
-      const ev = { event: this.event || "message", data: this.data.join("\n"), id: this.lastId ?? null };
+      const ev = { event: this.event || "message", data: this.data.join("\n"), id: this.lastId };
       this.reset();
       return ev;
     }
@@ -139,7 +140,6 @@ async function* readerChunks(stream) {
   } finally {
     // Breaking out of a `for await` over the events lands here: cancel so the server stops decoding.
     reader.cancel().catch(() => {});
-    reader.releaseLock?.();
   }
 }
 
@@ -358,7 +358,14 @@ export class DiffusionLanguageModel {
   async *_sse(path, body, signal) {
     const res = await this._request("POST", path, body, signal, "text/event-stream");
     if (!res.body) throw new DLMError("the response has no body to stream", { status: res.status, type: "invalid_response" });
-    yield* parseJSONEvents(res.body, res.status);
+    try {
+      yield* parseJSONEvents(res.body, res.status);
+    } catch (e) {
+      if (e instanceof DLMError) throw e;
+      const aborted = e?.name === "AbortError";
+      throw new DLMError(aborted ? "the stream was aborted" : `the stream broke: ${e?.message ?? e}`,
+        { status: 0, type: aborted ? "aborted" : "connection_error", cause: e });
+    }
   }
 }
 

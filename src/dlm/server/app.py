@@ -1,0 +1,432 @@
+"""`create_app(lm, model_name, settings)`: the HTTP API of docs/http-api.md as a FastAPI app, a thin shell over
+`DiffusionLM` (the options are GenerationConfig's, the errors the library's).
+
+One worker thread owns the model (batching.py); the routes validate a request, queue it and wait for its result
+or stream its steps. Three ASGI middlewares wrap the routes: metrics (outermost, so it counts every answer),
+auth (`Authorization: Bearer KEY` with `hmac.compare_digest`), and the body-size limit (413 before parsing).
+
+    app = create_app(DiffusionLM.from_pretrained("default"), "default", ServerSettings(api_key="secret"))
+    uvicorn.run(app, host="127.0.0.1", port=8000)                     # what `dlm serve` does
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dlm.pipeline import DiffusionLM
+from dlm.server import metrics as prom
+from dlm.server.batching import Batcher, Job, JobResult, QueueFull, ServerClosing
+from dlm.server.protocol import (
+    GENERATE_NAMES,
+    INFILL_NAMES,
+    MASK_GLYPH,
+    OPENAI_NAMES,
+    ApiError,
+    CanvasView,
+    ChatRequest,
+    CompletionRequest,
+    GenerateRequest,
+    InfillRequest,
+    PrefixDelta,
+    check_infill,
+    check_prompts,
+    describe_validation,
+    error_body,
+    finish_text,
+    new_id,
+    now,
+    parse_body,
+    render_chat,
+    resolve_options,
+    sampling_overrides,
+    stop_list,
+)
+from dlm.server.settings import ServerSettings
+
+log = logging.getLogger("dlm.server")
+
+STATIC = Path(__file__).parent / "static"
+PLACEHOLDER = "<!doctype html><title>dlm</title><p>dlm is serving; the API is described in docs/http-api.md.</p>"
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/infill",
+          "/v1/generate")
+TIMEOUTS = (TimeoutError, asyncio.TimeoutError)  # distinct classes before Python 3.11
+
+
+def sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+# ----- middleware --------------------------------------------------------------------------------------------------
+class MetricsMiddleware:
+    """Counts every answer by (route, status) and times it to its last byte; unknown paths share one label."""
+
+    def __init__(self, app: ASGIApp, metrics: prom.Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    @staticmethod
+    def route(path: str) -> str:
+        if path in ROUTES:
+            return path
+        return "/static" if path.startswith("/static/") else "other"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), [500]  # an exception escaping the app is answered 500 outside
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.observe(self.route(scope["path"]), status[0], time.perf_counter() - start)
+
+
+class AuthMiddleware:
+    """With a key, every route but GET /health, GET / and the playground's GET /static/* needs `Bearer KEY`."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app, self.key = app, api_key.encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.key is not None:
+            path, method = scope["path"], scope["method"]
+            public = method == "GET" and (path in ("/", "/health") or path.startswith("/static/"))
+            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+            if not public and not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                                                     self.key)):
+                body = error_body("missing or wrong API key: send the header `Authorization: Bearer KEY`",
+                                  "authentication_error", code="invalid_api_key")
+                await JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Reads the body (at most `limit` bytes, else 413) before the app parses it, then replays it."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = error_body(f"the request body exceeds {self.limit} bytes (--max-body-bytes)", code="body_too_large")
+        await JSONResponse(body, 413, headers={"Connection": "close"})(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self.too_large(scope, receive, send)
+            return
+        chunks, size, first = [], 0, None
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                first = message  # the client went away: let the app see it
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self.too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        pending = [first or {"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay() -> Message:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+
+# ----- errors ------------------------------------------------------------------------------------------------------
+def job_error(exc: BaseException) -> ApiError:
+    if isinstance(exc, ValueError):  # SamplingError, ConfigError: the library says what to change
+        return ApiError(400, str(exc))
+    if isinstance(exc, ServerClosing):
+        return ApiError(503, str(exc), "server_error", code="shutting_down")
+    return ApiError(500, f"internal error ({type(exc).__name__}: {exc}); the server log has the traceback",
+                    "server_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation(list(exc.errors()))
+        return JSONResponse(error_body(message, param=param, code="invalid_request"), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = f"{exc.detail}: {request.method} {request.url.path}"
+        if exc.status_code == 404:
+            message += f" (routes: {', '.join(ROUTES)})"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(error_body(message, code=code), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal error ({type(exc).__name__}); the server log has the traceback",
+                                       "server_error"), 500)
+
+
+# ----- the app -----------------------------------------------------------------------------------------------------
+def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    metrics = prom.Metrics()
+    batcher = Batcher(lm, settings.batch_size, settings.batch_wait_ms, settings.queue_size)
+    tok = lm.tokenizer
+    created = now()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        try:
+            yield
+        finally:
+            batcher.stop()
+
+    app = FastAPI(title="dlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.lm, app.state.settings, app.state.batcher, app.state.metrics = lm, settings, batcher, metrics
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(AuthMiddleware, api_key=settings.api_key)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: the outermost of the three
+
+    # ----- helpers shared by the routes ---------------------------------------------------------------------------
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise ApiError(404, f"model {name!r} not found; this server serves {model_name!r}", param="model",
+                           code="model_not_found")
+
+    def submit(kind: str, prompts: list[str], options: Any, stream: bool) -> Job:
+        job = Job(kind, prompts, options, stream, settings.timeout)
+        try:
+            batcher.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, str(e), "rate_limit_error", code="queue_full") from e
+        except ServerClosing as e:
+            raise job_error(e) from e
+        return job
+
+    def timed_out() -> ApiError:
+        return ApiError(504, f"the request took longer than {settings.timeout:g} s (--timeout)", "timeout_error",
+                        code="timeout")
+
+    async def result(job: Job) -> JobResult:
+        try:
+            while True:
+                kind, payload = await job.next()
+                if kind == "done":
+                    return payload
+                if kind == "error":
+                    raise job_error(payload)
+        except TIMEOUTS as e:
+            raise timed_out() from e
+        finally:
+            job.cancel()  # a no-op once done; otherwise the worker drops or abandons the job
+
+    Render = Callable[[str, Any], Iterator[Any]]
+
+    async def stream(job: Job, render: Render) -> StreamingResponse:
+        """Wait for the first message (so a refused or queued-too-long request still gets its status), then SSE."""
+        try:
+            first = await job.next()
+        except TIMEOUTS as e:
+            job.cancel()
+            raise timed_out() from e
+        except BaseException:
+            job.cancel()
+            raise
+        if first[0] == "error":
+            job.cancel()
+            raise job_error(first[1])
+
+        async def events() -> AsyncIterator[bytes]:
+            message = first
+            try:
+                while True:
+                    kind, payload = message
+                    if kind == "error":
+                        yield sse(job_error(payload).body())
+                        break
+                    for obj in render(kind, payload):
+                        yield sse(obj)
+                    if kind == "done":
+                        break
+                    message = await job.next()
+            except TIMEOUTS:
+                yield sse(timed_out().body())
+            finally:
+                job.cancel()
+            yield SSE_DONE
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def usage(prompt_tokens: list[int], r: JobResult) -> dict[str, int]:
+        p, c = sum(prompt_tokens), sum(r.tokens)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    async def openai_route(body: CompletionRequest | ChatRequest, prompts: list[str], chat: bool) -> Any:
+        check_model(body.model)
+        opts = resolve_options(lm, sampling_overrides(body, OPENAI_NAMES), settings)
+        stops = stop_list(body.stop)
+        counts = check_prompts(lm, prompts, opts, settings)
+        job = submit("generate", prompts, opts, body.stream)
+        cid, kind = new_id("chatcmpl" if chat else "cmpl"), "chat.completion" if chat else "text_completion"
+        head = {"id": cid, "object": kind, "created": now(), "model": model_name}
+        if not body.stream:
+            r = await result(job)
+            choices = []
+            for i, (raw, eos) in enumerate(zip(r.texts, r.finished, strict=True)):
+                text, reason = finish_text(raw, eos, stops)
+                content = {"message": {"role": "assistant", "content": text}} if chat else \
+                    {"text": text, "logprobs": None}
+                choices.append({"index": i, **content, "finish_reason": reason})
+            return {**head, "choices": choices, "usage": usage(counts, r)}
+
+        deltas = [PrefixDelta(tok, stops) for _ in range(job.rows)]
+        head["object"] = "chat.completion.chunk" if chat else "text_completion"
+        opened = [False] * job.rows
+
+        def chunk(i: int, text: str | None, reason: str | None = None) -> dict[str, Any]:
+            if chat:
+                delta: dict[str, Any] = {} if text is None else {"content": text}
+                if not opened[i]:
+                    opened[i] = True
+                    delta = {"role": "assistant", **delta}
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+            else:
+                choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return {**head, "choices": [choice]}
+
+        def render(kind: str, payload: Any) -> Iterator[dict[str, Any]]:
+            if kind == "step":
+                for i, d in enumerate(deltas):
+                    text = d.update(payload.xt[i, payload.start:].tolist())
+                    if text or (chat and not opened[i]):
+                        yield chunk(i, text)
+                return
+            for i, d in enumerate(deltas):  # done
+                text = d.finish(payload.texts[i])
+                _, reason = finish_text(payload.texts[i], payload.finished[i], stops)
+                if text or (chat and not opened[i]):
+                    yield chunk(i, text)
+                yield chunk(i, None, reason)
+
+        return await stream(job, render)
+
+    def denoising(prompt: str, length: int) -> Render:
+        view, started = CanvasView(tok), [False]
+
+        def render(kind: str, payload: Any) -> Iterator[dict[str, Any]]:
+            if not started[0]:
+                started[0] = True
+                yield {"type": "start", "prompt": prompt, "length": length, "mask": MASK_GLYPH}
+            if kind == "step":
+                yield view.step(payload)
+            else:
+                yield {"type": "done", "text": payload.texts[0], "steps": payload.steps}
+
+        return render
+
+    # ----- routes -------------------------------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "dlm"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = parse_body(await request.body(), CompletionRequest)
+        return await openai_route(body, [body.prompt] if isinstance(body.prompt, str) else body.prompt, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body = parse_body(await request.body(), ChatRequest)
+        return await openai_route(body, [render_chat(tok, body.messages)], chat=True)
+
+    @app.post("/v1/infill")
+    async def infill(request: Request) -> Any:
+        body = parse_body(await request.body(), InfillRequest)
+        check_model(body.model)
+        overrides = sampling_overrides(body, INFILL_NAMES)
+        length = check_infill(lm, body.text, overrides, settings)
+        job = submit("infill", [body.text], overrides, body.stream)
+        if body.stream:
+            return await stream(job, denoising(body.text, length))
+        return {"text": (await result(job)).texts[0]}
+
+    @app.post("/v1/generate")
+    async def generate(request: Request) -> Any:
+        body = parse_body(await request.body(), GenerateRequest)
+        check_model(body.model)
+        opts = resolve_options(lm, sampling_overrides(body, GENERATE_NAMES), settings)
+        if opts.num_samples != 1:
+            raise ApiError(400, "/v1/generate decodes one sample; use /v1/completions with n for several",
+                           param="num_samples")
+        check_prompts(lm, [body.prompt], opts, settings)
+        job = submit("generate", [body.prompt], opts, body.stream)
+        if body.stream:
+            return await stream(job, denoising(body.prompt, opts.max_new_tokens))
+        r = await result(job)
+        return {"text": r.texts[0], "steps": r.steps, "nfe": r.nfe}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        alive = batcher.alive
+        return JSONResponse({"status": "ok" if alive else "error", "model": model_name}, 200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics_text() -> PlainTextResponse:
+        s = batcher.stats
+        extra = [
+            ("dlm_generated_tokens_total", "counter", "Tokens generated (before [EOS], pads excluded).",
+             {(): s.generated_tokens}),
+            ("dlm_queue_depth", "gauge", "Requests waiting for the model.", {(): batcher.depth}),
+            ("dlm_batches_total", "counter", "Batches decoded.", {(): s.batches}),
+            ("dlm_batched_requests_total", "counter", "Requests decoded, summed over batches.", {(): s.jobs}),
+            ("dlm_batch_rows_total", "counter", "Rows (prompts x n) decoded, summed over batches.", {(): s.rows}),
+            ("dlm_batch_requests_max", "gauge", "Most requests decoded together in one batch.", {(): s.max_jobs}),
+            ("dlm_forward_passes_total", "counter", "Forward passes of the network.", {(): s.forwards}),
+        ]
+        return PlainTextResponse(metrics.render(extra), media_type=prom.CONTENT_TYPE)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Any:
+        page = STATIC / "index.html"
+        return FileResponse(page) if page.is_file() else HTMLResponse(PLACEHOLDER)
+
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

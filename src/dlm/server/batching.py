@@ -1,0 +1,314 @@
+"""The model's one worker: a bounded queue of jobs, grouped into batches and decoded together on a thread.
+
+Requests whose decoding options are equal (every GenerationConfig field but the prompt) share one call of
+`DiffusionLM.generate` with a list of prompts: the library left-pads prompts of different lengths and masks the
+pads out, so a row's text is the one it would get alone. A job with a `seed` is decoded alone (the library draws
+one generator per call, so a seeded row's noise would depend on its neighbours), and so is an infill job
+(`DiffusionLM.infill` takes one text). Streaming jobs get every denoising step of their own rows; a batch whose
+jobs have all gone (client disconnected or timed out) is abandoned at the next step.
+
+    batcher = Batcher(lm, batch_size=8, batch_wait_ms=5, queue_size=64); batcher.start()
+    job = Job("generate", ["ROMEO:"], lm.sampling, stream=False, timeout=60); batcher.submit(job)
+    kind, payload = await job.next()        # ("step", StepUpdate) ... then ("done", JobResult) or ("error", exc)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dlm.config import GenerationConfig
+from dlm.pipeline import DiffusionLM
+
+log = logging.getLogger("dlm.server")
+
+
+class QueueFull(Exception):
+    """The queue holds `queue_size` waiting jobs; the request is answered 429."""
+
+
+class ServerClosing(Exception):
+    """The server shut down before the job finished."""
+
+
+class _Abandoned(Exception):
+    """Raised inside the library's callback to stop a batch nobody waits for any more."""
+
+
+@dataclass
+class StepUpdate:
+    """One denoising step as a streaming job sees it: its own rows (R) of the batch canvas (R, L)."""
+
+    step: int
+    block: int
+    start: int  # first position of the generated region (0 for infill: the whole canvas is shown)
+    xt: torch.Tensor  # (R, L) canvas after the step
+    committed: torch.Tensor  # (R, L) bool, positions unmasked by this step
+    confidence: torch.Tensor  # (R, L) their scores
+
+
+@dataclass
+class JobResult:
+    texts: list[str]  # one per row; prompt i's sample j is row i * n + j
+    finished: list[bool]  # the row's generated region holds [EOS]
+    tokens: list[int]  # generated tokens per row (before [EOS], pads excluded)
+    steps: int  # denoising steps taken (step events)
+    nfe: int  # forward passes of the network
+    batch_jobs: int  # requests decoded in the same batch (1: alone)
+
+
+class Job:
+    """One request waiting for the worker. Created inside the event loop whose coroutine awaits `next()`."""
+
+    def __init__(self, kind: str, prompts: list[str], options: GenerationConfig | dict[str, Any], stream: bool,
+                 timeout: float) -> None:
+        if kind not in ("generate", "infill"):
+            raise ValueError(f"unknown job kind {kind!r}")
+        self.kind = kind
+        self.prompts = prompts
+        self.options = options  # generate: the resolved GenerationConfig; infill: overrides for DiffusionLM.infill
+        self.stream = stream
+        self.deadline = time.monotonic() + timeout
+        self.cancelled = False
+        self.loop = asyncio.get_running_loop()
+        self._messages: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        n = options.num_samples if isinstance(options, GenerationConfig) else 1
+        self.rows = len(prompts) * n
+        if kind == "generate" and isinstance(options, GenerationConfig) and options.seed is None:
+            self.key: Any = json.dumps(options.to_dict(), sort_keys=True)
+        else:
+            self.key = ("alone", id(self))
+
+    def post(self, kind: str, payload: Any) -> None:
+        """From the worker thread: hand a message to the waiting coroutine."""
+        try:
+            self.loop.call_soon_threadsafe(self._messages.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            self.cancelled = True
+
+    async def next(self) -> tuple[str, Any]:
+        """The next message; TimeoutError once the request's deadline has passed."""
+        if not self._messages.empty():
+            return self._messages.get_nowait()
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        return await asyncio.wait_for(self._messages.get(), remaining)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    jobs: int = 0
+    rows: int = 0
+    max_jobs: int = 0  # most requests one batch held
+    max_rows: int = 0
+    generated_tokens: int = 0
+    forwards: int = 0  # forward passes of the network (a pre-hook on the model)
+
+    def record(self, jobs: int, rows: int) -> None:
+        self.batches += 1
+        self.jobs += jobs
+        self.rows += rows
+        self.max_jobs = max(self.max_jobs, jobs)
+        self.max_rows = max(self.max_rows, rows)
+
+
+class Batcher:
+    """Owns the model: one daemon thread takes compatible jobs from the queue and decodes them together."""
+
+    def __init__(self, lm: DiffusionLM, batch_size: int = 8, batch_wait_ms: float = 5.0,
+                 queue_size: int = 64) -> None:
+        self.lm = lm
+        self.batch_size = batch_size
+        self.batch_wait = batch_wait_ms / 1000
+        self.queue_size = queue_size
+        self.stats = BatchStats()
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._hook: Any = None
+
+    # ----- the request side (event loop) ------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise ServerClosing("the server is shutting down")
+            if len(self._pending) >= self.queue_size:
+                raise QueueFull(f"the queue is full ({self.queue_size} requests waiting); retry later")
+            self._pending.append(job)
+            self._cond.notify()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+
+        def count_forward(module: torch.nn.Module, args: Any) -> None:
+            self.stats.forwards += 1
+
+        self._hook = self.lm.model.register_forward_pre_hook(count_forward)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="dlm-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            pending, self._pending = list(self._pending), deque()
+            self._cond.notify_all()
+        for job in pending:
+            job.post("error", ServerClosing("the server shut down before this request was decoded"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    # ----- the worker thread ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            if batch:
+                self._run(batch)
+
+    def _compatible_rows(self, first: Job) -> int:
+        return sum(j.rows for j in self._pending if j.key == first.key and not j.cancelled)
+
+    def _take(self) -> list[Job] | None:
+        """Block until a job waits; then, for up to batch_wait, let compatible jobs join it. None: stop."""
+        with self._cond:
+            while True:
+                while self._pending and self._pending[0].cancelled:
+                    self._pending.popleft()
+                if self._stopping:
+                    return None
+                if self._pending:
+                    break
+                self._cond.wait()
+            first = self._pending[0]
+            if self.batch_size > 1 and self.batch_wait > 0 and not isinstance(first.key, tuple):
+                deadline = time.monotonic() + self.batch_wait
+                while self._compatible_rows(first) < self.batch_size and not self._stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            batch: list[Job] = []
+            rows = 0
+            for job in list(self._pending):
+                if job.cancelled:
+                    self._pending.remove(job)
+                elif job.key == first.key and (not batch or rows + job.rows <= self.batch_size):
+                    batch.append(job)
+                    rows += job.rows
+                    self._pending.remove(job)
+            return batch
+
+    def _run(self, batch: list[Job]) -> None:
+        emitted = [False]
+        try:
+            results = self._decode_infill(batch[0], emitted) if batch[0].kind == "infill" else \
+                self._decode_generate(batch, emitted)
+        except _Abandoned:
+            if self._stopping:
+                for job in batch:
+                    job.post("error", ServerClosing("the server shut down while this request was decoded"))
+            return
+        except ValueError as e:  # SamplingError, ConfigError: options the library refuses (the client's to fix)
+            if len(batch) > 1 and not emitted[0]:
+                for job in batch:  # one job's prompt must not fail its neighbours: decode each alone
+                    self._run([job])
+                return
+            for job in batch:
+                job.post("error", e)
+            return
+        except Exception as e:  # a bug: the request gets a 500 and the worker keeps serving
+            log.exception("decoding a batch of %d request(s) failed", len(batch))
+            for job in batch:
+                job.post("error", e)
+            return
+        self.stats.record(len(batch), sum(j.rows for j in batch))
+        for job, result in zip(batch, results, strict=True):
+            self.stats.generated_tokens += sum(result.tokens)
+            job.post("done", result)
+
+    def _check(self, batch: list[Job]) -> None:
+        if self._stopping or all(j.cancelled for j in batch):
+            raise _Abandoned
+
+    def _decode_generate(self, batch: list[Job], emitted: list[bool]) -> list[JobResult]:
+        opts: GenerationConfig = batch[0].options  # type: ignore[assignment]
+        n = opts.num_samples
+        prompts = [p for job in batch for p in job.prompts]
+        spans, row = [], 0
+        for job in batch:
+            spans.append((row, row + job.rows))
+            row += job.rows
+        last: dict[str, Any] = {"xt": None, "steps": 0}
+        forwards = self.stats.forwards
+
+        def callback(event: Any) -> None:
+            self._check(batch)
+            out = event.output
+            start = out.xt.shape[1] - opts.max_new_tokens
+            for job, (a, b) in zip(batch, spans, strict=True):
+                if job.stream and not job.cancelled:
+                    emitted[0] = True
+                    # Copies: the loop may write into its canvas after the step (the [EOS] fill of stop_at_eos).
+                    job.post("step", StepUpdate(event.step, event.block, start, out.xt[a:b].cpu().clone(),
+                                                out.committed[a:b].cpu().clone(), out.confidence[a:b].cpu().clone()))
+            last["xt"] = out.xt
+            last["steps"] += 1
+
+        texts = self.lm.generate(prompts, config=opts, callback=callback)
+        rows = [t for group in texts for t in group] if n > 1 else list(texts)
+        xt = last["xt"].cpu()  # the final canvas (B, L): which rows reached [EOS], how many tokens they hold
+        region = xt[:, xt.shape[1] - opts.max_new_tokens:]
+        tok = self.lm.tokenizer
+        finished, counts = [], []
+        for ids in region.tolist():
+            finished.append(tok.eos_id in ids)
+            ids = ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids
+            counts.append(sum(1 for i in ids if i != tok.pad_id))
+        nfe = self.stats.forwards - forwards
+        return [JobResult(rows[a:b], finished[a:b], counts[a:b], last["steps"], nfe, len(batch)) for a, b in spans]
+
+    def _decode_infill(self, job: Job, emitted: list[bool]) -> list[JobResult]:
+        state = {"steps": 0, "filled": 0}
+        forwards = self.stats.forwards
+
+        def callback(event: Any) -> None:
+            self._check([job])
+            out = event.output
+            if job.stream:
+                emitted[0] = True
+                job.post("step", StepUpdate(event.step, event.block, 0, out.xt.cpu().clone(),
+                                            out.committed.cpu().clone(), out.confidence.cpu().clone()))
+            state["steps"] += 1
+            state["filled"] += int(out.committed.sum())
+
+        text = self.lm.infill(job.prompts[0], callback=callback, **job.options)  # type: ignore[arg-type]
+        return [JobResult([text], [True], [state["filled"]], state["steps"], self.stats.forwards - forwards, 1)]

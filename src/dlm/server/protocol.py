@@ -1,0 +1,343 @@
+"""The wire format of docs/http-api.md: request bodies, their translation into GenerationConfig options and limit
+checks, and the pieces of the responses (OpenAI objects, committed-prefix deltas, denoising events).
+
+Everything here is a pure function of the request and the model's tokenizer; `app.py` wires it to the routes.
+
+    overrides = sampling_overrides(body, OPENAI_NAMES); opts = resolve_options(lm, overrides, settings)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+import uuid
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dlm.config import GenerationConfig
+from dlm.pipeline import GAP, DiffusionLM
+from dlm.sampling import REMASKING, SAMPLERS, SamplingError, plan_blocks
+from dlm.server.batching import StepUpdate
+from dlm.server.settings import ServerSettings
+from dlm.tokenizer import Tokenizer
+
+MASK_GLYPH = "░"
+GENERATION_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationConfig))
+OPENAI_NAMES = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
+                "n": "num_samples", "seed": "seed"}  # request field -> GenerationConfig field
+
+
+class ApiError(Exception):
+    """A response in the OpenAI error shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# ----- request bodies ----------------------------------------------------------------------------------------------
+class _Body(BaseModel):
+    # strict: "5" is not an int and true is not a number; extra fields are checked against GenerationConfig later.
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    model: str | None = None
+    stream: bool = False
+
+
+class _OpenAISampling(_Body):
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+
+
+class CompletionRequest(_OpenAISampling):
+    prompt: str | list[str]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: str
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_OpenAISampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class InfillRequest(_Body):
+    text: str
+    steps: int | None = None
+    max_span: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+
+
+class GenerateRequest(_Body):
+    prompt: str
+    max_tokens: int | None = None
+
+
+B = TypeVar("B", bound=_Body)
+INFILL_NAMES = {"steps": "steps", "max_span": "max_span", "temperature": "temperature", "seed": "seed"}
+GENERATE_NAMES = {"max_tokens": "max_new_tokens"}
+
+
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none)$|\[")  # pydantic's union-member names in an error's loc
+
+
+def describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """pydantic's (or FastAPI's 422) error details -> one message and the offending top-level field."""
+    e = errors[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body" and not _TYPE_TAG.search(str(x))]
+    more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
+    if e.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
+    if not loc:
+        return "the body must be a JSON object", None
+    return f"{'.'.join(loc)}: {e.get('msg', 'invalid')}{more}", loc[0]
+
+
+def parse_body(raw: bytes, model: type[B]) -> B:
+    """JSON bytes -> a request model. Any content type is read as JSON (`curl -d` sends form-urlencoded)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, invalid UTF-8, absurd nesting
+        raise ApiError(400, f"the body is not valid JSON: {e}"[:500], code="invalid_json") from e
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the body must be a JSON object, got {type(data).__name__}", code="invalid_request")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        message, param = describe_validation(e.errors(include_input=False))
+        raise ApiError(400, message, param=param, code="invalid_request") from e
+
+
+# ----- options and limits ------------------------------------------------------------------------------------------
+def sampling_overrides(body: _Body, names: dict[str, str]) -> dict[str, Any]:
+    """The request's GenerationConfig overrides: extra fields that name one, plus the declared fields in `names`."""
+    extras = dict(body.model_extra or {})
+    unknown = sorted(set(extras) - GENERATION_FIELDS)
+    if unknown:
+        declared = sorted(type(body).model_fields)
+        raise ApiError(400, f"unknown field(s) {unknown}: this route takes {declared} and any GenerationConfig "
+                            f"option ({', '.join(sorted(GENERATION_FIELDS))})", param=unknown[0])
+    out = {k: v for k, v in extras.items() if v is not None}  # null means: the model's default
+    for name, target in names.items():
+        value = getattr(body, name)
+        if value is None:
+            continue
+        if target in out and out[target] != value:
+            raise ApiError(400, f"{name}={value!r} and {target}={out[target]!r} disagree; give one of them",
+                           param=name)
+        out[target] = value
+    for k, v in out.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ApiError(400, f"{k} must be a finite number, got {v}", param=k)
+    return out
+
+
+def _library_check(lm: DiffusionLM, overrides: dict[str, Any]) -> GenerationConfig:
+    try:
+        opts = lm.sampling.replace(**overrides).validate()
+        SAMPLERS.get(opts.sampler)
+        REMASKING.get(opts.remasking)
+    except ValueError as e:  # ConfigError (types, ranges, unknown names): the library's message says what works
+        raise ApiError(400, str(e)) from e
+    if opts.seed is not None and not 0 <= opts.seed < 2**63:
+        raise ApiError(400, f"seed must be in [0, 2**63), got {opts.seed}", param="seed")
+    return opts
+
+
+def _cap(value: int, cap: int, what: str, flag: str, param: str | None = None) -> None:
+    if value > cap:
+        raise ApiError(400, f"{what}={value} exceeds this server's limit of {cap} ({flag})",
+                       param=param or what)
+
+
+def resolve_options(lm: DiffusionLM, overrides: dict[str, Any], settings: ServerSettings) -> GenerationConfig:
+    """The checkpoint's defaults + the overrides, validated as the library would, then the server's caps."""
+    opts = _library_check(lm, overrides)
+    _cap(opts.max_new_tokens, settings.max_tokens, "max_tokens", "--max-tokens")
+    _cap(opts.steps, settings.max_steps, "steps", "--max-steps")
+    _cap(opts.num_samples, settings.max_n, "n", "--max-n")
+    try:
+        plan_blocks(opts.max_new_tokens, opts.steps, opts.block_length)
+    except SamplingError as e:
+        raise ApiError(400, str(e)) from e
+    return opts
+
+
+def check_prompts(lm: DiffusionLM, prompts: list[str], opts: GenerationConfig, settings: ServerSettings) -> list[int]:
+    """Every prompt non-empty, within --max-prompt-tokens and, with the generated tokens, the model's context."""
+    if not prompts:
+        raise ApiError(400, "prompt is an empty list: give at least one string", param="prompt")
+    _cap(len(prompts) * opts.num_samples, settings.max_n, "prompts x n", "--max-n", "n")
+    counts = []
+    for i, p in enumerate(prompts):
+        where = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+        if not p:
+            raise ApiError(400, f"{where} is empty: give at least one character of text", param="prompt")
+        n = len(lm.tokenizer.encode(p))
+        if n > settings.max_prompt_tokens:
+            raise ApiError(400, f"{where} has {n} tokens; this server takes at most {settings.max_prompt_tokens} "
+                                "(--max-prompt-tokens)", param="prompt")
+        if n + opts.max_new_tokens > lm.max_len:
+            raise ApiError(400, f"{where} ({n} tokens) + max_tokens ({opts.max_new_tokens}) exceeds the model's "
+                                f"context of {lm.max_len} tokens; shorten the prompt or lower max_tokens",
+                           param="prompt")
+        counts.append(n)
+    return counts
+
+
+def check_infill(lm: DiffusionLM, text: str, overrides: dict[str, Any], settings: ServerSettings) -> int:
+    """Gaps and sizes of an infill request, checked before its canvas is built -> the canvas length."""
+    opts = _library_check(lm, overrides)
+    _cap(opts.max_span, settings.max_tokens, "max_span", "--max-tokens")
+    gaps = list(GAP.finditer(text))
+    if not gaps:
+        raise ApiError(400, "no gap in the text: mark each gap with [MASK] (unknown length) or [MASK:n]",
+                       param="text")
+    sizes = [int(m.group(1)) if m.group(1) is not None else opts.max_span for m in gaps]
+    if min(sizes) < 1:
+        raise ApiError(400, "a gap [MASK:n] must have n >= 1", param="text")
+    _cap(sum(sizes), settings.max_tokens, "the gaps' tokens", "--max-tokens", "text")
+    ids, _, _ = lm.parse_gaps(text, opts.max_span)  # the canvas, built only now that its gaps are capped
+    n = len(ids) - sum(sizes)
+    if n > settings.max_prompt_tokens:
+        raise ApiError(400, f"the text has {n} tokens; this server takes at most {settings.max_prompt_tokens} "
+                            "(--max-prompt-tokens)", param="text")
+    if n + sum(sizes) > lm.max_len:
+        raise ApiError(400, f"the text ({n} tokens) and its gaps ({sum(sizes)} tokens) exceed the model's context "
+                            f"of {lm.max_len} tokens", param="text")
+    _cap(overrides.get("steps") or sum(sizes), settings.max_steps, "steps", "--max-steps")
+    return len(ids)
+
+
+def render_chat(tokenizer: Tokenizer, messages: list[ChatMessage]) -> str:
+    """The tokenizer's chat template when it has one, else `role: content` lines and `assistant: `."""
+    turns = [{"role": m.role, "content": m.text} for m in messages]
+    template = getattr(tokenizer, "apply_chat_template", None)
+    if callable(template):
+        return template(turns)
+    return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant: "
+
+
+# ----- responses ---------------------------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Text up to the earliest stop sequence, and whether one was found."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > 4 or any(not s for s in stops):
+        raise ApiError(400, "stop takes up to 4 non-empty strings", param="stop")
+    return stops
+
+
+class PrefixDelta:
+    """One row's committed left-to-right prefix (the generated tokens before the first mask), as text deltas.
+
+    A diffusion model commits tokens anywhere in the block; a client of the OpenAI stream can only append, so it
+    is sent the text of the longest unmasked prefix as it grows. Text that may still change is held back: a
+    trailing replacement character (half a UTF-8 sequence) and, with stop sequences, the last len(stop) - 1 chars.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stops: list[str]) -> None:
+        self.tok = tokenizer
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.sent = ""
+        self.stopped = False  # a stop sequence ended the text
+
+    def update(self, region: list[int]) -> str:
+        """region: the row's generated token ids (masks included) -> the new text to send ('' if none)."""
+        tok = self.tok
+        prefix = []
+        for i in region:
+            if i in (tok.mask_id, tok.eos_id):
+                break
+            if i != tok.pad_id:
+                prefix.append(i)
+        return self._advance(tok.decode(prefix), final=False)
+
+    def finish(self, text: str) -> str:
+        """The final text (no masks left) -> the rest to send."""
+        return self._advance(text, final=True)
+
+    def _advance(self, text: str, final: bool) -> str:
+        if self.stopped:
+            return ""
+        text, self.stopped = cut_at_stop(text, self.stops)
+        if not final and not self.stopped:
+            text = text.rstrip("\ufffd")
+            text = text[: max(len(self.sent), len(text) - self.hold)]
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""  # nothing new (or a re-decoded prefix changed: a stream cannot take text back)
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+
+def finish_text(text: str, eos: bool, stops: list[str]) -> tuple[str, str]:
+    """-> (text cut at the first stop sequence, finish_reason): "stop" after [EOS] or a stop sequence."""
+    text, stopped = cut_at_stop(text, stops)
+    return text, ("stop" if eos or stopped else "length")
+
+
+class CanvasView:
+    """Denoising events of docs/http-api.md: the canvas decoded token by token, masks shown as MASK_GLYPH."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tok = tokenizer
+        self._pieces: dict[int, str] = {tokenizer.mask_id: MASK_GLYPH}
+
+    def piece(self, i: int) -> str:
+        if i not in self._pieces:
+            self._pieces[i] = self.tok.decode([i])
+        return self._pieces[i]
+
+    def step(self, update: StepUpdate, row: int = 0) -> dict[str, Any]:
+        ids = update.xt[row, update.start:].tolist()
+        committed = update.committed[row, update.start:]
+        scores = update.confidence[row, update.start:][committed].tolist()
+        return {"type": "step", "step": update.step, "block": update.block, "tokens": [self.piece(i) for i in ids],
+                "masked": [i == self.tok.mask_id for i in ids], "committed": committed.nonzero().flatten().tolist(),
+                "confidence": [round(c, 4) if math.isfinite(c) else None for c in scores]}
