@@ -10,11 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,50 +18,10 @@ import pytest
 pytest.importorskip("fastapi", reason="the server needs: pip install fastapi uvicorn")
 pytest.importorskip("uvicorn", reason="the server needs: pip install fastapi uvicorn")
 
+from server_helpers import live_server, tiny_app  # noqa: E402
+
 CLIENT = Path(__file__).resolve().parents[1] / "clients" / "js"
 API_KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def live_server(app):
-    """Runs `app` with uvicorn in a thread on a free 127.0.0.1 port; yields the base URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-def tiny_app(**settings):
-    import torch
-
-    from dlm.config import CheckpointConfig, ModelConfig
-    from dlm.models import build_model
-    from dlm.pipeline import DiffusionLM
-    from dlm.server import ServerSettings, create_app
-    from dlm.tokenizer import ByteTokenizer
-
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", max_len=128)
-    lm = DiffusionLM(build_model(cfg).eval(), ByteTokenizer(), CheckpointConfig(model=cfg))
-    return create_app(lm, "tiny", ServerSettings(**settings))
 
 
 def test_js_client_against_a_live_server():

@@ -15,16 +15,14 @@ import json
 import os
 import select
 import shutil
-import socket
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
-from contextlib import contextmanager
 
 import pytest
+from server_helpers import live_server, tiny_app
 
 pytest.importorskip("fastapi", reason="the server needs: pip install fastapi uvicorn")
 pytest.importorskip("uvicorn", reason="the server needs: pip install fastapi uvicorn")
@@ -48,49 +46,6 @@ def find_chromium() -> str | None:
 
 
 # ----- a live server ---------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def live_server(app):
-    """Runs `app` with uvicorn in a thread on a free 127.0.0.1 port; yields the base URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-def tiny_app():
-    import torch
-
-    from dlm.config import CheckpointConfig, ModelConfig
-    from dlm.models import build_model
-    from dlm.pipeline import DiffusionLM
-    from dlm.server import create_app
-    from dlm.tokenizer import ByteTokenizer
-
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", max_len=128)
-    lm = DiffusionLM(build_model(cfg).eval(), ByteTokenizer(), CheckpointConfig(model=cfg))
-    return create_app(lm, "tiny")
-
-
 # ----- Chromium over the DevTools pipe ---------------------------------------------------------------------------
 def above_9(fd: int) -> int:
     high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
+from server_helpers import free_port, live_server
 
 pytest.importorskip("fastapi", reason="the server needs: pip install 'dlm[serve]'")
 uvicorn = pytest.importorskip("uvicorn")
@@ -38,28 +36,10 @@ def lm() -> DiffusionLM:
     return DiffusionLM(build_model(mc), ByteTokenizer(), CheckpointConfig(model=mc, sampling=SAMPLING))
 
 
-@contextmanager
-def serving(app):
-    """uvicorn in a thread on 127.0.0.1 and a free port -> the base URL; stopped (and joined) on exit."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def live(lm):
     app = create_app(lm, "tiny", ServerSettings(batch_size=32, batch_wait_ms=100, queue_size=64))
-    with serving(app) as url:
+    with live_server(app) as url:
         yield app, url
 
 
@@ -99,7 +79,7 @@ def test_openai_streams(client, lm):
 
 
 def test_openai_client_with_an_api_key(lm):
-    with serving(create_app(lm, "tiny", ServerSettings(api_key="sekrit"))) as url:
+    with live_server(create_app(lm, "tiny", ServerSettings(api_key="sekrit"))) as url:
         good = openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0)
         assert good.completions.create(model="tiny", prompt="x", max_tokens=8).choices[0].text
         bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
@@ -138,12 +118,6 @@ def test_a_stream_the_client_drops_is_abandoned(live):
         # The worker notices at its next step that nobody listens, and is free for the next request.
         assert http.post("/v1/generate", json={"prompt": "next"}).status_code == 200
     assert stats.batches == batches + 1 and stats.forwards - forwards < 120 + 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_dlm_serve_command(tmp_path, lm):
