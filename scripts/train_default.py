@@ -2,7 +2,7 @@
 
     python scripts/train_default.py --which both          # both runs, one after the other (2 threads each)
     python scripts/train_default.py --which dlm --threads 1 &  python scripts/train_default.py --which ar --threads 1
-    python scripts/train_default.py --export              # final eval of both + export to src/dlm/pretrained/
+    python scripts/train_default.py --export              # final eval of both + export (bf16) to src/dlm/pretrained/
 
 Both runs use the same corpus, size (preset `small`), batch, steps and learning-rate schedule; they differ only
 in the attention mask and the loss. Runs resume when re-run (checkpoints every 250 steps under runs/).
@@ -57,8 +57,9 @@ def export(n_samples: int) -> None:
             train = tokenize_documents(train_docs, tok)
             unigram = unigram_entropy_bits(train, val, tok.vocab_size) * len(val) / n_chars
             results["unigram"] = {"bits_per_char": unigram}
-            cfg.extra["heldout"] = {"dlm_bits_per_char": results["dlm"]["bits_per_char"]}
-            save_pretrained(ROOT / "src/dlm/pretrained/shakespeare", model, cfg, tok, dtype=torch.bfloat16)
+        cfg.extra["heldout_bits_per_char"] = results[which]["bits_per_char"]
+        name = "shakespeare" if which == "dlm" else "shakespeare-ar"
+        save_pretrained(ROOT / "src/dlm/pretrained" / name, model, cfg, tok, dtype=torch.bfloat16)
     (ROOT / "benchmarks/results").mkdir(parents=True, exist_ok=True)
     (ROOT / "benchmarks/results/default_model.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

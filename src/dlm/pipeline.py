@@ -156,7 +156,7 @@ class DiffusionLM:
         g = torch.Generator(device=self.device)
         g.manual_seed(opts.seed if opts.seed is not None else torch.seed() % 2**63)
         tok = self.tokenizer
-        sampler = SAMPLERS.build(opts.sampler, mask_id=tok.mask_id, config=opts, eos_id=tok.eos_id)
+        sampler = SAMPLERS.build(opts.sampler, mask_id=tok.mask_id, config=opts, eos_id=tok.eos_id, pad_id=tok.pad_id)
         canvas = canvas.to(self.device)
         am = attention_mask.to(self.device) if attention_mask is not None else None
         guided = opts.cfg_scale > 0 and prompt_mask is not None
@@ -265,10 +265,13 @@ class DiffusionLM:
         """Fill every [MASK] (up to max_span tokens, pads removed) and [MASK:n] (exactly n tokens) gap.
 
         The text outside the gaps is returned unchanged, character for character. `steps` defaults to the
-        number of masked tokens (one commit per step).
+        number of masked tokens (one commit per step). `defer_eos` defaults to True here: [PAD] and [EOS] are
+        committed after the text of a gap.
         """
         if self.is_causal:
             raise SamplingError("this checkpoint is an autoregressive baseline; it cannot infill")
+        # A bare gap is text then [PAD]: commit the pads last, or a confident [PAD] run empties the gap.
+        options.setdefault("defer_eos", True)
         opts = self._options(None, temperature=temperature, remasking=remasking, seed=seed, max_span=max_span,
                              **options)
         ids, gaps, pieces = self.parse_gaps(text, opts.max_span)

@@ -84,8 +84,7 @@ class FastDLLMSampler(Sampler):
             pred = gumbel_argmax(cand_logits, self.temperature, generator)  # (N,)
             probs = torch.softmax(cand_logits.double(), dim=-1)  # (N, V) float64, as the reference
             conf = self.remasking.confidence(probs[None], pred[None], generator)[0].double()  # (N,)
-            if self.config.defer_eos and self.eos_id is not None:
-                conf = torch.where(pred == self.eos_id, conf - 2.0, conf)  # [EOS] ranks (and passes) last
+            conf = self.defer_end_markers(pred, conf)  # [EOS] / [PAD] rank (and pass the threshold) last
             x0[candidate] = pred
             confidence[candidate] = conf
         if self.config.factor is not None:

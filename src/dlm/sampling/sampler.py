@@ -57,14 +57,22 @@ class Sampler:
     """
 
     def __init__(self, mask_id: int, config: GenerationConfig | None = None, eos_id: int | None = None,
-                 **overrides: Any) -> None:
+                 pad_id: int | None = None, **overrides: Any) -> None:
         self.config = (config or GenerationConfig()).replace(**overrides).validate()
         self.mask_id = mask_id
         self.eos_id = eos_id
+        # The end-of-text markers that `defer_eos` commits last: [EOS], and [PAD] that closes an infilling gap.
+        self.end_ids = torch.tensor([i for i in (eos_id, pad_id) if i is not None], dtype=torch.long)
         self.temperature = self.config.temperature
         self.remasking = REMASKING.build(self.config.remasking)
         self.plan: torch.Tensor | None = None  # (B, steps)
         self.step_index = 0
+
+    def defer_end_markers(self, pred: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
+        """With `defer_eos`, predictions of [EOS] / [PAD] rank below every other one (scores in [0, 1])."""
+        if not self.config.defer_eos or self.end_ids.numel() == 0:
+            return conf
+        return torch.where(torch.isin(pred, self.end_ids.to(pred.device)), conf - 2.0, conf)
 
     def set_timesteps(self, steps: int, is_masked: torch.Tensor) -> None:
         """is_masked: (B, Lb) masks of the block about to be denoised."""
@@ -106,9 +114,7 @@ class LLaDASampler(Sampler):
             pred = gumbel_argmax(cand_logits, self.temperature, generator)  # (N,)
             probs = torch.softmax(cand_logits.double(), dim=-1)  # (N, V) float64, as the reference
             conf = self.remasking.confidence(probs[None], pred[None], generator)[0]  # (N,)
-            if self.config.defer_eos and self.eos_id is not None:
-                # Keep [EOS] from being committed early: it ranks below every other prediction of its row.
-                conf = torch.where(pred == self.eos_id, conf - 2.0, conf)
+            conf = self.defer_end_markers(pred, conf)  # keep [EOS] / [PAD] from being committed early
             x0[candidate] = pred
             confidence[candidate] = conf.double()
         commit = self.remasking.select(confidence, candidate, n)
