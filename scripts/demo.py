@@ -37,14 +37,14 @@ def main() -> None:
         t = time.perf_counter()
         show("infill", f"{text}\n  ->\n{lm.infill(text, seed=0)}", time.perf_counter() - t)
 
-    print("\nstep by step: the canvas after each of 8 denoising steps ([MASK] shown as _)")
+    print("\nstep by step: the canvas after each of 8 denoising steps, 4 tokens each ([MASK] shown as ░)")
     canvas_steps: list[str] = []
 
     def record(event) -> None:
         ids = event.output.xt[0].tolist()
-        canvas_steps.append("".join("_" if i == lm.tokenizer.mask_id else lm.tokenizer.decode([i]) for i in ids))
+        canvas_steps.append("".join("░" if i == lm.tokenizer.mask_id else lm.tokenizer.decode([i]) for i in ids))
 
-    lm.generate("MACBETH:\n", max_new_tokens=48, steps=8, block_length=48, seed=0, callback=record)
+    lm.generate("ROMEO:\nBut soft, ", max_new_tokens=32, steps=8, block_length=32, seed=0, callback=record)
     for i, c in enumerate(canvas_steps, 1):
         print(f"{i:2d} | " + c.replace("\n", "⏎"))
 
