@@ -108,8 +108,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _infill(args: argparse.Namespace) -> None:
     lm = _load(args)
-    text = lm.infill(args.text, steps=args.steps, max_span=args.max_span, temperature=args.temperature,
-                     remasking=args.remasking, seed=args.seed)
+    text = lm.infill(args.text, **generation_options(args))
     print(json.dumps({"text": text}) if args.json else text)
 
 
@@ -184,15 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
-    def sampling_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default="default", help="shipped model name or checkpoint folder")
-        p.add_argument("--steps", type=int)
-        p.add_argument("--temperature", type=float)
-        p.add_argument("--remasking", help="low_confidence, random, ... (dlm.sampling.REMASKING)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--json", action="store_true")
-
     g = sub.add_parser("generate", help="continue a prompt (every GenerationConfig option is a flag)")
     g.add_argument("prompt")
     g.add_argument("--model", default="default", help="shipped model name or checkpoint folder")
@@ -203,11 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_flags(g)
     g.set_defaults(func=_generate, seed=0)
 
-    i = sub.add_parser("infill", help="fill [MASK] / [MASK:n] gaps in a text")
+    i = sub.add_parser("infill", help="fill [MASK] / [MASK:n] gaps in a text (GenerationConfig options are flags)")
     i.add_argument("text")
-    i.add_argument("--max-span", type=int, help="length of a bare [MASK] gap (default 64)")
-    sampling_flags(i)
-    i.set_defaults(func=_infill)
+    i.add_argument("--model", default="default", help="shipped model name or checkpoint folder")
+    i.add_argument("--device", default="cpu")
+    i.add_argument("--json", action="store_true")
+    # infill sizes the canvas from the gaps and decodes it as one block with the llada sampler
+    add_generation_flags(i, skip=("max_new_tokens", "block_length", "sampler", "num_samples", "cache"))
+    i.set_defaults(func=_infill, seed=0)
 
     e = sub.add_parser("eval", help="held-out likelihood bound in bits per char / token")
     e.add_argument("--model", default="default")
