@@ -233,3 +233,27 @@ def test_generation_config_round_trips_through_json(tmp_path):
     assert GenerationConfig.load_json(tmp_path / "gen.json") == cfg
     with pytest.raises(ConfigError, match="unknown GenerationConfig key"):
         GenerationConfig.from_dict({"stepz": 3})
+
+
+def test_windowed_head_gives_the_same_tokens_as_the_full_head(lm, monkeypatch):
+    """The LLaDA sampler computes the head only where it can commit; the tokens equal the full computation."""
+    kw = dict(max_new_tokens=32, steps=16, block_length=16, seed=0)
+    prompts = ["ROMEO:\n", "HAMLET:\nTo be, or not to be,"]
+    calls = []
+    original = type(lm.model).forward
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("logits_window"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(lm.model), "forward", spy)
+    windowed = lm.generate(prompts, **kw)
+    sampled = lm.generate(prompts, temperature=0.8, top_k=20, **kw)
+    infilled = lm.infill("To be, or not to be, [MASK] is the question.", max_span=16, seed=0)
+    assert any(w is not None for w in calls)
+    monkeypatch.setattr(type(lm.model), "supports_logits_window", False, raising=False)
+    calls.clear()
+    assert lm.generate(prompts, **kw) == windowed
+    assert lm.generate(prompts, temperature=0.8, top_k=20, **kw) == sampled
+    assert lm.infill("To be, or not to be, [MASK] is the question.", max_span=16, seed=0) == infilled
+    assert all(w is None for w in calls)

@@ -140,14 +140,18 @@ class DiffusionLM:
         needs_time = getattr(self.model, "needs_time", False)
         mask_id = self.tokenizer.mask_id
 
-        def fn(x: torch.Tensor) -> torch.Tensor:
+        windowed = getattr(self.model, "supports_logits_window", False)
+
+        def fn(x: torch.Tensor, window: tuple[int, int] | None = None) -> torch.Tensor:
             t = None
             if needs_time:
                 real = attention_mask if attention_mask is not None else torch.ones_like(x)
                 t = ((x == mask_id) & real.bool()).sum(1).float() / real.sum(1).clamp_min(1).float()
+            kwargs = {"logits_window": window} if window is not None else {}
             with torch.no_grad():
-                return self.model(x, t, attention_mask=attention_mask).float()
+                return self.model(x, t, attention_mask=attention_mask, **kwargs).float()
 
+        fn.supports_window = windowed  # type: ignore[attr-defined]
         return fn
 
     def _events(self, canvas: torch.Tensor, start: int, opts: GenerationConfig, attention_mask: torch.Tensor | None,

@@ -36,6 +36,7 @@ class Transformer(nn.Module):
     causal = False
     needs_time = False
     supports_kv_cache = True
+    supports_logits_window = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -48,8 +49,12 @@ class Transformer(nn.Module):
         init_weights(self, cfg.n_layers)
 
     def forward(self, xt: torch.Tensor, t: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_window: tuple[int, int] | None = None) -> torch.Tensor:
         """xt: (B, L) token ids; t is ignored (the mask count carries the time); -> logits (B, L, V).
+
+        With `logits_window=(a, b)` only positions [a, b) go through the final norm and the head -> (B, b - a, V):
+        a sampler that can commit only there skips the rest of the (B, L, V) head (large with a big vocabulary).
 
         With a filled `cache` windowed at `start`, xt (B, n) is the slice [start, start + n) of the cached canvas
         and `attention_mask` (if any) still covers the whole canvas (B, L); -> logits of the slice (B, n, V).
@@ -65,6 +70,8 @@ class Transformer(nn.Module):
         x = self.wte(xt)  # (B, n, D)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, cache, i)
+        if logits_window is not None:
+            x = x[:, logits_window[0]:logits_window[1]]
         return self.lm_head(self.ln_f(x))  # (B, n, V)
 
     @staticmethod

@@ -72,6 +72,10 @@ def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     last_x: torch.Tensor | None = None
     last_logits: torch.Tensor | None = None
     global_step = 0
+    # Windowed steps: the sampler can take logits of [w0, hi) only, the model_fn can compute just those, and no
+    # processor looks at positions (a `where` mask) or at the rest of the canvas (repetition penalty).
+    window = (getattr(sampler, "windowed", False) and getattr(model_fn, "supports_window", False)
+              and not hasattr(model_fn, "begin_block") and all(getattr(p, "window_safe", False) for p in processors))
     with torch.no_grad():
         for b in range(n_blocks):
             lo, hi = start + b * block_length, start + (b + 1) * block_length
@@ -90,6 +94,15 @@ def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
                     break
                 if getattr(sampler, "fixed_plan", False) and int(sampler.commits_planned.max()) == 0:
                     sampler.step_index += 1  # nothing to commit: skip the forward pass, the result is identical
+                    global_step += 1
+                    continue
+                if window:
+                    # Only [w0, hi) can be committed: the head, the processors and the sampler see just that.
+                    w0 = min(lo, int((x[:, :hi] == mask_id).any(0).nonzero()[0]))
+                    logits = apply_processors(processors, model_fn(x, window=(w0, hi)), x[:, w0:hi])
+                    out = sampler.step(logits, x, lo, hi, generator, offset=w0)
+                    x = out.xt
+                    yield StepEvent(block=b, step=global_step, output=out)
                     global_step += 1
                     continue
                 if getattr(sampler, "reuse_logits_when_unchanged", False) and last_x is not None and \

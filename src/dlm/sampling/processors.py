@@ -25,6 +25,8 @@ NEG_INF = -torch.inf
 
 
 class LogitsProcessor:
+    window_safe = False  # True: depends on neither positions nor the rest of the canvas (may see a window only)
+
     def __call__(self, logits: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:  # (B, L, V), (B, L) -> (B, L, V)
         raise NotImplementedError
 
@@ -78,6 +80,10 @@ def _positions(where: torch.Tensor | None, logits: torch.Tensor, who: str) -> to
 class BannedTokens(LogitsProcessor):
     """Forbid token ids everywhere, or only at the positions where `where` (B, L) is True."""
 
+    @property
+    def window_safe(self) -> bool:  # position-free unless restricted to positions
+        return self.where is None
+
     def __init__(self, token_ids: Sequence[int], where: torch.Tensor | None = None) -> None:
         self.token_ids = [int(i) for i in token_ids]
         self.where = where
@@ -96,6 +102,10 @@ SuppressTokens = BannedTokens  # the original name, kept for existing callers
 
 class AllowedTokens(LogitsProcessor):
     """Only `token_ids` may be chosen: everywhere, or only at the positions where `where` (B, L) is True."""
+
+    @property
+    def window_safe(self) -> bool:  # position-free unless restricted to positions
+        return self.where is None
 
     def __init__(self, token_ids: Sequence[int], where: torch.Tensor | None = None) -> None:
         self.token_ids = [int(i) for i in token_ids]
@@ -139,6 +149,8 @@ class Temperature(LogitsProcessor):
     """logits / t. Not added by `build_processors`: samplers apply their own temperature (LLaDA: Gumbel-max in
     float64). Use it with samplers that take the softmax of the logits as given."""
 
+    window_safe = True  # position-free: may run on the logits of a window of positions
+
     def __init__(self, temperature: float) -> None:
         if temperature <= 0:
             raise ValueError(f"Temperature must be > 0, got {temperature}; temperature 0 means greedy decoding, "
@@ -153,6 +165,8 @@ class Temperature(LogitsProcessor):
 
 class TopK(LogitsProcessor):
     """Keep exactly the k highest logits of each position (ties broken by torch.topk), -inf elsewhere."""
+
+    window_safe = True  # position-free: may run on the logits of a window of positions
 
     def __init__(self, k: int) -> None:
         if k < 1:
@@ -173,6 +187,8 @@ class TopP(LogitsProcessor):
     (Gumbel-max samples softmax(logits / T)), so the nucleus matches HF's temperature-then-top-p order even
     though the temperature itself is applied later by the sampler. The most likely token is always kept.
     """
+
+    window_safe = True  # position-free: may run on the logits of a window of positions
 
     def __init__(self, p: float, temperature: float = 1.0) -> None:
         if not 0.0 < p <= 1.0:

@@ -98,9 +98,12 @@ class LLaDASampler(Sampler):
     before the block's end): the same tokens as the reference, which softmaxes every position of the canvas."""
 
     fixed_plan = True  # commits_planned is exact: a step planned to commit nothing needs no forward pass
+    windowed = True  # step() accepts the logits of [offset, hi) only
 
-    def step(self, logits, xt, lo, hi, generator=None):
-        """logits (B, L, V), xt (B, L); commits inside [0, hi) only (earlier blocks are already complete)."""
+    def step(self, logits, xt, lo, hi, generator=None, offset=0):
+        """logits (B, L, V) or, windowed, (B, hi - offset, V) for positions [offset, hi); xt (B, L).
+
+        Commits inside [0, hi) only (earlier blocks are already complete)."""
         n = self.commits_planned
         is_masked = xt == self.mask_id  # (B, L)
         candidate = is_masked.clone()
@@ -108,7 +111,7 @@ class LLaDASampler(Sampler):
         x0 = xt.clone()
         confidence = torch.full(xt.shape, -torch.inf, dtype=torch.float64, device=xt.device)
         if bool(candidate.any()):
-            cand_logits = logits[candidate]  # (N, V)
+            cand_logits = logits[candidate[:, offset:offset + logits.shape[1]]]  # (N, V)
             # [MASK] is never a prediction: committing it would leave the position masked.
             cand_logits[:, self.mask_id] = -torch.inf
             pred = gumbel_argmax(cand_logits, self.temperature, generator)  # (N,)
