@@ -226,10 +226,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--part-b-lengths", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each part (a) timing")
+    ap.add_argument("--only-a", action="store_true", help="re-measure part (a); keep part (b) of the existing JSON")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/sampling.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    repeats = 1 if args.quick else 3
+    repeats = 1 if args.quick else args.repeats
     prompts = PROMPTS[:2] if args.quick else PROMPTS
 
     lm = DiffusionLM.from_pretrained("default")
@@ -240,6 +242,12 @@ def main() -> None:
     big_ids = torch.randint(0, 126_000, (2, 16), generator=torch.Generator().manual_seed(0))
     a_rows += part_a(big, "random-llada-vocab", big_ids, [64, 256], 1, max_steps=64)
 
+    if args.only_a:
+        previous = json.loads(Path(args.out).read_text())
+        previous["part_a"] = a_rows
+        Path(args.out).write_text(json.dumps(previous, indent=2) + "\n")
+        print(f"updated part (a) of {args.out}")
+        return
     ar = None
     try:
         ar = DiffusionLM.from_pretrained("shakespeare-ar").model
