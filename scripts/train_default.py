@@ -32,34 +32,26 @@ def configs(which: str, max_steps: int, threads: int):
 
 
 def export(n_samples: int) -> None:
+    """Score both runs on the held-out plays (`dlm eval`'s code) and export them in bf16 to the package."""
     import torch
 
-    from dlm.checkpoint import load_pretrained, save_pretrained
-    from dlm.data import TokenStream, load_corpus, split_documents, tokenize_documents, unigram_entropy_bits
-    from dlm.eval.elbo import elbo_bits
+    from dlm.checkpoint import save_pretrained
+    from dlm.data import load_corpus, split_documents, tokenize_documents, unigram_entropy_bits
+    from dlm.eval.heldout import evaluate_text
+    from dlm.pipeline import DiffusionLM
 
     torch.set_num_threads(2)
-    docs = load_corpus("shakespeare")
-    train_docs, val_docs = split_documents(docs, TrainConfig.val_fraction)
     results = {}
-    for which in ("dlm", "ar"):
-        model, cfg, tok = load_pretrained(ROOT / f"runs/default-{which}")
-        val = tokenize_documents(val_docs, tok)
-        n_chars = sum(len(d.text) + 1 for d in val_docs)
-        windows = TokenStream(val, 256).windows()
-        r = elbo_bits(model, windows, tok.mask_id, tok.bos_id, n_samples=n_samples if which == "dlm" else 1,
-                      batch_size=32, seed=0)
-        bpt = r.bits_per_token
-        results[which] = {"bits_per_token": bpt, "bits_per_char": bpt * len(val) / n_chars,
-                          "stderr_bits_per_token": r.stderr_bits_per_token, "n_windows": int(windows.shape[0]),
-                          "n_samples": r.n_samples, "exact": r.exact, "n_params": cfg.extra.get("n_params")}
-        if which == "dlm":
-            train = tokenize_documents(train_docs, tok)
-            unigram = unigram_entropy_bits(train, val, tok.vocab_size) * len(val) / n_chars
-            results["unigram"] = {"bits_per_char": unigram}
-        cfg.extra["heldout_bits_per_char"] = results[which]["bits_per_char"]
-        name = "shakespeare" if which == "dlm" else "shakespeare-ar"
-        save_pretrained(ROOT / "src/dlm/pretrained" / name, model, cfg, tok, dtype=torch.bfloat16)
+    for which, name in (("dlm", "shakespeare"), ("ar", "shakespeare-ar")):
+        lm = DiffusionLM.from_pretrained(str(ROOT / f"runs/default-{which}"))
+        results[which] = evaluate_text(lm, "shakespeare", n_samples=n_samples, seed=0)
+        lm.config.extra["heldout_bits_per_char"] = results[which]["bits_per_char"]
+        save_pretrained(ROOT / "src/dlm/pretrained" / name, lm.model, lm.config, lm.tokenizer, dtype=torch.bfloat16)
+    train_docs, val_docs = split_documents(load_corpus("shakespeare"), TrainConfig.val_fraction)
+    tok = lm.tokenizer
+    train, val = tokenize_documents(train_docs, tok), tokenize_documents(val_docs, tok)
+    n_chars = sum(len(d.text) + 1 for d in val_docs)  # the [EOS] after each play counts as a char
+    results["unigram"] = {"bits_per_char": unigram_entropy_bits(train, val, tok.vocab_size) * len(val) / n_chars}
     (ROOT / "benchmarks/results").mkdir(parents=True, exist_ok=True)
     (ROOT / "benchmarks/results/default_model.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

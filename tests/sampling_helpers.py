@@ -7,6 +7,18 @@ import torch
 from dlm.sampling import StepEvent, denoise
 
 
+class FixedModel:
+    """A model_fn with fixed logits (B, L, V) that counts its calls."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.logits.clone()
+
+
 def run(model, canvas, start, steps, block_length, sampler, seed=0):
     events: list[StepEvent] = []
     out = denoise(model, canvas, start, steps, block_length, sampler, torch.Generator().manual_seed(seed),

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from sampling_helpers import FixedModel, run
 from sampling_helpers import canvas_of as _canvas_of
 from sampling_helpers import check_invariants as _check_invariants
-from sampling_helpers import run
 
 import dlm.sampling.dream  # noqa: F401  (registers "dream" and the three rules)
 from dlm.config import ConfigError, ModelConfig
@@ -19,16 +19,6 @@ from dlm.sampling.dream import ORIGIN, DreamSampler, filter_logits, top_k_filter
 
 V, MASK = 64, 63
 RULES = ["maskgit_plus", "topk_margin", "entropy"]
-
-
-class FixedModel:
-    def __init__(self, logits: torch.Tensor) -> None:
-        self.logits = logits
-        self.calls = 0
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.logits.clone()
 
 
 def canvas_of(prompts: list[list[int]], n_new: int) -> torch.Tensor:

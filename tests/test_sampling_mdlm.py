@@ -7,25 +7,15 @@ import math
 
 import pytest
 import torch
+from sampling_helpers import FixedModel, run
 from sampling_helpers import canvas_of as _canvas_of
 from sampling_helpers import check_invariants as _check_invariants
-from sampling_helpers import run
 
 import dlm.sampling.mdlm  # noqa: F401  (registers "mdlm" and "mdlm_cache")
 from dlm.sampling import SAMPLERS
 from dlm.sampling.mdlm import MDLMCacheSampler, MDLMSampler
 
 V, MASK = 64, 63
-
-
-class FixedModel:
-    def __init__(self, logits: torch.Tensor) -> None:
-        self.logits = logits
-        self.calls = 0
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.logits.clone()
 
 
 class CanvasModel:

@@ -82,8 +82,7 @@ class DiffusionLM:
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         if ids.dim() == 1:
             ids = ids[None]
-        t = (ids == self.tokenizer.mask_id).float().mean(1) if getattr(self.model, "needs_time", False) else None
-        return self.model(ids, t, attention_mask=attention_mask).float()
+        return self._model_fn(attention_mask)(ids)
 
     # ----- generation ---------------------------------------------------------------------------------------
     def _options(self, config: GenerationConfig | None = None, **kw: Any) -> GenerationConfig:
@@ -217,12 +216,7 @@ class DiffusionLM:
         opts = self._options(config, max_new_tokens=max_new_tokens, steps=steps, block_length=block_length,
                              temperature=temperature, remasking=remasking, seed=seed, sampler=sampler, **options)
         canvas, P, am, processors, prompt_mask, kind = self._prepare(prompt, attention_mask, opts)
-        out = canvas
-        for event in self._events(canvas, P, opts, am, processors, prompt_mask):
-            if callback is not None:
-                callback(event)
-            out = event.output.xt
-        out = out.cpu()
+        out = _final_canvas(canvas, self._events(canvas, P, opts, am, processors, prompt_mask), callback)
         if kind == "ids":
             return out
         texts = [self._decode_new(row[P:].tolist()) for row in out]
@@ -294,16 +288,22 @@ class DiffusionLM:
         processors = build_processors(opts, tok, allow_pad=True,
                                       extra=[BannedTokens([tok.pad_id, tok.eos_id], where=fixed)])
         # The whole canvas is one block: every gap sees both sides at every step.
-        out = canvas
         prompt_mask = canvas != tok.mask_id  # guidance (cfg_scale > 0) masks the known text, as LLaDA
-        for event in self._events(canvas, 0, opts.replace(sampler="llada"), None, processors, prompt_mask):
-            if callback is not None:
-                callback(event)
-            out = event.output.xt
-        out = out.cpu()[0].tolist()
+        events = self._events(canvas, 0, opts.replace(sampler="llada"), None, processors, prompt_mask)
+        out = _final_canvas(canvas, events, callback)[0].tolist()
         result = [pieces[0]]
         for g, after in zip(gaps, pieces[1:], strict=True):
             fill = [i for i in out[g.start: g.start + g.length] if i not in (tok.pad_id, tok.eos_id)]
             result.append(tok.decode(fill))
             result.append(after)
         return "".join(result)
+
+
+def _final_canvas(canvas: torch.Tensor, events: Iterator[StepEvent],
+                  callback: Callable[[StepEvent], None] | None) -> torch.Tensor:
+    """Run the events to the end (showing each to `callback`) -> the last canvas on the CPU."""
+    for event in events:
+        if callback is not None:
+            callback(event)
+        canvas = event.output.xt
+    return canvas.cpu()

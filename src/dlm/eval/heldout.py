@@ -22,13 +22,10 @@ def evaluate_text(lm: Any, data: str, n_samples: int = 4, seed: int = 0, max_win
         _, docs = split_documents(docs, TrainConfig.val_fraction)
     tok = lm.tokenizer
     tokens = tokenize_documents(docs, tok)
-    L = lm.max_len
-    if len(tokens) < L:
-        # Short text: one window of its own length.
-        L = len(tokens)
+    L = min(lm.max_len, len(tokens) - 1)  # a short text is one window of (almost) its own length
     if L < 2:
         raise CorpusError(f"{data!r} is too short to evaluate")
-    windows = TokenStream(tokens, L - 1 if len(tokens) == L else L).windows(max_windows)
+    windows = TokenStream(tokens, L).windows(max_windows)
     n_tok = int(windows.numel())
     # Characters covered by the scored windows (the [EOS] after a document counts as one character).
     flat = windows.flatten().tolist()

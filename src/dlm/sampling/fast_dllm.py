@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from dlm.sampling.sampler import SAMPLERS, Sampler, SamplerOutput, gumbel_argmax
+from dlm.sampling.sampler import SAMPLERS, LLaDASampler, SamplerOutput
 
 
 def threshold_count(confidence: torch.Tensor, eligible: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -44,7 +44,7 @@ def factor_count(confidence: torch.Tensor, eligible: torch.Tensor, factor: float
 
 
 @SAMPLERS.register("fast_dllm")
-class FastDLLMSampler(Sampler):
+class FastDLLMSampler(LLaDASampler):
     """LLaDA's step with Fast-dLLM's commit count; without threshold and factor it is LLaDASampler exactly."""
 
     variable_steps = True  # a driver steps until the block holds no mask, not a fixed number of times
@@ -71,22 +71,11 @@ class FastDLLMSampler(Sampler):
             return self.remaining
         return self.plan[:, self.step_index]
 
-    def step(self, logits, xt, lo, hi, generator=None):
-        """logits (B, L, V), xt (B, L); commits masked positions inside [0, hi) only: earlier blocks are complete,
-        so this is [lo, hi) except in the first block, which also owns masks inside the prompt (infilling)."""
-        candidate = xt == self.mask_id
-        candidate[:, hi:] = False  # Fast-dLLM: nothing past the current block (its confidence is -inf)
-        x0 = xt.clone()
-        confidence = torch.full(xt.shape, -torch.inf, dtype=torch.float64, device=xt.device)
-        if bool(candidate.any()):  # argmax and float64 softmax at the candidates only, as LLaDASampler
-            cand_logits = logits[candidate]  # (N, V)
-            cand_logits[:, self.mask_id] = -torch.inf  # [MASK] is never a prediction
-            pred = gumbel_argmax(cand_logits, self.temperature, generator)  # (N,)
-            probs = torch.softmax(cand_logits.double(), dim=-1)  # (N, V) float64, as the reference
-            conf = self.remasking.confidence(probs[None], pred[None], generator)[0].double()  # (N,)
-            conf = self.defer_end_markers(pred, conf)  # [EOS] / [PAD] rank (and pass the threshold) last
-            x0[candidate] = pred
-            confidence[candidate] = conf
+    def step(self, logits, xt, lo, hi, generator=None, offset=0):
+        """logits (B, L, V) (or windowed, as LLaDASampler), xt (B, L); commits masked positions inside [0, hi)
+        only: earlier blocks are complete, so this is [lo, hi) except in the first block, which also owns masks
+        inside the prompt (infilling). Fast-dLLM likewise gives positions past the block -inf confidence."""
+        candidate, x0, confidence = self.predict(logits, xt, hi, generator, offset)
         if self.config.factor is not None:
             n = factor_count(confidence, candidate, self.config.factor)
         elif self.config.threshold is not None:

@@ -81,11 +81,12 @@ def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
             lo, hi = start + b * block_length, start + (b + 1) * block_length
             # The first block also owns every mask before it (infilling gaps inside the prompt).
             region = slice(0 if b == 0 else lo, hi)
-            if not (x[:, region] == mask_id).any():
+            region_masked = x[:, region] == mask_id
+            if not region_masked.any():
                 continue
-            sampler.set_timesteps(steps_per_block, x[:, region] == mask_id)
+            sampler.set_timesteps(steps_per_block, region_masked)
             if hasattr(model_fn, "begin_block"):  # a cached forward: the slice starts at the block or first gap
-                first_gap = int((x[:, region] == mask_id).any(0).nonzero()[0]) + region.start
+                first_gap = int(region_masked.any(0).nonzero()[0]) + region.start
                 model_fn.begin_block(min(lo, first_gap), lo, hi)
                 last_x = None  # reuse logits only within a block
             budget = steps_per_block if not getattr(sampler, "variable_steps", False) else L + steps_per_block
@@ -96,23 +97,19 @@ def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
                     sampler.step_index += 1  # nothing to commit: skip the forward pass, the result is identical
                     global_step += 1
                     continue
+                seen, kwargs = x, {}
                 if window:
                     # Only [w0, hi) can be committed: the head, the processors and the sampler see just that.
                     w0 = min(lo, int((x[:, :hi] == mask_id).any(0).nonzero()[0]))
-                    logits = apply_processors(processors, model_fn(x, window=(w0, hi)), x[:, w0:hi])
-                    out = sampler.step(logits, x, lo, hi, generator, offset=w0)
-                    x = out.xt
-                    yield StepEvent(block=b, step=global_step, output=out)
-                    global_step += 1
-                    continue
-                if getattr(sampler, "reuse_logits_when_unchanged", False) and last_x is not None and \
+                    raw, seen, kwargs = model_fn(x, window=(w0, hi)), x[:, w0:hi], {"offset": w0}
+                elif getattr(sampler, "reuse_logits_when_unchanged", False) and last_x is not None and \
                         torch.equal(last_x, x):
                     raw = last_logits
                 else:
                     raw = model_fn(x)
                     last_x, last_logits = x, raw
-                logits = apply_processors(processors, raw, x)
-                out = sampler.step(logits, x, lo, hi, generator)
+                logits = apply_processors(processors, raw, seen)
+                out = sampler.step(logits, x, lo, hi, generator, **kwargs)
                 x = out.xt
                 yield StepEvent(block=b, step=global_step, output=out)
                 global_step += 1

@@ -12,6 +12,7 @@ position's argmax instead), so the sampler's softmax stays finite. The design fo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -55,13 +56,18 @@ def keep_argmax_where_empty(filtered: torch.Tensor, logits: torch.Tensor) -> tor
 
 
 def _vocab_mask(token_ids: Sequence[int], V: int, device: torch.device, who: str) -> torch.Tensor:
-    """token ids -> bool (V,) with a clear error for ids outside the vocabulary."""
+    """token ids -> bool (V,) with a clear error for ids outside the vocabulary (cached: built once, not per step)."""
     bad = [i for i in token_ids if not 0 <= int(i) < V]
     if bad:
         raise ValueError(f"{who}: token id(s) {bad} are outside the vocabulary of the logits (0..{V - 1})")
+    return _cached_vocab_mask(tuple(int(i) for i in token_ids), V, str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_vocab_mask(token_ids: tuple[int, ...], V: int, device: str) -> torch.Tensor:
     mask = torch.zeros(V, dtype=torch.bool, device=device)
-    mask[torch.as_tensor([int(i) for i in token_ids], dtype=torch.long, device=device)] = True
-    return mask
+    mask[torch.as_tensor(token_ids, dtype=torch.long, device=device)] = True
+    return mask  # read only: callers combine it into new tensors
 
 
 def _positions(where: torch.Tensor | None, logits: torch.Tensor, who: str) -> torch.Tensor | None:
@@ -77,8 +83,11 @@ def _positions(where: torch.Tensor | None, logits: torch.Tensor, who: str) -> to
 
 # ----- hard constraints ---------------------------------------------------------------------------------------
 
-class BannedTokens(LogitsProcessor):
-    """Forbid token ids everywhere, or only at the positions where `where` (B, L) is True."""
+class _TokenSet(LogitsProcessor):
+    """A set of token ids that is forbidden (BannedTokens) or the only one allowed (AllowedTokens), everywhere or
+    only at the positions where `where` (B, L) is True."""
+
+    _allow = False  # class attribute, so that repr (from vars) shows only the ids and `where`
 
     @property
     def window_safe(self) -> bool:  # position-free unless restricted to positions
@@ -91,33 +100,30 @@ class BannedTokens(LogitsProcessor):
     def __call__(self, logits, xt):
         if not self.token_ids:
             return logits
-        banned = _vocab_mask(self.token_ids, logits.shape[-1], logits.device, "BannedTokens")  # (V,)
-        where = _positions(self.where, logits, "BannedTokens")
-        mask = banned if where is None else where & banned  # (V,) or (B, L, V)
+        who = type(self).__name__
+        ids = _vocab_mask(self.token_ids, logits.shape[-1], logits.device, who)  # (V,)
+        forbidden = ~ids if self._allow else ids
+        where = _positions(self.where, logits, who)
+        mask = forbidden if where is None else where & forbidden  # (V,) or (B, L, V)
         return keep_argmax_where_empty(logits.masked_fill(mask, NEG_INF), logits)
+
+
+class BannedTokens(_TokenSet):
+    """Forbid token ids everywhere, or only at the positions where `where` (B, L) is True."""
 
 
 SuppressTokens = BannedTokens  # the original name, kept for existing callers
 
 
-class AllowedTokens(LogitsProcessor):
+class AllowedTokens(_TokenSet):
     """Only `token_ids` may be chosen: everywhere, or only at the positions where `where` (B, L) is True."""
 
-    @property
-    def window_safe(self) -> bool:  # position-free unless restricted to positions
-        return self.where is None
+    _allow = True
 
     def __init__(self, token_ids: Sequence[int], where: torch.Tensor | None = None) -> None:
-        self.token_ids = [int(i) for i in token_ids]
+        super().__init__(token_ids, where)
         if not self.token_ids:
             raise ValueError("AllowedTokens needs at least one token id; to forbid tokens use BannedTokens")
-        self.where = where
-
-    def __call__(self, logits, xt):
-        forbidden = ~_vocab_mask(self.token_ids, logits.shape[-1], logits.device, "AllowedTokens")  # (V,)
-        where = _positions(self.where, logits, "AllowedTokens")
-        mask = forbidden if where is None else where & forbidden
-        return keep_argmax_where_empty(logits.masked_fill(mask, NEG_INF), logits)
 
 
 # ----- soft transforms ----------------------------------------------------------------------------------------

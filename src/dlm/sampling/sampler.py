@@ -100,13 +100,13 @@ class LLaDASampler(Sampler):
     fixed_plan = True  # commits_planned is exact: a step planned to commit nothing needs no forward pass
     windowed = True  # step() accepts the logits of [offset, hi) only
 
-    def step(self, logits, xt, lo, hi, generator=None, offset=0):
-        """logits (B, L, V) or, windowed, (B, hi - offset, V) for positions [offset, hi); xt (B, L).
+    def predict(self, logits: torch.Tensor, xt: torch.Tensor, hi: int, generator: torch.Generator | None,
+                offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> candidate (B, L) bool (masked, before `hi`), x0 (B, L) and confidence (B, L) float64 at them.
 
-        Commits inside [0, hi) only (earlier blocks are already complete)."""
-        n = self.commits_planned
-        is_masked = xt == self.mask_id  # (B, L)
-        candidate = is_masked.clone()
+        logits (B, L, V) or, windowed, (B, W, V) for positions [offset, offset + W) that cover every candidate.
+        """
+        candidate = xt == self.mask_id
         candidate[:, hi:] = False  # (B, L): may be committed by this step
         x0 = xt.clone()
         confidence = torch.full(xt.shape, -torch.inf, dtype=torch.float64, device=xt.device)
@@ -120,6 +120,14 @@ class LLaDASampler(Sampler):
             conf = self.defer_end_markers(pred, conf)  # keep [EOS] / [PAD] from being committed early
             x0[candidate] = pred
             confidence[candidate] = conf.double()
+        return candidate, x0, confidence
+
+    def step(self, logits, xt, lo, hi, generator=None, offset=0):
+        """logits (B, L, V) or, windowed, (B, hi - offset, V) for positions [offset, hi); xt (B, L).
+
+        Commits inside [0, hi) only (earlier blocks are already complete)."""
+        n = self.commits_planned
+        candidate, x0, confidence = self.predict(logits, xt, hi, generator, offset)
         commit = self.remasking.select(confidence, candidate, n)
         self.step_index += 1
         return SamplerOutput(xt=torch.where(commit, x0, xt), committed=commit, x0=x0, confidence=confidence)

@@ -217,14 +217,18 @@ class Batcher:
                         break
                     self._cond.wait(left)
             batch: list[Job] = []
+            keep: list[Job] = []
             rows = 0
-            for job in list(self._pending):
+            for job in self._pending:
                 if job.cancelled:
-                    self._pending.remove(job)
-                elif job.key == first.key and (not batch or rows + job.rows <= self.batch_size):
+                    continue
+                if job.key == first.key and (not batch or rows + job.rows <= self.batch_size):
                     batch.append(job)
                     rows += job.rows
-                    self._pending.remove(job)
+                else:
+                    keep.append(job)
+            self._pending.clear()
+            self._pending.extend(keep)
             return batch
 
     def _run(self, batch: list[Job]) -> None:

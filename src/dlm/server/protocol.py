@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dlm.config import GenerationConfig
 from dlm.pipeline import GAP, DiffusionLM
-from dlm.sampling import REMASKING, SAMPLERS, SamplingError, plan_blocks
+from dlm.sampling import SAMPLERS, SamplingError, plan_blocks
 from dlm.server.batching import StepUpdate
 from dlm.server.settings import ServerSettings
 from dlm.tokenizer import Tokenizer
@@ -165,9 +165,9 @@ def sampling_overrides(body: _Body, names: dict[str, str]) -> dict[str, Any]:
 
 def _library_check(lm: DiffusionLM, overrides: dict[str, Any]) -> GenerationConfig:
     try:
-        opts = lm.sampling.replace(**overrides).validate()
-        SAMPLERS.get(opts.sampler)
-        REMASKING.get(opts.remasking)
+        opts = lm._options(None, **overrides)
+        # Building the sampler checks the remasking rule the way that sampler reads it (dream takes "origin").
+        SAMPLERS.build(opts.sampler, mask_id=lm.tokenizer.mask_id, config=opts)
     except ValueError as e:  # ConfigError (types, ranges, unknown names): the library's message says what works
         raise ApiError(400, str(e)) from e
     if opts.seed is not None and not 0 <= opts.seed < 2**63:
@@ -287,6 +287,7 @@ class PrefixDelta:
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.sent = ""
         self.stopped = False  # a stop sequence ended the text
+        self._n = -1  # length of the committed prefix last decoded: committed tokens never change
 
     def update(self, region: list[int]) -> str:
         """region: the row's generated token ids (masks included) -> the new text to send ('' if none)."""
@@ -297,6 +298,9 @@ class PrefixDelta:
                 break
             if i != tok.pad_id:
                 prefix.append(i)
+        if len(prefix) == self._n:  # the prefix did not grow: nothing new to decode
+            return ""
+        self._n = len(prefix)
         return self._advance(tok.decode(prefix), final=False)
 
     def finish(self, text: str) -> str:
