@@ -446,3 +446,13 @@ def test_batches_group_equal_options_and_respect_the_row_budget(lm):
                      [jobs[1]], [jobs[3]],  # other steps; a seed decodes alone
                      [jobs[5]], [jobs[6]]]  # the rest of `a`; infill alone
     assert batcher.depth == 0
+
+
+def test_dream_origin_is_accepted_as_the_library_accepts_it(client, lm):
+    body = {"prompt": "ab", "max_tokens": 16, "steps": 8, "sampler": "dream", "remasking": "origin", "seed": 0}
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["text"] == lm.generate("ab", max_new_tokens=16, steps=8, sampler="dream", remasking="origin",
+                                           seed=0)
+    bad = client.post("/v1/generate", json={**body, "sampler": "llada"})
+    assert bad.status_code == 400 and "origin" in bad.json()["error"]["message"]
