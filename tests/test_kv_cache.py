@@ -134,7 +134,7 @@ def test_padding_attn_mask_rows_of_a_slice():
 
 def test_state_dict_keys_unchanged():
     keys = set(_model().state_dict())
-    assert "blocks.0.attn.qkv.weight" in keys and "lm_head.weight" in keys
+    assert "blocks.0.attn.q_proj.weight" in keys and "lm_head.weight" in keys
     assert not any("cache" in k for k in keys)
 
 

@@ -115,7 +115,7 @@ def test_checkpoint_is_complete_or_absent(tmp_path, text_file):
     assert names.count("ckpt-000005") == 1 and "ckpt-000010" in names
     for ck in ("ckpt-000005", "ckpt-000010"):
         assert {p.name for p in (out / ck).iterdir()} == {"model.safetensors", "config.json", "tokenizer.json",
-                                                         "trainer_state.pt"}
+                                                         "generation_config.json", "trainer_state.pt"}
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path, text_file):

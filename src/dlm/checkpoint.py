@@ -16,21 +16,20 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from dlm.config import CheckpointConfig, ConfigError
+from dlm.config import FORMAT_VERSION, CheckpointConfig
+from dlm.formats.base import CheckpointError
 from dlm.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
+GENERATION_CONFIG = "generation_config.json"
 TRAINER_STATE = "trainer_state.pt"
 LATEST = "latest"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt or does not match its config; the message says which file."""
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -81,15 +80,16 @@ def save_pretrained(folder: str | Path, model: torch.nn.Module, cfg: CheckpointC
     sd = state_dict_for_saving(model, dtype)
     atomic_save(lambda p: save_file(sd, p, metadata={"format": "pt", "library": "dlm"}), folder / WEIGHTS)
     tokenizer.save(folder / TOKENIZER)
-    cfg.save(folder / CONFIG)
+    cfg.sampling.save_json(folder / GENERATION_CONFIG)
+    cfg.replace(format_version=FORMAT_VERSION).save(folder / CONFIG)
 
 
 def resolve_checkpoint_dir(folder: str | Path) -> Path:
-    """A folder with model.safetensors, or a training run folder (-> its latest complete checkpoint)."""
+    """A model folder (with config.json), or a training run folder (-> its latest complete checkpoint)."""
     folder = Path(folder)
     if not folder.exists():
         raise CheckpointError(f"no checkpoint at {folder}: the folder does not exist")
-    if (folder / WEIGHTS).exists():
+    if (folder / WEIGHTS).exists() or (folder / CONFIG).exists():
         return folder
     latest = folder / LATEST
     if latest.exists():
@@ -103,51 +103,15 @@ def resolve_checkpoint_dir(folder: str | Path) -> Path:
     raise CheckpointError(f"{folder} holds no {WEIGHTS} and no ckpt-* folder; is it a dlm checkpoint?")
 
 
-def load_pretrained(folder: str | Path, map_location: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, CheckpointConfig, Tokenizer]:
-    from dlm.models import build_model
+def load_pretrained(folder: str | Path, map_location: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    allow_pickle: bool = False) -> tuple[torch.nn.Module, CheckpointConfig, Tokenizer]:
+    """Any model folder (ours, a training run, or an upstream LLaDA / Dream folder) -> (network, config, tokenizer).
 
-    folder = resolve_checkpoint_dir(folder)
-    if not (folder / CONFIG).exists():
-        raise CheckpointError(f"{folder} has weights but no {CONFIG}")
-    try:
-        cfg = CheckpointConfig.load(folder / CONFIG)
-    except ConfigError as e:
-        raise CheckpointError(f"{folder / CONFIG}: {e}") from e
-    tok = Tokenizer.load(folder / TOKENIZER)
-    try:
-        sd = load_file(str(folder / WEIGHTS), device=str(map_location))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{folder / WEIGHTS} is corrupt or truncated ({e}); re-download or re-train it") from e
-    with torch.device("meta"):
-        model = build_model(cfg.model)
-    expected = {k: v for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{folder / WEIGHTS} does not match its config: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    for k, v in expected.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{folder / WEIGHTS}: {k} has shape {tuple(sd[k].shape)}, config says "
-                                  f"{tuple(v.shape)}")
-    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-    model.load_state_dict(sd, assign=True)
-    _materialise_buffers(model, cfg, map_location)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise CheckpointError(f"tokenizer has {tok.vocab_size} ids but the model only {cfg.model.vocab_size}")
-    return model.eval(), cfg, tok
+    Weights go straight to `dtype` on `map_location`, shard by shard (dlm.formats.base.load_weights).
+    """
+    from dlm.formats import load_folder
 
-
-def _materialise_buffers(model: torch.nn.Module, cfg: CheckpointConfig, device: str | torch.device) -> None:
-    # Non-persistent buffers (RoPE frequencies) are not in the file and are still on the meta device.
-    from dlm.models.common import Rotary
-
-    for m in model.modules():
-        if isinstance(m, Rotary):
-            fresh = Rotary(cfg.model.d_model // cfg.model.n_heads, cfg.model.rope_theta)
-            m.inv_freq = fresh.inv_freq.to(device)
-            m._cache = None
+    return load_folder(resolve_checkpoint_dir(folder), dtype=dtype, device=map_location, allow_pickle=allow_pickle)
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

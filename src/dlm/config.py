@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T", bound="_Config")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: separate q/k/v/o and gate/up/down projections (version 1 fused them; still loaded)
 
 
 class ConfigError(ValueError):
@@ -95,12 +95,25 @@ class ModelConfig(_Config):
     norm_eps: float = 1e-5
     dropout: float = 0.0
     time_dim: int = 128  # DiT only: width of the sinusoidal time embedding before its MLP
+    n_kv_heads: int | None = None  # grouped-query attention (Dream / Qwen2); None: as many as n_heads
+    qkv_bias: bool = False  # biases on the q, k, v projections (Dream / Qwen2); LLaDA has none
+    logits_shift: bool = False  # Dream: position i predicts token i + 1, so logits move one place right
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            raise ConfigError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if (self.d_model // self.n_heads) % 2:
             raise ConfigError("head width d_model/n_heads must be even for RoPE")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
 
     @property
     def ff_width(self) -> int:

@@ -29,8 +29,16 @@ ALIASES = {"default": "shakespeare"}
 GAP = re.compile(r"\[MASK(?::(\d+))?\]")
 
 
-def resolve_model_path(name_or_path: str | Path) -> Path:
-    """A shipped model name ("default", "shakespeare"), or a folder on disk."""
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(name_or_path: str | Path, allow_pickle: bool = False) -> Path:
+    """A shipped model name ("default", "shakespeare"), a folder on disk, or a Hugging Face hub id.
+
+    A local folder never touches the network. A hub id ("GSAI-ML/LLaDA-8B-Instruct") that is not a folder is
+    fetched with `huggingface_hub.snapshot_download` into its cache (configs, tokenizer and safetensors weights
+    only: no code files; pickle weights only with allow_pickle).
+    """
     name = str(name_or_path)
     shipped = PRETRAINED_DIR / ALIASES.get(name, name)
     if "/" not in name and (shipped / "model.safetensors").exists():
@@ -38,9 +46,24 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     path = Path(name).expanduser()
     if path.exists():
         return path
+    if HUB_ID.match(name) and not name.startswith((".", "~")):
+        return download(name, allow_pickle)
     available = sorted({*ALIASES, *(p.name for p in PRETRAINED_DIR.glob("*") if (p / "model.safetensors").exists())})
-    raise CheckpointError(f"unknown model {name!r}: not a shipped model ({', '.join(available) or 'none'}) "
-                          "and no such folder")
+    raise CheckpointError(f"unknown model {name!r}: not a shipped model ({', '.join(available) or 'none'}), "
+                          "no such folder, and not a hub id (owner/name)")
+
+
+def download(repo_id: str, allow_pickle: bool = False) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise CheckpointError(f"{repo_id!r} is not a local folder; downloading it needs huggingface_hub "
+                              "(pip install 'dlm[hf]'), or pass the path of a downloaded copy") from e
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"] + (["*.bin"] if allow_pickle else [])
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # network, auth and not-found errors have many types in huggingface_hub
+        raise CheckpointError(f"cannot download {repo_id!r} from the Hugging Face hub: {e}") from e
 
 
 @dataclass
@@ -62,9 +85,22 @@ class DiffusionLM:
     # ----- loading --------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "default", device: str = "cpu",
-                        dtype: str | torch.dtype = "float32") -> DiffusionLM:
-        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        model, cfg, tok = load_pretrained(resolve_model_path(name_or_path), map_location=device, dtype=torch_dtype)
+                        dtype: str | torch.dtype = "float32", allow_pickle: bool = False,
+                        quantize: str | None = None) -> DiffusionLM:
+        """A shipped name, a folder (ours, a run, or an upstream LLaDA / Dream folder), or a hub id.
+
+        `dtype` is what the weights are converted to as they are read; `quantize="int8"` then replaces every
+        linear layer by an int8 weight-only one (CPU inference; dlm.quantize).
+        """
+        torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if not isinstance(torch_dtype, torch.dtype):
+            raise CheckpointError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        path = resolve_model_path(name_or_path, allow_pickle)
+        model, cfg, tok = load_pretrained(path, map_location=device, dtype=torch_dtype, allow_pickle=allow_pickle)
+        if quantize is not None:
+            from dlm.quantize import quantize_model
+
+            quantize_model(model, quantize)
         return cls(model, tok, cfg, device=device)
 
     @property
@@ -233,9 +269,24 @@ class DiffusionLM:
 
     def _decode_new(self, new: list[int]) -> str:
         tok = self.tokenizer
-        if tok.eos_id in new:
-            new = new[: new.index(tok.eos_id)]
-        return tok.decode([i for i in new if i != tok.pad_id])
+        stops = tok.stop_ids
+        end = next((i for i, t in enumerate(new) if t in stops), len(new))
+        return tok.decode([i for i in new[:end] if i != tok.pad_id])
+
+    def chat(self, messages: list[dict[str, str]], config: GenerationConfig | None = None, **options: Any) -> str:
+        """The assistant's answer to a conversation [{"role": "user", "content": ...}, ...], through the model's
+        own chat template; every GenerationConfig field is accepted as a keyword."""
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages) or not messages:
+            raise SamplingError('messages must be a non-empty list of {"role": str, "content": str}')
+        try:
+            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        except ValueError as e:
+            raise SamplingError(str(e)) from e
+        prompt = torch.tensor([ids], dtype=torch.long)
+        out = self.generate(prompt, config=config, **options)
+        return self._decode_new(out[0, prompt.shape[1]:].tolist())
 
     # ----- infilling ------------------------------------------------------------------------------------------
     def parse_gaps(self, text: str, max_span: int) -> tuple[list[int], list[Gap], list[str]]:

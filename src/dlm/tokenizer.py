@@ -39,6 +39,18 @@ class Tokenizer:
     def special_ids(self) -> set[int]:
         return {self.pad_id, self.mask_id, self.eos_id, self.bos_id}
 
+    @property
+    def stop_ids(self) -> set[int]:
+        """Ids that end an answer (EOS; chat models add their end-of-turn token)."""
+        return {self.eos_id}
+
+    has_chat_template = False
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The conversation as the model's prompt text (special tokens written out; `encode` reads them back)."""
+        raise ValueError("this tokenizer has no chat template; chat() needs an instruction-tuned model "
+                         "(e.g. LLaDA-8B-Instruct or Dream-v0-Instruct-7B)")
+
     def save(self, path: str | Path) -> None:
         from dlm.checkpoint import atomic_write_text
 
@@ -135,6 +147,54 @@ class BPETokenizer(Tokenizer):
             return cls(HFTokenizer.from_str(json.dumps(d["hf"])))
         except Exception as e:  # KeyError, TypeError, or the tokenizers library's own exception type
             raise ValueError(f"the BPE tokenizer file is malformed: {e}") from e
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `transformers` tokenizer of a pretrained model (LLaDA, Dream), with its chat template.
+
+    The special ids come from the model's config.json (mask_token_id is not a standard tokenizer field).
+    """
+
+    def __init__(self, hf_tokenizer: Any, mask_id: int, eos_id: int, pad_id: int | None = None,
+                 bos_id: int | None = None, stop_ids: Iterable[int] = (), vocab_size: int | None = None) -> None:
+        self._tok = hf_tokenizer
+        self.mask_id, self.eos_id = int(mask_id), int(eos_id)
+        self.pad_id = int(pad_id) if pad_id is not None else self.eos_id
+        bos = bos_id if bos_id is not None else hf_tokenizer.bos_token_id
+        self.bos_id = int(bos) if bos is not None else self.eos_id
+        self.vocab_size = int(vocab_size) if vocab_size is not None else len(hf_tokenizer)
+        self._stop = {self.eos_id, *(int(i) for i in stop_ids)}
+
+    @property
+    def stop_ids(self) -> set[int]:
+        return set(self._stop)
+
+    @property
+    def hf(self) -> Any:
+        return self._tok
+
+    def encode(self, text: str) -> list[int]:
+        # Special tokens written in the text (a chat template's headers) become their ids, as upstream.
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    @property
+    def has_chat_template(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self._tok, "chat_template", None))
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if not self.has_chat_template:
+            return super().apply_chat_template(messages, add_generation_prompt)
+        return self._tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def to_json(self) -> dict[str, Any]:
+        raise NotImplementedError("an HF tokenizer is saved with save(folder), in its own files")
+
+    def save(self, path: str | Path) -> None:
+        """Write the tokenizer's own files (tokenizer.json, tokenizer_config.json, ...) into the folder of path."""
+        self._tok.save_pretrained(str(Path(path).parent))
 
 
 def build_tokenizer(spec: str, train_texts: Iterable[str] | None = None) -> Tokenizer:

@@ -98,38 +98,47 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Multi-head (or grouped-query, H_kv < H) attention with RoPE; projection names as in LLaMA / Qwen2."""
+
     def __init__(self, cfg: ModelConfig, causal: bool) -> None:
         super().__init__()
-        self.n_heads = cfg.n_heads
+        self.n_heads, self.n_kv_heads, hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.causal = causal
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         """x (B, n, D); cos, sin (n, hd) of the true positions of x. With a cache the keys span the whole canvas."""
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
+        q = self.q_proj(x).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, H, L, hd)
+        k = self.k_proj(x).view(B, L, self.n_kv_heads, -1).transpose(1, 2)  # (B, H_kv, L, hd)
+        v = self.v_proj(x).view(B, L, self.n_kv_heads, -1).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, H, L_canvas, hd)
+            k, v = cache.update(layer, k, v)  # (B, H_kv, L_canvas, hd): the cache stores the H_kv heads only
+        if self.n_kv_heads != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, L, hd)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=self.causal and attn_mask is None,
             dropout_p=self.dropout if self.training else 0.0,
         )  # (B, H, L, hd)
-        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
 
 
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.ff_width, bias=False)
+        self.gate = nn.Linear(cfg.d_model, cfg.ff_width, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.ff_width, bias=False)
         self.down = nn.Linear(cfg.ff_width, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 def padding_attn_mask(attention_mask: torch.Tensor | None, causal: bool, L: int, start: int = 0,
@@ -156,5 +165,5 @@ def init_weights(module: nn.Module, n_layers: int) -> None:
     for name, p in module.named_parameters():
         if p.dim() < 2:
             continue
-        std = 0.02 / (2 * n_layers) ** 0.5 if name.endswith(("proj.weight", "down.weight")) else 0.02
+        std = 0.02 / (2 * n_layers) ** 0.5 if name.endswith(("o_proj.weight", "down.weight")) else 0.02
         nn.init.normal_(p, mean=0.0, std=std)

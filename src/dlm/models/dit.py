@@ -55,7 +55,7 @@ class DiT(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(cfg.time_dim, cfg.d_model), nn.SiLU(), nn.Linear(cfg.d_model, cfg.d_model)
         )
-        self.rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_layers))
         self.ln_f = RMSNorm(cfg.d_model, cfg.norm_eps, affine=False)
         self.final_ada = nn.Linear(cfg.d_model, 2 * cfg.d_model)

@@ -41,8 +41,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # A shifted model's position i needs the hidden state of i - 1, which a cached slice does not recompute.
+        self.supports_kv_cache = not cfg.logits_shift
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         self.blocks = nn.ModuleList(Block(cfg, self.causal) for _ in range(cfg.n_layers))
         self.ln_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -56,10 +58,14 @@ class Transformer(nn.Module):
         With `logits_window=(a, b)` only positions [a, b) go through the final norm and the head -> (B, b - a, V):
         a sampler that can commit only there skips the rest of the (B, L, V) head (large with a big vocabulary).
 
+        With `cfg.logits_shift` (Dream) the logits are already moved one place right, as samplers expect them.
+
         With a filled `cache` windowed at `start`, xt (B, n) is the slice [start, start + n) of the cached canvas
         and `attention_mask` (if any) still covers the whole canvas (B, L); -> logits of the slice (B, n, V).
         """
         B, n = xt.shape
+        if cache is not None and not self.supports_kv_cache:
+            raise ValueError("this model shifts its logits (Dream); it cannot run on a KV-cached slice")
         start = 0 if cache is None or cache.start is None else cache.start
         L = n if cache is None or cache.start is None else self._check_slice(cache, B, start, n)
         cos, sin = self.rotary.cos_sin(L, xt.device)
@@ -70,6 +76,8 @@ class Transformer(nn.Module):
         x = self.wte(xt)  # (B, n, D)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, cache, i)
+        if self.cfg.logits_shift:  # Dream: the state at i - 1 predicts token i; position 0 keeps its own
+            x = torch.cat([x[:, :1], x[:, :-1]], dim=1)
         if logits_window is not None:
             x = x[:, logits_window[0]:logits_window[1]]
         return self.lm_head(self.ln_f(x))  # (B, n, V)

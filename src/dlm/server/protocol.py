@@ -243,9 +243,8 @@ def check_infill(lm: DiffusionLM, text: str, overrides: dict[str, Any], settings
 def render_chat(tokenizer: Tokenizer, messages: list[ChatMessage]) -> str:
     """The tokenizer's chat template when it has one, else `role: content` lines and `assistant: `."""
     turns = [{"role": m.role, "content": m.text} for m in messages]
-    template = getattr(tokenizer, "apply_chat_template", None)
-    if callable(template):
-        return template(turns)
+    if tokenizer.has_chat_template:
+        return tokenizer.apply_chat_template(turns)
     return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant: "
 
 

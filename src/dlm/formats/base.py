@@ -1,0 +1,185 @@
+"""The one loading path of every checkpoint folder: weights read shard by shard into a network built on `meta`.
+
+A `Format` says how a folder's `config.json` becomes a `ModelConfig`, how each tensor of the file becomes
+parameters of our network (`convert`: mostly a rename, sometimes a split), and which tokenizer and sampling
+defaults go with it. `load_weights` does the rest for every format alike:
+
+- the network is built on the `meta` device (no memory), then each tensor of each shard goes straight to the
+  target dtype and device and is assigned to its parameter: no float32 copy of the whole model, and at most one
+  memory-mapped shard open at a time;
+- before anything is read, the bytes the weights will take are compared with the free memory of the device;
+- every expected parameter must be found, no file tensor may be left over, every shape must match.
+
+Pickle weights (`pytorch_model.bin`) are read only when the caller allows it, and then with
+`torch.load(weights_only=True)`.
+
+    net = load_weights(folder, cfg, build_model, renamer({"model.norm.weight": "ln_f.weight"}), torch.bfloat16)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from dlm.config import ModelConfig
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt or does not match its config; the message says which file."""
+
+
+def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of a folder, in shard order: one safetensors file, an index of shards, or pickles."""
+    if (folder / SAFETENSORS).exists():
+        return [folder / SAFETENSORS]
+    for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):
+        index = folder / index_name
+        if index.exists():
+            if index_name == PICKLE_INDEX and not allow_pickle:
+                break
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid shard index ({e})") from e
+            shards = [folder / name for name in dict.fromkeys(sorted(set(weight_map.values())))]
+            absent = [s.name for s in shards if not s.exists()]
+            if absent:
+                raise CheckpointError(f"{index} lists shards that are not in {folder}: {absent}; is the download "
+                                      "complete?")
+            return shards
+    pickles = sorted(folder.glob("pytorch_model*.bin"))
+    if pickles and not allow_pickle:
+        raise CheckpointError(f"{folder} holds only pickle weights ({pickles[0].name}); pickle can run code when "
+                              "loaded. Convert them to safetensors, or pass allow_pickle=True (CLI: --allow-pickle) "
+                              "to read them with torch.load(weights_only=True)")
+    if pickles:
+        return pickles
+    raise CheckpointError(f"{folder} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PICKLE}")
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """(name, tensor on CPU, file) for every tensor of every file; one file is open (memory-mapped) at a time."""
+    for f in files:
+        if f.suffix == ".bin":
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # pickle errors come in many types; the message says which file
+                raise CheckpointError(f"{f} cannot be read with torch.load(weights_only=True): {e}") from e
+            for k, v in sd.items():
+                yield k, v, f
+            del sd
+            continue
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for k in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield k, sf.get_tensor(k), f
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{f} is corrupt or truncated ({e}); re-download or re-train it") from e
+
+
+def weights_nbytes(cfg: ModelConfig, build: Callable[[ModelConfig], nn.Module], dtype: torch.dtype) -> int:
+    with torch.device("meta"):
+        net = build(cfg)
+    return sum(p.numel() * (dtype.itemsize if p.is_floating_point() else p.element_size())
+               for p in net.parameters())
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on the device (MemAvailable for the CPU), or None when unknown."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_memory(need: int, device: torch.device, dtype: torch.dtype) -> None:
+    free = free_memory(device)
+    if os.environ.get("DLM_SKIP_MEMORY_CHECK") or free is None or need <= free:
+        return
+    hint = " or dtype='bfloat16'" if dtype.itemsize > 2 else ""
+    raise CheckpointError(f"the weights need {need / 2**30:.2f} GiB in {str(dtype).removeprefix('torch.')} on "
+                          f"{device}, but only {free / 2**30:.2f} GiB is free; use a device with more memory"
+                          f"{hint} (set DLM_SKIP_MEMORY_CHECK=1 to try anyway)")
+
+
+Convert = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
+
+
+def renamer(rename: Callable[[str], str | None]) -> Convert:
+    """A `Convert` from a name map: our name, or None for a tensor the format knowingly drops."""
+    def convert(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        name = rename(key)
+        return [] if name is None else [(name, tensor)]
+    return convert
+
+
+def load_weights(folder: Path, cfg: ModelConfig, build: Callable[[ModelConfig], nn.Module], convert: Convert,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 allow_pickle: bool = False) -> nn.Module:
+    """Build `cfg`'s network on meta and fill it from the folder's weights -> the network, in eval mode.
+
+    `convert(file_name, tensor)` gives (our parameter name, tensor) pairs: one for a renamed tensor, several for
+    a split one, none for a tensor the format knowingly drops (e.g. cached rotary tables). A name without a
+    parameter is an error, as is a parameter never filled.
+    """
+    device = torch.device(device)
+    files = weight_files(folder, allow_pickle)
+    check_memory(weights_nbytes(cfg, build, dtype), device, dtype)
+    with torch.device("meta"):
+        net = build(cfg)
+    expected = dict(net.named_parameters())
+    filled: set[str] = set()
+    unexpected: list[str] = []
+    for key, file_tensor, f in iter_tensors(files):
+        for name, tensor in convert(key, file_tensor):
+            if name not in expected:
+                unexpected.append(key)
+                continue
+            want = tuple(expected[name].shape)
+            if tuple(tensor.shape) != want:
+                raise CheckpointError(f"{f.name}: {key} has shape {tuple(tensor.shape)}, the config says {want}; "
+                                      "does config.json belong to these weights?")
+            value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+            _assign(net, name, value)
+            filled.add(name)
+        del file_tensor
+    missing = sorted(set(expected) - filled)
+    if missing or unexpected:
+        raise CheckpointError(f"the weights in {folder} do not match the network of its config.json: "
+                              f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
+                              f"unexpected {sorted(unexpected)[:6]}{' ...' if len(unexpected) > 6 else ''}")
+    materialise_buffers(net, cfg, device)
+    return net.eval()
+
+
+def _assign(net: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = net.get_submodule(module_name) if module_name else net
+    setattr(module, attr, nn.Parameter(value, requires_grad=value.is_floating_point()))
+
+
+def materialise_buffers(net: nn.Module, cfg: ModelConfig, device: torch.device | str) -> None:
+    """Non-persistent buffers (RoPE frequencies) are not in any file: compute them on the target device."""
+    from dlm.models.common import Rotary
+
+    for m in net.modules():
+        if isinstance(m, Rotary):
+            m.inv_freq = Rotary(cfg.head_dim, cfg.rope_theta).inv_freq.to(device)
+            m._cache = None
