@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from dlm.config import FORMAT_VERSION, CheckpointConfig
 from dlm.formats.base import CheckpointError
-from dlm.tokenizer import Tokenizer
+from dlm.tokenizer import HFTokenizer, Tokenizer
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -81,7 +81,11 @@ def save_pretrained(folder: str | Path, model: torch.nn.Module, cfg: CheckpointC
     atomic_save(lambda p: save_file(sd, p, metadata={"format": "pt", "library": "dlm"}), folder / WEIGHTS)
     tokenizer.save(folder / TOKENIZER)
     cfg.sampling.save_json(folder / GENERATION_CONFIG)
-    cfg.replace(format_version=FORMAT_VERSION).save(folder / CONFIG)
+    extra = dict(cfg.extra)
+    if isinstance(tokenizer, HFTokenizer):  # its files are the upstream ones; the ids a DLM needs go here
+        extra["tokenizer"] = {"mask_id": tokenizer.mask_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+                              "bos_id": tokenizer.bos_id, "stop_ids": sorted(tokenizer.stop_ids)}
+    cfg.replace(format_version=FORMAT_VERSION, extra=extra).save(folder / CONFIG)
 
 
 def resolve_checkpoint_dir(folder: str | Path) -> Path:

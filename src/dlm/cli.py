@@ -1,10 +1,12 @@
-"""`dlm train | generate | infill | eval | serve`: a thin shell over the library.
+"""`dlm train | generate | infill | chat | eval | serve | export`: a thin shell over the library.
 
     dlm train --data shakespeare --model small --out runs/x
     dlm generate "ROMEO:" --model default --max-new-tokens 128 --steps 64
     dlm infill "To be, or not to be, [MASK] is the question" --model default
     dlm eval --model default --data shakespeare --json
     dlm serve --model default --port 8000 --api-key KEY
+    dlm chat "Write a Python function for Fibonacci numbers." --model /models/LLaDA-8B-Instruct --dtype bfloat16
+    dlm export --model runs/x --out models/x
 
 Every error the user can fix is printed as one line `dlm: error: ...` with exit status 2, never a traceback.
 """
@@ -44,7 +46,20 @@ def _train(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace):
     from dlm.pipeline import DiffusionLM
 
-    return DiffusionLM.from_pretrained(args.model, device=args.device)
+    return DiffusionLM.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                       allow_pickle=args.allow_pickle, quantize=args.quantize)
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--model / --device / --dtype / --allow-pickle / --quantize: how a model is found and loaded."""
+    p.add_argument("--model", default="default",
+                   help="shipped model name, checkpoint or run folder, upstream folder (LLaDA, Dream), or hub id")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the weights are converted to this as they are read")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pytorch_model.bin weights (torch.load(weights_only=True)); refused by default")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only linear layers (CPU inference)")
 
 
 def _generation_fields() -> list[tuple[str, Any]]:
@@ -104,6 +119,31 @@ def _generate(args: argparse.Namespace) -> None:
         print(json.dumps({"prompt": args.prompt, "completion": text}))
     else:
         print("\n\n".join(args.prompt + t for t in texts))
+
+
+def _chat(args: argparse.Namespace) -> None:
+    lm = _load(args)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": args.message}]
+    answer = lm.chat(messages, **generation_options(args))
+    print(json.dumps({"messages": messages, "answer": answer}) if args.json else answer)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from dlm.checkpoint import save_pretrained
+
+    if args.quantize:
+        raise ValueError("export writes float weights; drop --quantize (quantise when loading instead)")
+    lm = _load(args)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise ValueError(f"{out} exists and is not empty; choose another --out or pass --force")
+    save_pretrained(out, lm.model, lm.config, lm.tokenizer, dtype=getattr(torch, args.save_dtype))
+    print(json.dumps({"out": str(out), "files": sorted(p.name for p in out.iterdir())}))
 
 
 def _infill(args: argparse.Namespace) -> None:
@@ -185,8 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt (every GenerationConfig option is a flag)")
     g.add_argument("prompt")
-    g.add_argument("--model", default="default", help="shipped model name or checkpoint folder")
-    g.add_argument("--device", default="cpu")
+    add_model_flags(g)
     g.add_argument("--json", action="store_true")
     g.add_argument("--show", action="store_true", help="render the canvas resolving live in the terminal")
     g.add_argument("--save-trajectory", metavar="HTML", help="write a self-contained HTML animation of the steps")
@@ -195,30 +234,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("infill", help="fill [MASK] / [MASK:n] gaps in a text (GenerationConfig options are flags)")
     i.add_argument("text")
-    i.add_argument("--model", default="default", help="shipped model name or checkpoint folder")
-    i.add_argument("--device", default="cpu")
+    add_model_flags(i)
     i.add_argument("--json", action="store_true")
     # infill sizes the canvas from the gaps and decodes it as one block with the llada sampler
     add_generation_flags(i, skip=("max_new_tokens", "block_length", "sampler", "num_samples", "cache"))
     i.set_defaults(func=_infill, seed=0)
 
     e = sub.add_parser("eval", help="held-out likelihood bound in bits per char / token")
-    e.add_argument("--model", default="default")
+    add_model_flags(e)
     e.add_argument("--data", required=True, help="a corpus name (its validation split) or a text file")
     e.add_argument("--samples", type=int, default=4, help="Monte Carlo samples per window")
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_eval)
 
     s = sub.add_parser("serve", help="HTTP API: OpenAI-compatible completions, infilling, live denoising")
-    s.add_argument("--model", default="default", help="shipped model name or checkpoint folder")
+    add_model_flags(s)
     s.add_argument("--model-name", help="the name clients use (default: the --model name or folder name)")
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $DLM_API_KEY, else no auth)")
-    s.add_argument("--device", default="cpu")
     s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     s.add_argument("--max-prompt-tokens", type=int, default=1024)
     s.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens and infill gaps")
@@ -231,6 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long an idle worker waits for a batch")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=_serve)
+
+    c = sub.add_parser("chat", help="one answer from an instruction-tuned model, through its chat template")
+    c.add_argument("message")
+    c.add_argument("--system", help="a system message before the user's")
+    add_model_flags(c)
+    c.add_argument("--json", action="store_true")
+    add_generation_flags(c, skip=("num_samples",))
+    c.set_defaults(func=_chat, seed=0)
+
+    x = sub.add_parser("export", help="write any loadable model (a run, an upstream folder) as a dlm model folder")
+    add_model_flags(x)
+    x.add_argument("--out", required=True)
+    x.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    x.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    x.set_defaults(func=_export)
     return ap
 
 
