@@ -72,6 +72,6 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | 
 
 
 # The formats register themselves (their matches never overlap: ours has no model_type).
-from dlm.formats import dream, llada, native  # noqa: E402,F401
+from dlm.formats import dream, llada, mdlm, native, sedd  # noqa: E402,F401
 
 __all__ = ["FORMATS", "Format", "CheckpointError", "load_folder", "read_config", "detect"]

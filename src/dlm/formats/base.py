@@ -4,9 +4,9 @@ A `Format` says how a folder's `config.json` becomes a `ModelConfig`, how each t
 parameters of our network (`convert`: mostly a rename, sometimes a split), and which tokenizer and sampling
 defaults go with it. `load_weights` does the rest for every format alike:
 
-- the network is built on the `meta` device (no memory), then each tensor of each shard goes straight to the
-  target dtype and device and is assigned to its parameter: no float32 copy of the whole model, and at most one
-  memory-mapped shard open at a time;
+- the network is built on the `meta` device (no memory), then each tensor of each shard is read into memory of
+  its own, converted to the target dtype and device and assigned to its parameter: no float32 copy of the whole
+  model, no memory-mapped shard counted on top of the weights;
 - before anything is read, the bytes the weights will take are compared with the free memory of the device;
 - every expected parameter must be found, no file tensor may be left over, every shape must match.
 
@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from dlm.config import ModelConfig
@@ -68,24 +67,62 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
     raise CheckpointError(f"{folder} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PICKLE}")
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a .safetensors file, each read from the file straight into its own fresh memory.
+
+    The format is an 8-byte little-endian header size, a JSON header {name: {dtype, shape, data_offsets}} and the
+    raw data. Reading each tensor with `readinto` (rather than memory-mapping the file as safe_open does) keeps
+    the page cache out of the process: loading holds the weights once, not the weights plus a mapped shard.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(0)
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise CheckpointError(f"{path} is corrupt or truncated (header of {n} bytes in a {size}-byte file)")
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            base = 8 + n
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                begin, end = info["data_offsets"]
+                dtype = _ST_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise CheckpointError(f"{path}: {name} has dtype {info['dtype']}, which dlm does not read")
+                if base + end > size:
+                    raise CheckpointError(f"{path} is corrupt or truncated: {name} ends at byte {base + end} of "
+                                          f"{size}; re-download or re-train it")
+                buf = torch.empty(end - begin, dtype=torch.uint8)
+                f.seek(base + begin)
+                if end > begin and f.readinto(memoryview(buf.numpy())) != end - begin:
+                    raise CheckpointError(f"{path} is truncated inside {name}")
+                yield name, buf.view(dtype).reshape(info["shape"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} is corrupt or truncated ({e}); re-download or re-train it") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """(name, tensor on CPU, file) for every tensor of every file; one file is open (memory-mapped) at a time."""
+    """(name, tensor on the CPU in memory of its own, file) for every tensor of every file, one file at a time."""
     for f in files:
         if f.suffix == ".bin":
             try:
                 sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # pickle errors come in many types; the message says which file
                 raise CheckpointError(f"{f} cannot be read with torch.load(weights_only=True): {e}") from e
-            for k, v in sd.items():
-                yield k, v, f
-            del sd
+            for k in list(sd):
+                yield k, sd.pop(k).clone(), f  # off the memory map, one tensor at a time
             continue
-        try:
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for k in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield k, sf.get_tensor(k), f
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{f} is corrupt or truncated ({e}); re-download or re-train it") from e
+        for k, v in read_safetensors(f):
+            yield k, v, f
 
 
 def weights_nbytes(cfg: ModelConfig, build: Callable[[ModelConfig], nn.Module], dtype: torch.dtype) -> int:
@@ -156,7 +193,7 @@ def load_weights(folder: Path, cfg: ModelConfig, build: Callable[[ModelConfig], 
             if tuple(tensor.shape) != want:
                 raise CheckpointError(f"{f.name}: {key} has shape {tuple(tensor.shape)}, the config says {want}; "
                                       "does config.json belong to these weights?")
-            value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+            value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
             _assign(net, name, value)
             filled.add(name)
         del file_tensor

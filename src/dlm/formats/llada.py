@@ -69,10 +69,14 @@ def model_config(config: dict[str, Any], folder: Path) -> ModelConfig:
 
 def hf_tokenizer(folder: Path, vocab_size: int, mask_id: int, eos_id: int, pad_id: int | None,
                  bos_id: int | None, stop_tokens: list[str]) -> HFTokenizer:
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
+    # Not AutoTokenizer: it reads config.json's auto_map and would ask for trust_remote_code. The folder's
+    # tokenizer.json (+ tokenizer_config.json with the chat template) is all a fast tokenizer needs.
+    if not (folder / "tokenizer.json").exists():
+        raise CheckpointError(f"{folder} has no tokenizer.json; copy the model's tokenizer files into it")
     try:
-        hf = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        hf = PreTrainedTokenizerFast.from_pretrained(str(folder))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot load the tokenizer of {folder}: {e}") from e
     stops = [i for i in (hf.convert_tokens_to_ids(t) for t in stop_tokens)

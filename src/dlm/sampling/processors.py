@@ -223,7 +223,7 @@ def build_processors(config: GenerationConfig, tokenizer: Tokenizer, extra: Sequ
     """The processors a GenerationConfig asks for, in the order they must run:
 
     1. BannedTokens: [MASK] and [BOS] always; [PAD] unless `allow_pad` (only infilling gaps close with [PAD]);
-       [EOS] when `config.ban_eos`.
+       [EOS] when `config.ban_eos`. A [BOS] or [PAD] id that is also the [EOS] id (LLaDA, Dream) is not banned.
     2. `extra` (constraint masks, AllowedTokens, ...): hard constraints run before truncation, so top-k/top-p
        choose among permitted tokens only.
     3. RepetitionPenalty when `config.repetition_penalty != 1`.
@@ -234,8 +234,12 @@ def build_processors(config: GenerationConfig, tokenizer: Tokenizer, extra: Sequ
     so they change which positions commit even at temperature 0.
     """
     config.validate()
-    banned = [tokenizer.mask_id, tokenizer.bos_id]
-    if not allow_pad:
+    banned = [tokenizer.mask_id]
+    # Pretrained tokenizers reuse ids: LLaDA pads with its EOS, Dream's BOS and PAD are its EOS. The model must
+    # still be able to end an answer, so an id that is also the EOS is banned only by `ban_eos`.
+    if tokenizer.bos_id != tokenizer.eos_id:
+        banned.append(tokenizer.bos_id)
+    if not allow_pad and tokenizer.pad_id != tokenizer.eos_id:
         banned.append(tokenizer.pad_id)
     if config.ban_eos:
         banned.append(tokenizer.eos_id)
