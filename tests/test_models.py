@@ -12,7 +12,7 @@ from dlm.models.common import padding_attn_mask
 from dlm.models.dit import timestep_embedding
 
 B, L, V = 2, 12, 260
-ARCHS = ["llada", "dit", "ar"]
+ARCHS = ["llada", "dit", "ar", "ddit"]
 
 
 def _model(arch: str, seed: int = 0) -> nn.Module:
@@ -24,8 +24,10 @@ def _model(arch: str, seed: int = 0) -> nn.Module:
 def _perturb_ada(model: DiT, seed: int = 0) -> DiT:
     """Move the adaLN-Zero modulation away from its zero init, so every block and t matter."""
     g = torch.Generator().manual_seed(seed)
+    zero_init = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and
+                 (n.endswith(("ada", "final_ada", "adaLN_modulation")) or n == "output_layer.linear")]
     with torch.no_grad():
-        for lin in [*(b.ada for b in model.blocks), model.final_ada]:
+        for lin in zero_init:
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.2)
             lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.2)
     return model
@@ -131,7 +133,7 @@ def test_ar_is_causal(j):
 @pytest.mark.parametrize("j", [3, L - 1])
 def test_diffusion_models_are_bidirectional(arch, j):
     model = _model(arch)
-    if arch == "dit":
+    if arch in ("dit", "ddit"):
         _perturb_ada(model)  # at init DiT blocks are the identity: no token mixing at all
     x = _ids()
     a, b = model(x, _t()), model(_change_token(x, j), _t())
@@ -153,7 +155,7 @@ def test_padding_attn_mask_semantics():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_padding_content_does_not_leak_into_real_tokens(arch):
     model = _model(arch)
-    if arch == "dit":
+    if arch in ("dit", "ddit"):
         _perturb_ada(model)
     n_real = 7
     x = _ids()
@@ -174,7 +176,7 @@ def test_padding_content_does_not_leak_into_real_tokens(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_all_ones_attention_mask_equals_no_mask(arch):
     model = _model(arch)
-    if arch == "dit":
+    if arch in ("dit", "ddit"):
         _perturb_ada(model)
     x = _ids()
     a = model(x, _t())
@@ -185,7 +187,7 @@ def test_all_ones_attention_mask_equals_no_mask(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_deterministic_and_batch_independent(arch):
     model = _model(arch)
-    if arch == "dit":
+    if arch in ("dit", "ddit"):
         _perturb_ada(model)
     x = _ids()
     full = model(x, _t())
@@ -197,7 +199,7 @@ def test_deterministic_and_batch_independent(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_backward_reaches_every_parameter(arch):
     model = _model(arch).train()
-    if arch == "dit":
+    if arch in ("dit", "ddit"):
         _perturb_ada(model)
     model(_ids(), _t()).logsumexp(-1).mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]

@@ -98,6 +98,9 @@ class ModelConfig(_Config):
     n_kv_heads: int | None = None  # grouped-query attention (Dream / Qwen2); None: as many as n_heads
     qkv_bias: bool = False  # biases on the q, k, v projections (Dream / Qwen2); LLaDA has none
     logits_shift: bool = False  # Dream: position i predicts token i + 1, so logits move one place right
+    cond_dim: int = 128  # DDiT (MDLM / SEDD): width of the noise-level embedding c that drives adaLN
+    time_conditioning: bool = True  # DDiT: False conditions on sigma = 0 always (MDLM's released OWT model)
+    sigma_eps: float = 1e-3  # DDiT: the network sees sigma(t) = -log(1 - (1 - eps) t), the log-linear noise
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:

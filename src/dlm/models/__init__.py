@@ -9,6 +9,7 @@ from torch import nn
 
 from dlm.config import ModelConfig
 from dlm.models.ar import CausalTransformer
+from dlm.models.ddit import DDiT
 from dlm.models.dit import DiT
 from dlm.models.llada import Transformer
 from dlm.registry import Registry
@@ -17,6 +18,7 @@ MODELS: Registry[type[nn.Module]] = Registry("model architecture")
 MODELS.register("llada")(Transformer)
 MODELS.register("ar")(CausalTransformer)
 MODELS.register("dit")(DiT)
+MODELS.register("ddit")(DDiT)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
