@@ -205,6 +205,21 @@ def test_int8_weight_only_stays_close_and_generates(saved):
     assert out.shape == (2, 16) and not (out == ByteTokenizer().mask_id).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_kernel_and_dense_paths_agree(dtype):
+    from dlm.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    q = Int8Linear(lin)
+    dequant = q.weight_int8.float() * q.scale.float()[:, None]
+    assert (dequant - lin.weight).abs().max() <= q.scale.max() / 2 + 1e-6  # round to nearest: half a step
+    for rows in (1, 40):  # one row goes through the int8 kernel, many through the converted dense matmul
+        x = torch.randn(rows, 64).to(dtype)
+        expect = x.float() @ dequant.T + lin.bias
+        torch.testing.assert_close(q(x).float(), expect.detach(), rtol=0.02, atol=0.02)
+
+
 def test_chat_without_a_template_is_a_clear_error(saved, capsys):
     folder, _ = saved
     lm = DiffusionLM.from_pretrained(str(folder))

@@ -1,10 +1,12 @@
 """Int8 weight-only quantisation for CPU inference: every nn.Linear becomes an `Int8Linear`.
 
 Each output row of a weight W (N, K) gets one scale s = max|W_row| / 127 and is stored as round(W / s) in int8
-(symmetric, per channel); activations stay in their dtype. The matmul is PyTorch's own int8 weight-only kernel
-(`aten._weight_int8pack_mm`, the one torchao and gpt-fast use), which dequantises tile by tile, so the weights take
-a quarter of their float32 memory (half of bfloat16) and memory-bound matmuls read less. Measured speed and logit
-drift: benchmarks/quantize.py, docs/pretrained.md.
+(symmetric, per channel); activations stay in their dtype, so the weights take a quarter of their float32 memory
+(half of bfloat16). Few rows (an AR-style decode, M <= KERNEL_MAX_ROWS) go through PyTorch's own int8 weight-only
+kernel (`aten._weight_int8pack_mm`, the one torchao and gpt-fast use); a diffusion step multiplies the whole
+canvas (many rows), where that kernel is slow on CPU, so there the int8 matrix is converted to the activation
+dtype for a dense matmul and the scales are applied to its output (x W^T = (x Q^T) * s). Measured speed and
+logit drift: benchmarks/quantize.py, docs/pretrained.md.
 
     lm = DiffusionLM.from_pretrained("/models/LLaDA-8B-Instruct", dtype="bfloat16", quantize="int8")
     quantize_model(net, "int8")   # in place
@@ -17,6 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 _KERNEL = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+# Largest number of rows that goes through the int8 kernel, per activation dtype: above it the converted dense
+# matmul was faster (2-core x86 CPU with AMX, K=2048, N=5632; benchmarks/quantize.py).
+KERNEL_MAX_ROWS = {torch.bfloat16: 32, torch.float32: 1}
 
 
 class Int8Linear(nn.Module):
@@ -36,10 +41,10 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])  # (B*L, K)
         # The CPU kernel crashes (not raises) on a bfloat16 input whose K is not a multiple of 16: guard it.
         if (_KERNEL is not None and x.device.type == "cpu" and self.in_features % 16 == 0
-                and x.dtype in (torch.float32, torch.bfloat16)):
+                and x2.shape[0] <= KERNEL_MAX_ROWS.get(x.dtype, 0)):
             y = _KERNEL(x2.contiguous(), self.weight_int8, self.scale.to(x.dtype))  # (B*L, N)
-        else:  # other devices: dequantise (correct, not faster)
-            y = F.linear(x2, self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None])
+        else:
+            y = F.linear(x2, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)  # (B*L, N)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
