@@ -188,3 +188,18 @@ def test_dream_missing_tensor_is_named(tmp_path):
     save_file(sd, folder / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"missing \['blocks.1.attn.k_proj.bias'\]"):
         DiffusionLM.from_pretrained(str(folder))
+
+
+def test_server_chat_uses_the_models_template(llada):
+    from fastapi.testclient import TestClient
+
+    from dlm.server import ServerSettings, create_app
+
+    lm, _ = llada
+    messages = [{"role": "user", "content": "hi"}]
+    with TestClient(create_app(lm, "llada-tiny", ServerSettings())) as client:
+        r = client.post("/v1/chat/completions", json={"model": "llada-tiny", "messages": messages,
+                                                      "max_tokens": 16, "steps": 8})
+        assert r.status_code == 200, r.text
+        content = r.json()["choices"][0]["message"]["content"]
+    assert content == lm.chat(messages, max_new_tokens=16, steps=8)

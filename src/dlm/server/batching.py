@@ -293,10 +293,11 @@ class Batcher:
         region = xt[:, xt.shape[1] - opts.max_new_tokens:]
         tok = self.lm.tokenizer
         finished, counts = [], []
+        stops = tok.stop_ids  # EOS, and a chat model's end-of-turn token
         for ids in region.tolist():
-            finished.append(tok.eos_id in ids)
-            ids = ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids
-            counts.append(sum(1 for i in ids if i != tok.pad_id))
+            end = next((k for k, i in enumerate(ids) if i in stops), None)
+            finished.append(end is not None)
+            counts.append(sum(1 for i in ids[:end] if i != tok.pad_id))
         nfe = self.stats.forwards - forwards
         return [JobResult(rows[a:b], finished[a:b], counts[a:b], last["steps"], nfe, len(batch)) for a, b in spans]
 

@@ -292,8 +292,9 @@ class PrefixDelta:
         """region: the row's generated token ids (masks included) -> the new text to send ('' if none)."""
         tok = self.tok
         prefix = []
+        ends = {tok.mask_id, *tok.stop_ids}
         for i in region:
-            if i in (tok.mask_id, tok.eos_id):
+            if i in ends:
                 break
             if i != tok.pad_id:
                 prefix.append(i)
