@@ -8,18 +8,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dlm.process import PROCESSES, MaskedProcess, span_infill_example
-from dlm.schedules import SCHEDULES, Cosine, Linear, LogLinear, sample_t
+from dlm.schedules import SCHEDULES, Cosine, Geometric, Linear, LogLinear, sample_t
 
 PROPS = settings(max_examples=50, deadline=None)
 ALL = SCHEDULES.names()
 unit = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
 
 
-def test_registry_holds_the_three_schedules():
-    assert set(ALL) == {"linear", "loglinear", "cosine"}
+def test_registry_holds_the_four_schedules():
+    assert set(ALL) == {"linear", "loglinear", "cosine", "geometric"}
     assert isinstance(SCHEDULES.build("linear"), Linear)
     assert isinstance(SCHEDULES.build("loglinear"), LogLinear)
     assert isinstance(SCHEDULES.build("cosine"), Cosine)
+    assert isinstance(SCHEDULES.build("geometric"), Geometric)
     with pytest.raises(ValueError, match="unknown noise schedule"):
         SCHEDULES.build("sqrt")
 
@@ -44,7 +45,7 @@ def test_move_chance_in_unit_interval_monotone_alpha_complement(name, t1, t2, ep
     torch.testing.assert_close(s.sigma(t), -torch.log(s.alpha(t).clamp_min(1e-12)))
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", [n for n in ALL if n != "geometric"])  # geometric: sigma_min / max, test_sedd.py
 def test_endpoints(name):
     eps = 1e-3
     s = SCHEDULES.build(name, eps=eps)

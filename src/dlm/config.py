@@ -143,15 +143,23 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class ProcessConfig(_Config):
-    """Forward process, noise schedule and training objective."""
+    """Forward process, noise schedule and training objective.
+
+    `dlm.train.process_config(name)` gives a family's defaults (docs/families.md): masked, sedd-absorbing,
+    sedd-uniform, d3pm-absorbing, d3pm-uniform.
+    """
 
     process: str = "masked"  # registry name in dlm.process
     schedule: str = "linear"  # registry name in dlm.schedules
     eps: float = 1e-3  # LLaDA: p_mask = (1 - eps) t + eps, so no step has a zero mask rate
-    loss: str = "masked_elbo"  # registry name in dlm.losses: masked_elbo, masked_unweighted, ar
+    loss: str = "masked_elbo"  # registry name in dlm.losses: masked_elbo, masked_unweighted, ar, score_entropy, ...
     antithetic: bool = True  # stratified t across the batch (MDLM's low-discrepancy sampler)
     infill_prob: float = 0.0  # fraction of sequences trained on the span-infilling objective
     max_span: int = 64  # longest gap (text + [PAD] tail) of the infilling objective
+    sigma_min: float = 1e-4  # geometric schedule (SEDD uniform): the noise sigma(0) already present at t = 0
+    sigma_max: float = 20.0  # geometric schedule: sigma(1); exp(-20) of the data survives at t = 1
+    timesteps: int = 1000  # D3PM: number T of discrete forward steps (Austin et al. use 1000)
+    hybrid_lambda: float = 0.01  # D3PM hybrid loss: weight of the auxiliary x0 cross-entropy (0: the pure ELBO)
 
 
 @dataclass

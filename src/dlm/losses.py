@@ -5,13 +5,23 @@
   tokens): an unbiased estimate of the negative ELBO in nats per token.
 - `masked_unweighted`: the same cross-entropy averaged over masked tokens, no 1/t weight (MaskGIT style).
 - `ar`: next-token cross-entropy for the autoregressive baseline.
+- `score_entropy`: SEDD (Lou, Meng, Ermon 2024; louaaron/Score-Entropy-Discrete-Diffusion `losses.py`). The
+  denoising score entropy of each position (dlm/graphs.py, with its constant so every term is >= 0) weighted by
+  dsigma(t), averaged over the tokens (SEDD sums them): an unbiased estimate of the negative ELBO per token.
+- `d3pm_hybrid`: D3PM (Austin et al. 2021). With k ~ U{1..T}, T * KL(q(x_{k-1} | x_k, x0) || p(x_{k-1} | x_k))
+  per token estimates L_vb; the loss adds hybrid_lambda times the cross-entropy of the x0 prediction.
+
+Every `nll` is in nats per token, so the families compare directly. The two graph losses also give `sequence_nll`,
+the per-sequence estimate that held-out evaluation averages (dlm/eval/elbo.py).
 
     loss_fn = LOSSES.build("masked_elbo"); out = loss_fn(model, x0, process, generator=g)
+    loss_fn = LOSSES.get(pcfg.loss).from_config(pcfg, bos_id=tok.bos_id)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +29,9 @@ import torch.nn.functional as F
 from dlm.process import ForwardProcess
 from dlm.registry import Registry
 from dlm.schedules import sample_t
+
+if TYPE_CHECKING:
+    from dlm.config import ProcessConfig
 
 LOSSES: Registry[type[Loss]] = Registry("loss")
 
@@ -39,6 +52,10 @@ class Loss:
     def __init__(self, antithetic: bool = True, bos_id: int | None = None) -> None:
         self.antithetic = antithetic
         self.bos_id = bos_id
+
+    @classmethod
+    def from_config(cls, pcfg: ProcessConfig, bos_id: int | None = None) -> Loss:
+        return cls(antithetic=pcfg.antithetic, bos_id=bos_id)
 
     def __call__(self, model: torch.nn.Module, x0: torch.Tensor, process: ForwardProcess,
                  maskable: torch.Tensor | None = None, generator: torch.Generator | None = None) -> LossOutput:
@@ -90,6 +107,76 @@ class AutoregressiveCE(Loss):
         logits = model(inp, None)  # (B, L, V): position i predicts token i
         loss = token_ce(logits, x0).mean()
         return LossOutput(loss=loss, nll=loss.detach(), mask=torch.ones_like(x0, dtype=torch.bool))
+
+
+class GraphLoss(Loss):
+    """A loss whose per-position negative-ELBO integrand is computed at given times: `terms` (B, L) in nats."""
+
+    def terms(self, model: torch.nn.Module, x0: torch.Tensor, process: ForwardProcess, u: torch.Tensor,
+              generator: torch.Generator | None, maskable: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """u (B,) in [0, 1) -> nll (B, L) float64, auxiliary (B, L) or 0, loss mask (B, L), scored (B, L)."""
+        raise NotImplementedError
+
+    def __call__(self, model, x0, process, maskable=None, generator=None):
+        B, L = x0.shape
+        u = sample_t(B, self.antithetic, generator, device="cpu").to(x0.device)  # (B,)
+        nll, aux, mask, scored = self.terms(model, x0, process, u, generator, maskable)
+        n_tokens = scored.sum().clamp_min(1)
+        nll = (nll * scored).sum() / n_tokens
+        return LossOutput(loss=(nll + (aux * scored).sum() / n_tokens).float(), nll=nll.detach().float(), mask=mask)
+
+    @torch.no_grad()
+    def sequence_nll(self, model: torch.nn.Module, x0: torch.Tensor, process: ForwardProcess, u: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B,) float64: one Monte Carlo estimate of -ELBO(x0) in nats per sequence at the times u (B,)."""
+        return self.terms(model, x0, process, u, generator, None)[0].sum(1)
+
+
+@LOSSES.register("score_entropy")
+class ScoreEntropy(GraphLoss):
+    """dsigma(t) * denoising score entropy, t ~ U(0, 1): the network's output is read as log scores."""
+
+    def terms(self, model, x0, process, u, generator, maskable):
+        xt, moved = process.q_sample(x0, u, generator=_gen_for(x0, generator), maskable=maskable)
+        raw = model(xt, u).float()  # (B, L, V): the network sees t itself
+        t = u.double()
+        sigma = process.schedule.sigma(t)[:, None].expand(xt.shape)  # (B, L) float64
+        entropy = process.score_entropy(process.log_score(raw, xt, sigma), xt, x0, sigma)  # (B, L) float64
+        nll = process.schedule.dsigma(t)[:, None] * entropy
+        scored = maskable if maskable is not None else torch.ones_like(x0, dtype=torch.bool)
+        mask = moved if process.absorbing else scored  # absorbing: only [MASK] positions carry a loss
+        return nll, torch.zeros((), device=x0.device), mask, scored
+
+
+@LOSSES.register("d3pm_hybrid")
+class D3PMHybrid(GraphLoss):
+    """T * KL(q(x_{k-1} | x_k, x0) || p(x_{k-1} | x_k)) + hybrid_lambda * CE(x0 | x_k), k ~ U{1..T}."""
+
+    def __init__(self, antithetic: bool = True, bos_id: int | None = None, hybrid_lambda: float = 0.01) -> None:
+        super().__init__(antithetic, bos_id)
+        if hybrid_lambda < 0:
+            raise ValueError(f"hybrid_lambda must be >= 0, got {hybrid_lambda}")
+        self.hybrid_lambda = hybrid_lambda
+
+    @classmethod
+    def from_config(cls, pcfg, bos_id=None):
+        return cls(antithetic=pcfg.antithetic, bos_id=bos_id, hybrid_lambda=pcfg.hybrid_lambda)
+
+    def terms(self, model, x0, process, u, generator, maskable):
+        T = process.T
+        k = (u * T).long().clamp(0, T - 1) + 1  # (B,) uniform on 1..T (stratified when u is)
+        xt, moved = process.q_sample_k(x0, k, generator=_gen_for(x0, generator), maskable=maskable)
+        logits = model(xt, k.float() / T).float()  # (B, L, V)
+        logits = logits.index_fill(-1, torch.tensor([process.mask_id], device=x0.device), -torch.inf)
+        log_p0 = torch.log_softmax(logits.double(), -1)  # (B, L, V): p~(x0 | x_k), never [MASK]
+        q = process.posterior(xt, k - 1, k, x0)  # (B, L, V) float64
+        p = process.posterior(xt, k - 1, k, log_p0.exp())
+        kl = torch.where(q > 0, q * (torch.log(q.clamp_min(1e-300)) - torch.log(p.clamp_min(1e-300))), 0.0).sum(-1)
+        ce = -log_p0.gather(-1, x0[..., None])[..., 0]  # (B, L)
+        scored = maskable if maskable is not None else torch.ones_like(x0, dtype=torch.bool)
+        mask = moved if process.absorbing else scored
+        return T * kl, self.hybrid_lambda * ce, mask, scored
 
 
 def _gen_for(x: torch.Tensor, generator: torch.Generator | None) -> torch.Generator | None:

@@ -1,26 +1,50 @@
 """Forward processes: corrupt clean tokens x0 (B, L) at time t (B,) into xt (B, L).
 
 `MaskedProcess` is the absorbing process of LLaDA / MDLM: each token independently becomes [MASK] with
-probability move_chance(t). `span_infill_example` builds the infilling objective's training sequence: a span of
-the text becomes a longer gap whose tail is [PAD], so the model learns to fill gaps of unknown length.
+probability move_chance(t). SEDD's continuous-time graphs (dlm/graphs.py: `sedd-absorbing`, `sedd-uniform`) and
+D3PM's discrete-time processes (dlm/d3pm.py: `d3pm-absorbing`, `d3pm-uniform`) register in the same PROCESSES.
+Each process class names the objectives it trains with and the defaults of its family (schedule, loss, network,
+sampler), which `dlm train --process NAME` starts from.
+
+`span_infill_example` builds the infilling objective's training sequence: a span of the text becomes a longer gap
+whose tail is [PAD], so the model learns to fill gaps of unknown length.
 
     proc = MaskedProcess(mask_id, schedule); xt, is_masked = proc.q_sample(x0, t, generator)
+    proc = build_process(ProcessConfig(process="sedd-uniform", schedule="geometric"), tokenizer)
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from dlm.registry import Registry
-from dlm.schedules import NoiseSchedule
+from dlm.schedules import SCHEDULES, NoiseSchedule
+
+if TYPE_CHECKING:
+    from dlm.config import ProcessConfig
+    from dlm.tokenizer import Tokenizer
 
 PROCESSES: Registry[type[ForwardProcess]] = Registry("forward process")
 
 
 class ForwardProcess:
-    def __init__(self, mask_id: int, schedule: NoiseSchedule) -> None:
+    # The family: objectives it trains with, ProcessConfig / GenerationConfig defaults of a new run, the network.
+    losses: tuple[str, ...] = ()
+    defaults: dict[str, Any] = {}  # ProcessConfig fields (schedule, loss, eps, ...)
+    sampling: dict[str, Any] = {}  # GenerationConfig fields saved with a run (the family's own sampler)
+    default_arch = "llada"
+    needs_time = False  # the network must see t (a DiT): the uniform graphs' x_t does not show how noisy it is
+
+    def __init__(self, mask_id: int, schedule: NoiseSchedule, vocab_size: int | None = None) -> None:
         self.mask_id = mask_id
         self.schedule = schedule
+        self.vocab_size = vocab_size  # V, the width of the logits; needed by processes that draw random tokens
+
+    @classmethod
+    def from_config(cls, pcfg: ProcessConfig, mask_id: int, vocab_size: int | None = None) -> ForwardProcess:
+        return cls(mask_id, SCHEDULES.get(pcfg.schedule).from_config(pcfg), vocab_size)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None,
                  maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +57,8 @@ class ForwardProcess:
 @PROCESSES.register("masked")
 class MaskedProcess(ForwardProcess):
     """Absorbing-state diffusion: xt_i = [MASK] with probability 1 - alpha(t), else x0_i."""
+
+    losses = ("masked_elbo", "masked_unweighted", "ar")
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None,
                  maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +73,11 @@ class MaskedProcess(ForwardProcess):
 
     def prior_sample(self, batch: int, length: int, device: str | torch.device = "cpu") -> torch.Tensor:
         return torch.full((batch, length), self.mask_id, dtype=torch.long, device=device)
+
+
+def build_process(pcfg: ProcessConfig, tok: Tokenizer, vocab_size: int | None = None) -> ForwardProcess:
+    """The process (with its schedule) of a ProcessConfig; vocab_size defaults to the tokenizer's."""
+    return PROCESSES.get(pcfg.process).from_config(pcfg, tok.mask_id, vocab_size or tok.vocab_size)
 
 
 def span_infill_example(x0: torch.Tensor, pad_id: int, max_span: int, generator: torch.Generator | None = None
@@ -69,3 +100,7 @@ def span_infill_example(x0: torch.Tensor, pad_id: int, max_span: int, generator:
     gap = torch.zeros(L, dtype=torch.bool, device=x0.device)
     gap[a: a + G] = True
     return out, gap
+
+
+# SEDD's graphs and D3PM's processes subclass ForwardProcess and register in PROCESSES when imported.
+from dlm import d3pm, graphs  # noqa: E402, F401

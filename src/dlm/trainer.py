@@ -143,7 +143,8 @@ class Trainer:
         model = self.ema if self.ema is not None else self.model
         windows = self.val_data.windows(self.cfg.eval_batches * self.cfg.batch_size)
         r = elbo_bits(model, windows, self.tokenizer.mask_id, self.tokenizer.bos_id, n_samples=1,
-                      batch_size=self.cfg.batch_size, seed=self.cfg.seed, autocast=self.cfg.bf16)
+                      batch_size=self.cfg.batch_size, seed=self.cfg.seed, autocast=self.cfg.bf16,
+                      loss_fn=self.loss_fn, process=self.process)
         return {"val_bits_per_token": r.bits_per_token, "val_bits_per_char": r.bits_per_token * self.chars_per_token,
                 "val_stderr": r.stderr_bits_per_token}
 

@@ -4,8 +4,12 @@ Masked diffusion: the negative ELBO with LLaDA's lower-variance estimator (Nie e
 count l ~ U{1..L}, mask l positions uniformly, and score (L / l) * sum of masked cross-entropies. Its expectation
 is an upper bound on -log p(x0). Mask counts are stratified across the windows of a batch and accumulated in
 float64. Autoregressive models: the exact negative log-likelihood, each window prefixed with [BOS].
+SEDD and D3PM (a `loss_fn` with `sequence_nll`, dlm/losses.py): their own training estimator of the negative ELBO
+(score entropy weighted by dsigma at a time t ~ U(0, 1); T times one KL term at a step k ~ U{1..T}), with the times
+stratified across the windows of a batch in the same way, so every family reports nats (here bits) per token.
 
     r = elbo_bits(model, windows, mask_id=tok.mask_id, n_samples=4); r.bits_per_token, r.stderr
+    r = elbo_bits(model, windows, tok.mask_id, loss_fn=LOSSES.get("score_entropy")(), process=graph)
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dlm.losses import token_ce
+from dlm.losses import Loss, token_ce
+from dlm.process import ForwardProcess
 
 
 @dataclass
@@ -41,8 +46,10 @@ class ElboResult:
 
 @torch.no_grad()
 def elbo_bits(model: torch.nn.Module, windows: torch.Tensor, mask_id: int, bos_id: int | None = None,
-              n_samples: int = 1, batch_size: int = 32, seed: int = 0, autocast: bool = False) -> ElboResult:
-    """windows: (N, L) clean token ids -> ElboResult. Causal models get the exact NLL."""
+              n_samples: int = 1, batch_size: int = 32, seed: int = 0, autocast: bool = False,
+              loss_fn: Loss | None = None, process: ForwardProcess | None = None) -> ElboResult:
+    """windows: (N, L) clean token ids -> ElboResult. Causal models get the exact NLL; a `loss_fn` with
+    `sequence_nll` (score_entropy, d3pm_hybrid) and its `process` give that family's ELBO estimate."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -50,6 +57,7 @@ def elbo_bits(model: torch.nn.Module, windows: torch.Tensor, mask_id: int, bos_i
     N, L = windows.shape
     per_window = torch.zeros(N, dtype=torch.float64)
     causal = getattr(model, "causal", False)
+    own_estimator = loss_fn is not None and hasattr(loss_fn, "sequence_nll") and not causal
     for start in range(0, N, batch_size):
         x0 = windows[start: start + batch_size].to(device)
         B = x0.shape[0]
@@ -64,6 +72,10 @@ def elbo_bits(model: torch.nn.Module, windows: torch.Tensor, mask_id: int, bos_i
             for _ in range(n_samples):
                 # Stratified mask counts: one uniform offset, B evenly spaced quantiles of U{1..L}.
                 u = (torch.rand(1, generator=g) + torch.arange(B) / B) % 1.0  # (B,)
+                if own_estimator:  # the same stratified u, as the family's time
+                    est = loss_fn.sequence_nll(model, x0, process, u.to(device), g)  # (B,) nats per window
+                    per_window[start: start + B] += est.double().cpu() / n_samples
+                    continue
                 n_mask = (u * L).floor().long().clamp(0, L - 1) + 1  # (B,) in 1..L
                 ranks = torch.rand(B, L, generator=g).argsort(1).argsort(1)  # random permutation ranks
                 is_masked = (ranks < n_mask[:, None]).to(device)  # exactly n_mask[b] masked positions
