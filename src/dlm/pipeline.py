@@ -111,6 +111,15 @@ class DiffusionLM:
     def is_causal(self) -> bool:
         return bool(getattr(self.model, "causal", False))
 
+    @property
+    def process(self):
+        """The forward process (and schedule) the checkpoint was trained with: its graph samplers need it."""
+        if getattr(self, "_process", None) is None:
+            from dlm.process import build_process
+
+            self._process = build_process(self.config.process, self.tokenizer, self.config.model.vocab_size)
+        return self._process
+
     # ----- the network ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -171,15 +180,21 @@ class DiffusionLM:
         return ids, attention_mask, "ids"
 
     def _model_fn(self, attention_mask: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """(B, L) canvas -> float32 logits, with the padding mask and (for DiT) t = fraction of masks."""
+        """(B, L) canvas -> float32 logits, with the padding mask and (for DiT) t = fraction of masks.
+
+        A sampler that knows its time (SEDD, D3PM: `model_time`) passes it as `t` (a float or (B,)); the loop
+        does so only for a model_fn marked `accepts_time`, and every other sampler leaves t to the canvas."""
         needs_time = getattr(self.model, "needs_time", False)
         mask_id = self.tokenizer.mask_id
 
         windowed = getattr(self.model, "supports_logits_window", False)
 
-        def fn(x: torch.Tensor, window: tuple[int, int] | None = None) -> torch.Tensor:
-            t = None
-            if needs_time:
+        def fn(x: torch.Tensor, window: tuple[int, int] | None = None, t: Any = None) -> torch.Tensor:
+            if not needs_time:
+                t = None
+            elif t is not None:
+                t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])
+            else:
                 real = attention_mask if attention_mask is not None else torch.ones_like(x)
                 t = ((x == mask_id) & real.bool()).sum(1).float() / real.sum(1).clamp_min(1).float()
             kwargs = {"logits_window": window} if window is not None else {}
@@ -187,6 +202,7 @@ class DiffusionLM:
                 return self.model(x, t, attention_mask=attention_mask, **kwargs).float()
 
         fn.supports_window = windowed  # type: ignore[attr-defined]
+        fn.accepts_time = True  # type: ignore[attr-defined]
         return fn
 
     def _events(self, canvas: torch.Tensor, start: int, opts: GenerationConfig, attention_mask: torch.Tensor | None,
@@ -196,6 +212,7 @@ class DiffusionLM:
         g.manual_seed(opts.seed if opts.seed is not None else torch.seed() % 2**63)
         tok = self.tokenizer
         sampler = SAMPLERS.build(opts.sampler, mask_id=tok.mask_id, config=opts, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        self._check_family(sampler, opts.sampler)
         canvas = canvas.to(self.device)
         am = attention_mask.to(self.device) if attention_mask is not None else None
         guided = opts.cfg_scale > 0 and prompt_mask is not None
@@ -211,6 +228,18 @@ class DiffusionLM:
                                             processors, attention_mask=am, mode=opts.cache, eos_id=eos)
             return
         yield from denoise_steps(model_fn, canvas, start, opts.steps, opts.block_length, sampler, g, processors, eos)
+
+    def _check_family(self, sampler: Any, name: str) -> None:
+        """A SEDD / D3PM checkpoint samples with its family's samplers, which take its process (graph, schedule)."""
+        own = getattr(self.process, "sampling", {}).get("sampler")
+        if hasattr(sampler, "use_process"):
+            try:
+                sampler.use_process(self.process)
+            except ValueError as e:
+                raise SamplingError(str(e)) from e
+        elif own is not None:
+            raise SamplingError(f"sampler {name!r} samples masked diffusion, but this checkpoint is a "
+                                f"{self.config.process.process!r} model: use sampler={own!r}")
 
     def _prepare(self, prompt: Any, attention_mask: torch.Tensor | None, opts: GenerationConfig):
         if self.is_causal:
@@ -340,7 +369,9 @@ class DiffusionLM:
                                       extra=[BannedTokens([tok.pad_id, tok.eos_id], where=fixed)])
         # The whole canvas is one block: every gap sees both sides at every step.
         prompt_mask = canvas != tok.mask_id  # guidance (cfg_scale > 0) masks the known text, as LLaDA
-        events = self._events(canvas, 0, opts.replace(sampler="llada"), None, processors, prompt_mask)
+        # Masked models infill with LLaDA's sampler; SEDD / D3PM models with their own (the checkpoint's default).
+        sampler = opts.sampler if "sampler" in getattr(self.process, "sampling", {}) else "llada"
+        events = self._events(canvas, 0, opts.replace(sampler=sampler), None, processors, prompt_mask)
         out = _final_canvas(canvas, events, callback)[0].tolist()
         result = [pieces[0]]
         for g, after in zip(gaps, pieces[1:], strict=True):

@@ -2,6 +2,7 @@
 
 A registered corpus is scored on its validation split (the documents training never saw); a file or folder is
 scored whole. The text is cut into non-overlapping windows of the model's context, each scored on its own.
+Masked models get LLaDA's ELBO estimator, SEDD and D3PM models their own (dlm/eval/elbo.py), AR models the exact NLL.
 
     evaluate_text(lm, "shakespeare", n_samples=4) -> {"bits_per_char": ..., "bits_per_token": ..., "stderr": ...}
 """
@@ -13,6 +14,7 @@ from typing import Any
 from dlm.config import TrainConfig
 from dlm.data import CORPORA, CorpusError, TokenStream, load_corpus, split_documents, tokenize_documents
 from dlm.eval.elbo import elbo_bits
+from dlm.losses import LOSSES
 
 
 def evaluate_text(lm: Any, data: str, n_samples: int = 4, seed: int = 0, max_windows: int | None = None,
@@ -30,8 +32,10 @@ def evaluate_text(lm: Any, data: str, n_samples: int = 4, seed: int = 0, max_win
     # Characters covered by the scored windows (the [EOS] after a document counts as one character).
     flat = windows.flatten().tolist()
     n_chars = len(tok.decode(flat, skip_special=True)) + flat.count(tok.eos_id)
+    pcfg = lm.config.process
+    loss_fn = LOSSES.get(pcfg.loss).from_config(pcfg, bos_id=tok.bos_id)  # SEDD / D3PM score with their own bound
     r = elbo_bits(lm.model, windows, tok.mask_id, tok.bos_id, n_samples=n_samples, seed=seed,
-                  batch_size=batch_size)
+                  batch_size=batch_size, loss_fn=loss_fn, process=lm.process)
     per_char = r.bits_per_token * n_tok / max(n_chars, 1)
     return {
         "bits_per_char": per_char,

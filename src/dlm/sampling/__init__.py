@@ -1,6 +1,7 @@
 """Sampling: samplers (set_timesteps / step), remasking rules, logits processors and the denoising loop."""
 
 from dlm.sampling.cache import denoise_cached, denoise_cached_steps
+from dlm.sampling.d3pm import D3PMSampler  # registers "d3pm"
 from dlm.sampling.display import LiveCanvas, Trajectory
 from dlm.sampling.dream import DreamSampler  # registers "dream" and maskgit_plus / topk_margin / entropy
 from dlm.sampling.fast_dllm import FastDLLMSampler  # registers "fast_dllm"
@@ -21,6 +22,7 @@ from dlm.sampling.processors import (
 )
 from dlm.sampling.remasking import REMASKING, Remasking
 from dlm.sampling.sampler import SAMPLERS, LLaDASampler, Sampler, SamplerOutput, num_transfer_tokens
+from dlm.sampling.sedd import GraphSampler, SEDDAnalyticSampler, SEDDEulerSampler  # registers "sedd_*"
 
 __all__ = ["SAMPLERS", "REMASKING", "Sampler", "LLaDASampler", "SamplerOutput", "Remasking", "LogitsProcessor",
            "SuppressTokens", "apply_processors", "denoise", "plan_blocks", "num_transfer_tokens", "StepEvent",
@@ -28,4 +30,5 @@ __all__ = ["SAMPLERS", "REMASKING", "Sampler", "LLaDASampler", "SamplerOutput", 
            "classifier_free_guidance", "AllowedTokens", "BannedTokens", "RepetitionPenalty", "Temperature", "TopK",
            "TopP",
            "build_processors", "DreamSampler", "MDLMSampler", "MDLMCacheSampler", "denoise_cached",
-           "denoise_cached_steps", "FastDLLMSampler"]
+           "denoise_cached_steps", "FastDLLMSampler", "GraphSampler", "SEDDEulerSampler", "SEDDAnalyticSampler",
+           "D3PMSampler"]

@@ -62,6 +62,10 @@ def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
       `fixed_plan`: the sampler's `commits_planned` is exact, so a step that commits nothing skips its forward.
       `variable_steps`: keep stepping until the block has no mask (threshold decoding), not a fixed count.
       `reuse_logits_when_unchanged`: reuse the last logits when the canvas did not change (MDLM's cache).
+      `begin(x, region, generator) -> x`: called once a block is planned (a uniform graph draws its prior there).
+      `pending(x, region) -> bool`: whether the block needs another step (default: it still holds a mask).
+      `model_time`: the time t of the next forward, passed as `t=` to a model_fn marked `accepts_time`
+      (SEDD, D3PM); samplers without it leave a time-conditioned network's t to the model_fn.
     With `eos_id` (variable length), a row whose finished block holds [EOS] has the rest of its canvas filled with
     [EOS] and takes no further commits; the loop ends when every row has stopped.
     """
@@ -85,28 +89,32 @@ def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
             if not region_masked.any():
                 continue
             sampler.set_timesteps(steps_per_block, region_masked)
+            if hasattr(sampler, "begin"):
+                x = sampler.begin(x, region, generator)
             if hasattr(model_fn, "begin_block"):  # a cached forward: the slice starts at the block or first gap
                 first_gap = int(region_masked.any(0).nonzero()[0]) + region.start
                 model_fn.begin_block(min(lo, first_gap), lo, hi)
                 last_x = None  # reuse logits only within a block
             budget = steps_per_block if not getattr(sampler, "variable_steps", False) else L + steps_per_block
+            timed = getattr(model_fn, "accepts_time", False) and hasattr(type(sampler), "model_time")
             for _ in range(budget):
-                if not (x[:, region] == mask_id).any():
+                if not (sampler.pending(x, region) if hasattr(sampler, "pending") else (x[:, region] == mask_id).any()):
                     break
                 if getattr(sampler, "fixed_plan", False) and int(sampler.commits_planned.max()) == 0:
                     sampler.step_index += 1  # nothing to commit: skip the forward pass, the result is identical
                     global_step += 1
                     continue
                 seen, kwargs = x, {}
+                t_kw = {"t": sampler.model_time} if timed else {}
                 if window:
                     # Only [w0, hi) can be committed: the head, the processors and the sampler see just that.
                     w0 = min(lo, int((x[:, :hi] == mask_id).any(0).nonzero()[0]))
-                    raw, seen, kwargs = model_fn(x, window=(w0, hi)), x[:, w0:hi], {"offset": w0}
+                    raw, seen, kwargs = model_fn(x, window=(w0, hi), **t_kw), x[:, w0:hi], {"offset": w0}
                 elif getattr(sampler, "reuse_logits_when_unchanged", False) and last_x is not None and \
                         torch.equal(last_x, x):
                     raw = last_logits
                 else:
-                    raw = model_fn(x)
+                    raw = model_fn(x, **t_kw)
                     last_x, last_logits = x, raw
                 logits = apply_processors(processors, raw, seen)
                 out = sampler.step(logits, x, lo, hi, generator, **kwargs)
