@@ -25,16 +25,20 @@ from dlm.config import ConfigError
 
 
 def _train(args: argparse.Namespace) -> None:
-    from dlm.config import ModelConfig, ProcessConfig, TrainConfig
-    from dlm.train import train
+    from dlm.config import ModelConfig, TrainConfig
+    from dlm.process import PROCESSES
+    from dlm.train import process_config, train
 
-    overrides = {"arch": args.arch} if args.arch else {}
+    family = PROCESSES.get(args.process)  # its defaults: schedule, loss, eps, network, sampler
+    overrides = {"arch": args.arch or family.default_arch}
     if args.max_len:
         overrides["max_len"] = args.max_len
     model_cfg = ModelConfig.preset(args.model, **overrides)
-    loss = args.loss or ("ar" if model_cfg.arch == "ar" else "masked_elbo")
-    pcfg = ProcessConfig(process=args.process, schedule=args.schedule, loss=loss, infill_prob=args.infill_prob,
-                         max_span=args.max_span)
+    loss = args.loss or ("ar" if model_cfg.arch == "ar" else family.defaults.get("loss", "masked_elbo"))
+    given = {"schedule": args.schedule, "eps": args.eps, "sigma_min": args.sigma_min, "sigma_max": args.sigma_max,
+             "timesteps": args.timesteps, "hybrid_lambda": args.hybrid_lambda}
+    pcfg = process_config(args.process, loss=loss, infill_prob=args.infill_prob, max_span=args.max_span,
+                          **{k: v for k, v in given.items() if v is not None})
     tcfg = TrainConfig(data=args.data, out=args.out, tokenizer=args.tokenizer, max_steps=args.max_steps,
                        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup,
                        bf16=args.bf16, ema=args.ema, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
@@ -198,11 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from scratch (re-run the same command to resume)")
     t.add_argument("--data", required=True, help="corpus name (shakespeare, python-stdlib, fortunes-it) or a path")
     t.add_argument("--model", default="small", help="size preset: tiny, small, base, large")
-    t.add_argument("--arch", choices=["llada", "dit", "ar"], help="network (default: the preset's, llada)")
+    t.add_argument("--arch", choices=["llada", "dit", "ar"],
+                   help="network (default: the process's: llada for masked, dit for SEDD and D3PM)")
     t.add_argument("--out", required=True)
-    t.add_argument("--process", default="masked")
-    t.add_argument("--schedule", default="linear", help="linear (LLaDA), loglinear (MDLM), cosine")
-    t.add_argument("--loss", help="masked_elbo (default), masked_unweighted, ar")
+    t.add_argument("--process", default="masked",
+                   help="masked, sedd-absorbing, sedd-uniform, d3pm-absorbing, d3pm-uniform (docs/families.md)")
+    t.add_argument("--schedule", help="linear (LLaDA), loglinear (MDLM, SEDD absorbing), cosine, geometric (SEDD "
+                                      "uniform); default: the process's")
+    t.add_argument("--loss", help="masked_elbo (masked default), masked_unweighted, ar, score_entropy (SEDD), "
+                                  "d3pm_hybrid (D3PM)")
+    t.add_argument("--eps", type=float, help="schedule eps (default: the process's; 0 for D3PM)")
+    t.add_argument("--sigma-min", type=float, help="geometric schedule: sigma(0) (default 1e-4)")
+    t.add_argument("--sigma-max", type=float, help="geometric schedule: sigma(1) (default 20)")
+    t.add_argument("--timesteps", type=int, help="D3PM: number T of discrete steps (default 1000)")
+    t.add_argument("--hybrid-lambda", type=float, help="D3PM: weight of the x0 cross-entropy (default 0.01)")
     t.add_argument("--infill-prob", type=float, default=0.0, help="fraction of sequences on the infilling objective")
     t.add_argument("--max-span", type=int, default=64)
     t.add_argument("--tokenizer", default="byte", help="byte, or bpe:<vocab size>")

@@ -2,8 +2,12 @@
 
 A run folder is self-describing: re-running the same command resumes from its latest checkpoint, with the
 tokenizer and configs saved there (a changed model or process config is refused rather than silently mixed).
+A family (masked, sedd-absorbing, sedd-uniform, d3pm-absorbing, d3pm-uniform) is a process registered in
+dlm.process with its defaults: `process_config(name)` gives its schedule, loss and eps, and its sampler is saved as
+the run's default GenerationConfig, so `dlm generate --model RUN` samples it with its own sampler.
 
     train(TrainConfig(data="shakespeare", out="runs/x", max_steps=2000, bf16=True), ModelConfig.preset("small"))
+    train(tcfg, ModelConfig.preset("small", arch="dit"), process_config("sedd-uniform"))
 """
 
 from __future__ import annotations
@@ -15,29 +19,48 @@ from typing import Any
 import torch
 
 from dlm.checkpoint import CONFIG, TOKENIZER, resolve_checkpoint_dir
-from dlm.config import CheckpointConfig, ConfigError, ModelConfig, ProcessConfig, TrainConfig
+from dlm.config import CheckpointConfig, ConfigError, GenerationConfig, ModelConfig, ProcessConfig, TrainConfig
 from dlm.data import TokenStream, load_corpus, split_documents, tokenize_documents, unigram_entropy_bits
 from dlm.losses import LOSSES
-from dlm.models import build_model, count_params
-from dlm.process import PROCESSES
+from dlm.models import MODELS, build_model, count_params
+from dlm.process import PROCESSES, build_process
 from dlm.schedules import SCHEDULES
 from dlm.tokenizer import Tokenizer, build_tokenizer
 
+__all__ = ["train", "validate", "build_process", "process_config", "generation_defaults"]
 
-def build_process(pcfg: ProcessConfig, tok: Tokenizer):
-    schedule = SCHEDULES.build(pcfg.schedule, eps=pcfg.eps)
-    return PROCESSES.build(pcfg.process, tok.mask_id, schedule)
+
+def process_config(name: str, **overrides: Any) -> ProcessConfig:
+    """The ProcessConfig of a family: the process's own defaults (schedule, loss, eps), then `overrides`."""
+    return ProcessConfig(process=name, **{**PROCESSES.get(name).defaults, **overrides})
+
+
+def generation_defaults(pcfg: ProcessConfig) -> GenerationConfig:
+    """The sampling defaults saved with a run: the family's own sampler (SEDD, D3PM), else GenerationConfig()."""
+    return GenerationConfig(**PROCESSES.get(pcfg.process).sampling)
 
 
 def validate(model_cfg: ModelConfig, pcfg: ProcessConfig, tcfg: TrainConfig) -> None:
     """Refuse inconsistent settings before any work is done."""
     LOSSES.get(pcfg.loss)
     SCHEDULES.get(pcfg.schedule)
-    PROCESSES.get(pcfg.process)
+    proc = PROCESSES.get(pcfg.process)
     causal_loss = LOSSES.get(pcfg.loss).causal
     if causal_loss != (model_cfg.arch == "ar"):
         raise ConfigError(f"loss {pcfg.loss!r} does not fit arch {model_cfg.arch!r}: use arch 'ar' with loss 'ar', "
                           "and a bidirectional arch (llada, dit) with a masked loss")
+    family = f"`dlm train --process {pcfg.process}` (or dlm.train.process_config) gives its defaults"
+    if pcfg.loss not in proc.losses:
+        raise ConfigError(f"process {pcfg.process!r} trains with loss {' or '.join(proc.losses)}, not "
+                          f"{pcfg.loss!r}; {family}")
+    if proc.needs_time and not getattr(MODELS.get(model_cfg.arch), "needs_time", False):
+        raise ConfigError(f"process {pcfg.process!r} needs a time-conditioned network (arch 'dit'): its noisy tokens "
+                          f"do not show how noisy they are; arch {model_cfg.arch!r} does not see t")
+    try:
+        proc.from_config(pcfg, mask_id=0, vocab_size=model_cfg.vocab_size)
+        LOSSES.get(pcfg.loss).from_config(pcfg)
+    except ValueError as e:
+        raise ConfigError(f"process {pcfg.process!r} with schedule {pcfg.schedule!r}: {e}") from e
     if causal_loss and pcfg.infill_prob > 0:
         raise ConfigError("the infilling objective needs a bidirectional model; set infill_prob=0 for ar")
     if tcfg.seq_len > model_cfg.max_len:
@@ -84,9 +107,9 @@ def train(tcfg: TrainConfig, model_cfg: ModelConfig | None = None, pcfg: Process
 
     torch.manual_seed(tcfg.seed)
     model = build_model(model_cfg)
-    loss_fn = LOSSES.build(pcfg.loss, antithetic=pcfg.antithetic, bos_id=tok.bos_id)
-    process = build_process(pcfg, tok)
-    ckpt_cfg = CheckpointConfig(model=model_cfg, process=pcfg,
+    loss_fn = LOSSES.get(pcfg.loss).from_config(pcfg, bos_id=tok.bos_id)
+    process = build_process(pcfg, tok, model_cfg.vocab_size)
+    ckpt_cfg = CheckpointConfig(model=model_cfg, process=pcfg, sampling=generation_defaults(pcfg),
                                 extra={"data": tcfg.data, "n_params": count_params(model)})
     from dlm.trainer import Trainer
 
