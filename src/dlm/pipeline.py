@@ -380,6 +380,20 @@ class DiffusionLM:
             result.append(after)
         return "".join(result)
 
+    # ----- controlled generation (dlm.control) -------------------------------------------------------------------
+    def generate_with_constraints(self, prompt: str, constraints: dict[str, Any], **options: Any):
+        """Python code for `prompt` with a pinned signature, a docstring, a line limit, and that always parses
+        (dlm.control.code) -> ConstrainedResult(code, checks, valid_before_repair, repair_rounds, fallback)."""
+        from dlm.control.code import generate_with_constraints
+
+        return generate_with_constraints(self, prompt, constraints, **options)
+
+    def fill_pattern(self, before: str, pattern: str, after: str = "", **options: Any) -> str:
+        """The text between `before` and `after` matching a bounded regex, e.g. r"\\d{4}-\\d{2}-\\d{2}" (always)."""
+        from dlm.control.constraints import fill_pattern
+
+        return fill_pattern(self, before, pattern, after, **options)
+
 
 def _final_canvas(canvas: torch.Tensor, events: Iterator[StepEvent],
                   callback: Callable[[StepEvent], None] | None) -> torch.Tensor:
