@@ -43,7 +43,8 @@ def test_folders_load_as_ddit_with_their_defaults():
         assert cfg.model.arch == "ddit" and cfg.extra["model_type"] == kind
         assert (cfg.model.vocab_size, cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads) == (V, 64, 2, 4)
         assert (cfg.model.cond_dim, cfg.model.time_dim, cfg.model.d_ff, cfg.model.max_len) == (32, 256, 256, 64)
-        assert cfg.sampling.sampler == "mdlm" and cfg.sampling.block_length == 0
+        assert cfg.sampling.sampler == {"mdlm": "mdlm", "sedd": "sedd_analytic"}[kind]
+        assert cfg.sampling.block_length == 0
         assert (tok.mask_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (MASK, 298, 298, V)
         assert tok.decode(tok.encode("the quick brown fox")) == "the quick brown fox"
         assert tok.decode([MASK], skip_special=False) == "[MASK]"
@@ -75,8 +76,24 @@ def test_sedd_logits_and_log_score_equal_the_reference(lms):
     torch.testing.assert_close(sedd_log_score(logits, r["input_ids"], r["sigma"]), r["log_score"], atol=1e-5, rtol=0)
 
 
+def test_sedd_runs_on_its_own_graph_and_samplers(lms):
+    """The loaded SEDD is a sedd-absorbing model: its graph's log score is upstream's, its samplers run it."""
+    r, lm = ref(SEDD), lms["sedd"]
+    assert lm.config.process.process == "sedd-absorbing" and lm.config.process.eps == 1e-3
+    graph = lm.process
+    sigma = graph.schedule.sigma(r["t"].double())
+    torch.testing.assert_close(sigma.float(), r["sigma"], atol=1e-4, rtol=0)
+    with torch.no_grad():
+        log_score = graph.log_score(lm.model(r["input_ids"], r["t"]).double(), r["input_ids"], sigma[:, None])
+    torch.testing.assert_close(log_score.float(), r["log_score"], atol=1e-4, rtol=0)
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    for sampler in ("sedd_analytic", "sedd_euler"):
+        out = lm.generate(prompt, max_new_tokens=8, steps=8, seed=0, sampler=sampler)
+        assert torch.equal(out[:, :4], prompt) and not (out == MASK).any()
+
+
 @pytest.mark.parametrize("kind", ["mdlm", "sedd"])
-def test_generation_runs_end_to_end_with_the_mdlm_sampler(lms, kind):
+def test_generation_runs_end_to_end_with_the_family_sampler(lms, kind):
     lm = lms[kind]
     prompt = torch.tensor([[5, 6, 7, 8], [40, 41, 42, 43]])
     out = lm.generate(prompt, max_new_tokens=8, steps=8, seed=0)

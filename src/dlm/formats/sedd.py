@@ -15,9 +15,10 @@ conditioned on sigma of the log-linear noise (noise.type "loglinear"), which DDi
 
 SEDD's forward ends with its log-score parameterisation (`scale_by_sigma`: -log(e^sigma - 1) - log(V - 1), then
 0 at the input token); that is `dlm.models.ddit.sedd_log_score`, outside the network, and `scale_by_sigma` is kept
-in `CheckpointConfig.extra`. At a masked position softmax(logits) over the other tokens is p(x0 | xt), so MDLM's
-ancestral sampler, which is SEDD's analytic (Tweedie) sampler for the absorbing graph, runs it as it is; SEDD's
-own Euler / Tweedie samplers come with issue 5.
+in `CheckpointConfig.extra`. The checkpoint's process is `sedd-absorbing` (log-linear noise, eps 1e-3), whose
+graph applies that same parameterisation (`AbsorbingGraph.log_score`), so SEDD's own samplers run it
+(`sedd_analytic` by default, `sedd_euler`), as does the held-out bound. A checkpoint without `scale_by_sigma`
+falls back to MDLM's ancestral sampler (softmax(logits) at a masked position is p(x0 | xt) either way).
 
     lm = DiffusionLM.from_pretrained("/models/sedd-small")     # + GPT-2's tokenizer.json in the folder
 """
@@ -69,10 +70,19 @@ class SEDDFormat(Format):
                 and isinstance(config.get("graph"), dict) and "tokens" in config)
 
     def load(self, folder, config, dtype, device, allow_pickle):
+        from dlm.config import GenerationConfig, ProcessConfig
         from dlm.models import build_model
+        from dlm.process import PROCESSES
 
+        scaled = bool(config["model"].get("scale_by_sigma", True))
+        if scaled:  # SEDD's own graph, score and samplers (dlm.graphs, dlm.sampling.sedd)
+            family = PROCESSES.get("sedd-absorbing")
+            process = ProcessConfig(process="sedd-absorbing", **family.defaults)
+            sampling = GenerationConfig(max_new_tokens=128, steps=128, **family.sampling)
+        else:  # an unscaled output is only defined up to the softmax: MDLM's sampler reads it as p(x0 | xt)
+            process, sampling = ProcessConfig(process="masked", schedule="loglinear"), absorbing_sampling()
         cfg = CheckpointConfig(
-            model=model_config(config, folder), sampling=absorbing_sampling(),
+            model=model_config(config, folder), process=process, sampling=sampling,
             extra={"source": str(folder), "model_type": "sedd", "graph": "absorb", "noise": "loglinear",
                    "scale_by_sigma": bool(config["model"].get("scale_by_sigma", True))},
         )
