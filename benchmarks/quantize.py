@@ -46,7 +46,7 @@ def weight_bytes(lm: DiffusionLM) -> int:
 
 def time_generation(lms: dict[str, DiffusionLM], prompt: torch.Tensor, opts: dict, repeats: int) -> dict[str, float]:
     best = {k: float("inf") for k in lms}
-    for name, lm in lms.items():  # warm-up
+    for lm in lms.values():  # warm-up
         lm.generate(prompt, **opts)
     for _ in range(repeats):
         for name, lm in lms.items():

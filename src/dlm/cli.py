@@ -195,6 +195,72 @@ def _serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
+def _read_json(path: str, what: str) -> Any:
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the {what} {path}: {e}") from e
+
+
+def _augment(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from dlm.control.augment import augment
+
+    try:
+        lines = Path(args.input).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {args.input}: {e}") from e
+    texts = []
+    for n, line in enumerate(lines, 1):  # every line is checked before the model loads
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"line {n}: not JSON ({e})") from e
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise ValueError(f'line {n}: expected a JSON object with a string "text" field')
+        texts.append(rec["text"])
+    opts = generation_options(args)
+    variants = augment(_load(args), texts, noise=args.noise, n=args.n, seed=opts.pop("seed", None), **opts)
+    for i, vs in enumerate(variants):
+        for k, text in enumerate(vs):
+            print(json.dumps({"source": i, "variant": k, "text": text}, ensure_ascii=False))
+
+
+def _json(args: argparse.Namespace) -> None:
+    from dlm.control.json_schema import generate_json_text
+
+    schema = _read_json(args.schema, "schema")
+    print(generate_json_text(_load(args), schema, **generation_options(args)))
+
+
+def _document(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from dlm.control.documents import generate_document, parse_template
+
+    try:
+        template = Path(args.template).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the template {args.template}: {e}") from e
+    data = _read_json(args.data, "data") if args.data else None
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"{args.data} must hold a JSON object of field values")
+    budgets = {}
+    for b in args.budget:
+        heading, sep, n = b.rpartition("=")
+        if not sep or not n.strip().isdigit():
+            raise ValueError(f"--budget {b!r}: write HEADING=TOKENS, e.g. --budget '## Summary=80'")
+        budgets[heading] = int(n)
+    parse_template(template, data)  # a bad template or data fails before the model loads
+    text = generate_document(_load(args), template, data=data, budgets=budgets, **generation_options(args))
+    print(json.dumps({"text": text}) if args.json else text.removesuffix("\n"))  # the template's last newline
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dlm", description="Diffusion language models: train, sample, infill, evaluate.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -295,6 +361,31 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     x.add_argument("--force", action="store_true", help="write into a non-empty folder")
     x.set_defaults(func=_export)
+    # controlled generation: structured documents, JSON from a schema, augmentation (docs/control.md)
+    canvas_only = ("max_new_tokens", "block_length", "sampler", "num_samples", "cache")  # one block, llada
+    a = sub.add_parser("augment", help="variants of each text of a JSONL file by re-masking and denoising")
+    a.add_argument("input", metavar="IN.jsonl", help='one JSON object with a "text" field per line')
+    a.add_argument("--noise", type=float, default=0.3, help="fraction of tokens re-masked per variant")
+    a.add_argument("-n", type=int, default=4, help="variants per text")
+    add_model_flags(a)
+    add_generation_flags(a, skip=canvas_only + ("max_span",))
+    a.set_defaults(func=_augment, seed=0)
+
+    js = sub.add_parser("json", help="a JSON value generated to a JSON schema (always parses and validates)")
+    js.add_argument("schema", metavar="SCHEMA.json")
+    add_model_flags(js)
+    add_generation_flags(js, skip=canvas_only + ("max_span",))
+    js.set_defaults(func=_json, seed=0)
+
+    d = sub.add_parser("document", help="fill the [MASK] gaps of a Markdown template, {fields} from --data")
+    d.add_argument("template", metavar="TEMPLATE.md")
+    d.add_argument("--data", metavar="DATA.json", help="a JSON object of field values")
+    d.add_argument("--budget", action="append", default=[], metavar="HEADING=TOKENS",
+                   help="token budget of a section's gaps, e.g. '## Summary=80' (repeatable)")
+    d.add_argument("--json", action="store_true")
+    add_model_flags(d)
+    add_generation_flags(d, skip=canvas_only)
+    d.set_defaults(func=_document, seed=0)
     return ap
 
 

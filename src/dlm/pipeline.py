@@ -388,6 +388,26 @@ class DiffusionLM:
 
         return generate_with_constraints(self, prompt, constraints, **options)
 
+    def generate_json(self, schema: dict[str, Any], **options: Any) -> Any:
+        """A value that always parses and validates against `schema`: keys and punctuation pinned, values
+        generated under per-type token constraints (dlm.control.json_schema)."""
+        from dlm.control.json_schema import generate_json
+
+        return generate_json(self, schema, **options)
+
+    def generate_document(self, template: str, data: dict[str, Any] | None = None, **options: Any) -> str:
+        """A Markdown template with fixed text, {field} placeholders from `data` and [MASK] / [MASK:n] /
+        [MASK:<=n] gaps; everything outside the gaps is returned unchanged (dlm.control.documents)."""
+        from dlm.control.documents import generate_document
+
+        return generate_document(self, template, data, **options)
+
+    def augment(self, texts: list[str], noise: float = 0.3, n: int = 4, **options: Any) -> list[list[str]]:
+        """n variants of each text: a fraction `noise` of its tokens re-masked and denoised (dlm.control.augment)."""
+        from dlm.control.augment import augment
+
+        return augment(self, texts, noise=noise, n=n, **options)
+
     def fill_pattern(self, before: str, pattern: str, after: str = "", **options: Any) -> str:
         """The text between `before` and `after` matching a bounded regex, e.g. r"\\d{4}-\\d{2}-\\d{2}" (always)."""
         from dlm.control.constraints import fill_pattern
