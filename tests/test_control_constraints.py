@@ -152,3 +152,22 @@ def test_no_room_in_the_context_is_a_clear_error():
     with pytest.raises(SamplingError, match="leaves no room"):
         generate_with_constraints(lm, "a long prompt " * 3, CONSTRAINTS)
     assert check_constraints({})["max_lines"] == 50
+
+
+def test_cli_code_and_pattern(tmp_path, lm, capsys):
+    import json
+
+    from dlm.checkpoint import save_pretrained
+    from dlm.cli import main
+
+    save_pretrained(tmp_path / "m", lm.model, lm.config, lm.tokenizer)
+    main(["code", "Add two numbers", "--model", str(tmp_path / "m"), "--signature", "def add(a, b):",
+          "--docstring", "--max-lines", "5", "--line-tokens", "12", "--docstring-tokens", "12", "--steps", "24",
+          "--repair-rounds", "1", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert all(out["checks"].values()) and out["code"].startswith("def add(a, b):\n")
+    main(["pattern", "Born on ", r"\d{4}-\d{2}-\d{2}", ".", "--model", str(tmp_path / "m"), "--json"])
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", json.loads(capsys.readouterr().out)["value"])
+    with pytest.raises(SystemExit) as e:
+        main(["pattern", "x", r"\d+", "--model", str(tmp_path / "m")])
+    assert e.value.code == 2 and "unbounded" in capsys.readouterr().err
