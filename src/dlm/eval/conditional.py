@@ -1,0 +1,137 @@
+"""The log-likelihood of an answer given a prompt: LLaDA's Monte Carlo bound for masked diffusion, exact for AR.
+
+Masked diffusion (Nie et al. 2025, "Large Language Diffusion Models", eq. 6 and appendix B.5): only the answer's
+La tokens are ever masked; a sample draws a mask count l in 1..La, masks l answer positions uniformly, and scores
+(La / l) * sum of the masked positions' cross-entropies given the prompt and the visible answer tokens. Its mean
+is an upper bound on -log p(answer | prompt) (equal to it for an exact denoiser: the bound is the average over
+decoding orders of the chain rule). The mask counts of the n samples are stratified (one uniform offset, n evenly
+spaced quantiles of U{1..La}, as upstream's `forward_process`), and everything is accumulated in float64.
+Autoregressive models: the exact sum of log p(answer_i | [BOS], prompt, answer_<i).
+Upstream: ML-GSAI/LLaDA `get_log_likelihood.py` (the estimator) and `eval_llada.py` (`suffix_greedy_prediction`,
+the greedy check lm-eval-harness asks for). Only masked-process checkpoints (and AR) are supported: the SEDD and
+D3PM families score with their own bound (dlm/eval/elbo.py), which has no conditional form here.
+
+    ll = conditional_loglik(lm, tok.encode("ROMEO:"), tok.encode(" Good morrow."), n_samples=64, seed=0)
+    ll.nats, ll.stderr            # log p(answer | prompt) (a lower bound for a DLM) and its standard error
+    answer_is_greedy(lm, prompt_ids, answer_ids)   # would greedy decoding produce the answer?
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+from dlm.losses import token_ce
+
+
+class LogLik(NamedTuple):
+    """Unpacks as (nats, stderr). nats: log p(answer | prompt) in nats (<= 0; a lower bound for a DLM)."""
+
+    nats: float
+    stderr: float  # standard error of the Monte Carlo mean (0 for AR: exact)
+
+
+def _check(lm: Any) -> None:
+    process = getattr(getattr(lm.config, "process", None), "process", "masked")
+    if not lm.is_causal and process != "masked":
+        raise ValueError(f"the conditional log-likelihood needs a masked-diffusion or AR model, not a {process!r} "
+                         "model (its family scores whole windows with its own bound: dlm eval)")
+
+
+def _fit(prompt: list[int], answer: list[int], room: int) -> list[int]:
+    """The prompt cut from the left so that prompt + answer fit in `room` tokens."""
+    if len(answer) > room:
+        raise ValueError(f"the answer has {len(answer)} tokens but the model's context holds {room}")
+    return prompt[len(prompt) - min(len(prompt), room - len(answer)):]
+
+
+def stratified_counts(n: int, La: int, generator: torch.Generator) -> torch.Tensor:
+    """n mask counts in 1..La: one uniform offset and n evenly spaced quantiles of U{1..La} -> (n,) long."""
+    u = (torch.rand(1, generator=generator, dtype=torch.float64) + torch.arange(n, dtype=torch.float64) / n) % 1.0
+    return (u * La).floor().long().clamp(0, La - 1) + 1
+
+
+@torch.no_grad()
+def _ar_loglik(lm: Any, prompt: list[int], answer: list[int]) -> LogLik:
+    prompt = _fit(prompt, answer, lm.max_len)
+    seq = torch.tensor([[lm.tokenizer.bos_id, *prompt, *answer]], device=lm.device)  # (1, 1 + P + La)
+    logits = lm.model(seq[:, :-1], None)  # (1, P + La, V): position i predicts token i + 1
+    ce = token_ce(logits, seq[:, 1:])[0, len(prompt):]  # (La,)
+    return LogLik(-float(ce.double().sum()), 0.0)
+
+
+@torch.no_grad()
+def _masked_loglik(lm: Any, prompt: list[int], answer: list[int], n_samples: int, seed: int,
+                   batch_size: int) -> LogLik:
+    prompt = _fit(prompt, answer, lm.max_len)
+    P, La = len(prompt), len(answer)
+    mask_id = lm.tokenizer.mask_id
+    g = torch.Generator().manual_seed(seed)
+    counts = stratified_counts(n_samples, La, g)  # (n,)
+    x0 = torch.tensor([prompt + answer], device=lm.device)  # (1, P + La)
+    estimates = torch.zeros(n_samples, dtype=torch.float64)
+    for start in range(0, n_samples, batch_size):
+        l = counts[start: start + batch_size]  # (B,)
+        B = l.numel()
+        ranks = torch.rand(B, La, generator=g).argsort(1).argsort(1)  # a random permutation of the answer
+        is_masked = torch.zeros(B, P + La, dtype=torch.bool)
+        is_masked[:, P:] = ranks < l[:, None]  # exactly l[b] masked answer positions, the prompt never
+        is_masked = is_masked.to(lm.device)
+        xt = torch.where(is_masked, mask_id, x0.expand(B, -1))  # (B, P + La)
+        t = (l.double() / (P + La)).float().to(lm.device)  # the canvas's mask fraction, for a time-conditioned net
+        logits = lm.model(xt, t).float()  # (B, P + La, V)
+        logits[..., mask_id] = -torch.inf  # the clean answer is never [MASK] (SUBS), as in elbo.py
+        ce = token_ce(logits, x0.expand(B, -1)).double()  # (B, P + La)
+        estimates[start: start + B] = ((ce * is_masked).sum(1) * (La / l.to(lm.device).double())).cpu()
+    stderr = float(estimates.std() / math.sqrt(n_samples)) if n_samples > 1 else float("nan")
+    return LogLik(-float(estimates.mean()), stderr)
+
+
+def conditional_loglik(lm: Any, prompt_ids: list[int], answer_ids: list[int], n_samples: int = 32,
+                       seed: int = 0, batch_size: int = 32) -> LogLik:
+    """log p(answer | prompt) in nats and its standard error for a loaded DiffusionLM (or anything with its
+    `model`, `tokenizer`, `config`, `max_len`, `is_causal` and `device`). A prompt too long for the context is cut
+    from the left. AR: exact (stderr 0). Masked diffusion: the mean of `n_samples` stratified LLaDA estimates, a
+    lower bound in expectation; the stderr treats the samples as independent (stratification only lowers it)."""
+    _check(lm)
+    prompt, answer = [int(i) for i in prompt_ids], [int(i) for i in answer_ids]
+    if not answer:
+        return LogLik(0.0, 0.0)
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if lm.is_causal:
+        return _ar_loglik(lm, prompt, answer)
+    return _masked_loglik(lm, prompt, answer, n_samples, seed, batch_size)
+
+
+@torch.no_grad()
+def answer_is_greedy(lm: Any, prompt_ids: list[int], answer_ids: list[int]) -> bool:
+    """Would greedy decoding write exactly the answer after the prompt? AR: the argmax at every answer position.
+    Masked diffusion: LLaDA's `suffix_greedy_prediction`, the answer span fully masked and filled one token per
+    step, the most confident first (La forward passes), with the tokens the sampler bans banned."""
+    _check(lm)
+    prompt, answer = [int(i) for i in prompt_ids], [int(i) for i in answer_ids]
+    if not answer:
+        return True
+    prompt = _fit(prompt, answer, lm.max_len)
+    P, La = len(prompt), len(answer)
+    target = torch.tensor(answer, device=lm.device)
+    if lm.is_causal:
+        seq = torch.tensor([[lm.tokenizer.bos_id, *prompt, *answer[:-1]]], device=lm.device)
+        return bool((lm.model(seq, None)[0, P:].argmax(-1) == target).all())
+    tok = lm.tokenizer
+    # Banned as the sampler bans them (dlm.sampling.processors): [MASK], and [BOS] / [PAD] unless they are [EOS].
+    banned = [tok.mask_id] + [i for i in (tok.bos_id, tok.pad_id) if i is not None and i != tok.eos_id]
+    canvas = torch.tensor([prompt + [tok.mask_id] * La], device=lm.device)  # (1, P + La)
+    for _ in range(La):
+        is_masked = canvas[0] == tok.mask_id  # (P + La,)
+        t = is_masked.float().mean()[None]
+        logits = lm.model(canvas, t)[0].float()  # (P + La, V)
+        logits[:, banned] = -torch.inf
+        conf, x0 = torch.softmax(logits, -1).max(-1)  # (P + La,)
+        conf = torch.where(is_masked, conf, -torch.inf)
+        best = int(conf.argmax())
+        canvas[0, best] = x0[best]
+    return bool((canvas[0, P:] == target).all())
