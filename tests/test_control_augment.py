@@ -9,15 +9,13 @@ import math
 
 import pytest
 import torch
+from control_helpers import Biased, no_model, saved_model_dir, tiny  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dlm.control.augment as augment_mod
 from dlm.cli import main
-from dlm.config import CheckpointConfig, ModelConfig
 from dlm.control.augment import augment, bleu, distinct_n, faithfulness, n_remasked, remask, self_bleu
-from dlm.models import build_model
-from dlm.pipeline import DiffusionLM
 from dlm.sampling import SamplingError
 from dlm.tokenizer import ByteTokenizer
 
@@ -27,9 +25,7 @@ ASCII = st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, 
 
 @pytest.fixture(scope="module")
 def lm():
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=260, d_model=32, n_layers=1, n_heads=2, max_len=128)
-    return DiffusionLM(build_model(cfg).eval(), ByteTokenizer(), CheckpointConfig(model=cfg))
+    return tiny(max_len=128)
 
 
 @given(st.lists(st.integers(0, 255), min_size=1, max_size=80), st.floats(0.01, 1.0), st.integers(1, 5),
@@ -122,11 +118,7 @@ def test_faithfulness():
 # ----- dlm augment --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, lm):
-    from dlm.checkpoint import save_pretrained
-
-    path = tmp_path_factory.mktemp("augment") / "tiny"
-    save_pretrained(path, lm.model, lm.config, lm.tokenizer)
-    return path
+    return saved_model_dir(tmp_path_factory, lm, "augment")
 
 
 def test_cli_augment_round_trip_and_errors(model_dir, tmp_path, capsys):

@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from control_helpers import Biased, no_model, saved_model_dir, tiny  # noqa: F401
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +19,6 @@ from dlm.control.code import check_constraints, generate_with_constraints
 from dlm.control.constraints import PatternGap, compile_slots, fill_pattern
 from dlm.control.repair import failing_positions, render, repair
 from dlm.control.validators import Contains, HasDocstring, MaxLines, PythonParses
-from dlm.models import build_model
 from dlm.pipeline import DiffusionLM
 from dlm.sampling import SamplingError
 from dlm.tokenizer import ByteTokenizer
@@ -26,9 +26,7 @@ from dlm.tokenizer import ByteTokenizer
 
 @pytest.fixture(scope="module")
 def lm():
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=260, d_model=32, n_layers=1, n_heads=2, max_len=256)
-    return DiffusionLM(build_model(cfg).eval(), ByteTokenizer(), CheckpointConfig(model=cfg))
+    return tiny()
 
 
 # ----- pattern gaps -----------------------------------------------------------------------------------------------

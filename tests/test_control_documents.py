@@ -6,39 +6,14 @@ from __future__ import annotations
 
 import json
 import re
-from types import SimpleNamespace
 
 import pytest
-import torch
+from control_helpers import Biased, no_model, saved_model_dir, tiny  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dlm.cli import main
-from dlm.config import CheckpointConfig, GenerationConfig, ModelConfig
 from dlm.control.documents import TemplateError, gap_sizes, generate_document, parse_template
-from dlm.models import build_model
-from dlm.pipeline import DiffusionLM
-from dlm.tokenizer import ByteTokenizer
-
-
-class Biased(torch.nn.Module):
-    """A network plus a fixed bias on some token ids (a model that loves them)."""
-
-    def __init__(self, inner: torch.nn.Module, ids: list[int], bias: float = 30.0) -> None:
-        super().__init__()
-        self.inner = inner
-        self.bias = torch.zeros(260)
-        self.bias[ids] = bias
-
-    def forward(self, x, t=None, attention_mask=None, **kw):
-        return self.inner(x, t, attention_mask=attention_mask, **kw) + self.bias
-
-
-def tiny(bias_ids: list[int] | None = None) -> DiffusionLM:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=260, d_model=32, n_layers=1, n_heads=2, max_len=256)
-    net = build_model(cfg).eval()
-    return DiffusionLM(Biased(net, bias_ids) if bias_ids else net, ByteTokenizer(), CheckpointConfig(model=cfg))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +21,7 @@ def lm():
     return tiny()
 
 
-NO_MODEL = SimpleNamespace(tokenizer=ByteTokenizer(), max_len=256, sampling=GenerationConfig())  # calls fail
+NO_MODEL = no_model()  # any model call fails
 
 # ----- random templates: what must come back unchanged ----------------------------------------------------------------
 GAPS = {"[MASK]": (5, False), "[MASK:1]": (1, True), "[MASK:3]": (3, True), "[MASK:<=4]": (4, False)}  # max_span 5
@@ -139,11 +114,7 @@ def test_bad_input_fails_before_any_model_call(template, data, budgets, message)
 # ----- dlm document -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, lm):
-    from dlm.checkpoint import save_pretrained
-
-    path = tmp_path_factory.mktemp("doc") / "tiny"
-    save_pretrained(path, lm.model, lm.config, lm.tokenizer)
-    return path
+    return saved_model_dir(tmp_path_factory, lm, "doc")
 
 
 def test_cli_document_round_trip_and_errors(model_dir, tmp_path, capsys):

@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import math
 import random
-from types import SimpleNamespace
 
 import pytest
-import torch
+from control_helpers import Biased, no_model, saved_model_dir, tiny  # noqa: F401
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from dlm.cli import main
-from dlm.config import CheckpointConfig, GenerationConfig, ModelConfig
 from dlm.control.canvas import token_texts
 from dlm.control.json_schema import (
     Choice,
@@ -32,34 +30,10 @@ from dlm.control.json_schema import (
     render,
     validate,
 )
-from dlm.models import build_model
-from dlm.pipeline import DiffusionLM
 from dlm.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 SETS = TokenSets(token_texts(TOK), TOK.pad_id)
-
-
-class Biased(torch.nn.Module):
-    """A network plus a fixed bias on some token ids (a model that loves them)."""
-
-    def __init__(self, inner: torch.nn.Module, ids: list[int], bias: float = 30.0) -> None:
-        super().__init__()
-        self.inner = inner
-        self.bias = torch.zeros(260)  # the byte tokenizer's vocabulary
-        self.bias[ids] = bias
-
-    def forward(self, x, t=None, attention_mask=None, **kw):
-        return self.inner(x, t, attention_mask=attention_mask, **kw) + self.bias
-
-
-def tiny(bias_ids: list[int] | None = None, tokenizer=None, vocab_size: int = 260) -> DiffusionLM:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=vocab_size, d_model=32, n_layers=1, n_heads=2, max_len=256)
-    net = build_model(cfg).eval()
-    if bias_ids is not None:
-        net = Biased(net, bias_ids)
-    return DiffusionLM(net, tokenizer or ByteTokenizer(), CheckpointConfig(model=cfg))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +41,7 @@ def lm():
     return tiny()
 
 
-NO_MODEL = SimpleNamespace(tokenizer=TOK, max_len=256, sampling=GenerationConfig())  # any model call fails
+NO_MODEL = no_model(TOK)  # any model call fails
 
 
 # ----- schemas ----------------------------------------------------------------------------------------------------
@@ -264,11 +238,7 @@ def test_unsupported_schemas_fail_before_any_model_call(schema, message):
 # ----- dlm json -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, lm):
-    from dlm.checkpoint import save_pretrained
-
-    path = tmp_path_factory.mktemp("json") / "tiny"
-    save_pretrained(path, lm.model, lm.config, lm.tokenizer)
-    return path
+    return saved_model_dir(tmp_path_factory, lm, "json")
 
 
 def test_cli_json_round_trip_and_errors(model_dir, tmp_path, capsys):
