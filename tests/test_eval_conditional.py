@@ -54,6 +54,17 @@ def test_mc_mean_matches_the_exact_conditional_of_an_enumerable_toy():
     assert abs(ll.nats - exact) < 4 * ll.stderr, (ll, exact)
 
 
+def test_an_answer_in_a_gap_matches_its_exact_conditional():
+    """With known text after the answer: E[estimate] = -log p(x1 x2 | x0, x3)."""
+    lm, S, p0 = toy_lm()
+    x = S[int(p0.argmin())]
+    given = (S[:, 0] == x[0]) & (S[:, 3] == x[3])
+    exact = float(torch.log(p0[(S == x).all(1)].sum() / p0[given].sum()))
+    ll = conditional_loglik(lm, x[:1].tolist(), x[1:3].tolist(), n_samples=2000, batch_size=1000,
+                            suffix_ids=x[3:].tolist())
+    assert abs(ll.nats - exact) < 4 * ll.stderr, (ll, exact)
+
+
 def test_empty_answer_and_bad_sample_count():
     lm, _, _ = toy_lm()
     assert conditional_loglik(lm, [0], [], n_samples=4) == (0.0, 0.0)
@@ -86,6 +97,8 @@ def test_ar_is_exact_and_obeys_the_chain_rule(shipped):
     whole = conditional_loglik(ar, [], enc(PROMPT + ANSWER))
     parts = conditional_loglik(ar, [], enc(PROMPT)).nats + conditional_loglik(ar, enc(PROMPT), enc(ANSWER)).nats
     assert whole.stderr == 0.0
+    with pytest.raises(ValueError, match="cannot condition on text after"):
+        conditional_loglik(ar, enc(PROMPT), enc(ANSWER), suffix_ids=enc("\n"))
     assert whole.nats == pytest.approx(parts, abs=1e-3)
     # the greedy check agrees with a greedy continuation
     ids = enc(PROMPT)

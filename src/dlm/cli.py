@@ -161,7 +161,12 @@ def _infill(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from dlm.eval.heldout import evaluate_text
 
+    if (args.data is None) == (args.answer is None):
+        raise ValueError("give --data (a held-out bound) or --answer [--prompt] (a conditional log-likelihood)")
     lm = _load(args)
+    if args.answer is not None:
+        _eval_conditional(lm, args)
+        return
     result = evaluate_text(lm, args.data, n_samples=args.samples, seed=args.seed, max_windows=args.max_windows)
     if args.json:
         print(json.dumps(result))
@@ -169,6 +174,65 @@ def _eval(args: argparse.Namespace) -> None:
         kind = "exact NLL" if result["exact"] else "ELBO bound"
         print(f"{result['bits_per_char']:.4f} bits/char ({kind}, ± {result['stderr']:.4f}), "
               f"{result['bits_per_token']:.4f} bits/token over {result['n_tokens']} tokens")
+
+
+def _eval_conditional(lm, args: argparse.Namespace) -> None:
+    from dlm.eval.conditional import conditional_loglik
+
+    enc = lm.tokenizer.encode
+    answer = enc(args.answer)
+    nats, stderr = conditional_loglik(lm, enc(args.prompt), answer, n_samples=args.samples, seed=args.seed)
+    result = {"loglik_nats": nats, "stderr": stderr, "answer_tokens": len(answer), "exact": lm.is_causal,
+              "n_samples": 1 if lm.is_causal else args.samples}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        kind = "exact" if lm.is_causal else f"lower bound, {args.samples} samples"
+        print(f"log p(answer | prompt) = {nats:.4f} nats ({kind}, ± {stderr:.4f}) over {len(answer)} tokens")
+
+
+def _judge(args: argparse.Namespace) -> None:
+    from dlm.eval.judge import generative_perplexity, load_judge
+
+    if (args.model is None) == (args.input is None):
+        raise ValueError("give --model (generate samples, then judge them) or --input FILE.jsonl (judge its texts)")
+    if args.input is not None:
+        from pathlib import Path
+
+        try:
+            recs = [json.loads(line) for line in Path(args.input).read_text(encoding="utf-8").splitlines()
+                    if line.strip()]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {args.input}: {e}") from e
+        if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in recs):
+            raise ValueError(f'{args.input}: each line must be a JSON object with a "text" (and optional "prompt")')
+        texts, prompts = [r["text"] for r in recs], [r.get("prompt", "") for r in recs]
+    else:
+        lm = _load(args)
+        prompts = list(args.prompt or ["\n"])
+        opts = generation_options(args)
+        seed = opts.pop("seed", 0)
+        texts, shown = [], []
+        for p in prompts:
+            for k in range(args.n):
+                texts.append(lm.generate(p, seed=seed + k, **opts))
+                shown.append(p)
+        prompts = shown
+    from dlm.eval.judge import JudgeUnavailable
+
+    try:
+        judge = load_judge(bf16=args.bf16)
+    except JudgeUnavailable as e:
+        raise ValueError(str(e)) from e
+    report = generative_perplexity(texts, prompts, judge=judge).to_dict()
+    if not args.per_text:
+        report.pop("per_text_perplexity")
+    if args.json:
+        print(json.dumps(report | ({"samples": texts} if args.model else {})))
+    else:
+        print(f"judge perplexity {report['perplexity']:.2f} over {report['n_tokens']} tokens of {report['n_texts']} "
+              f"texts; unigram entropy {report['unigram_entropy']:.3f} bits, distinct-1 {report['distinct_1']:.3f}, "
+              f"distinct-2 {report['distinct_2']:.3f}")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -345,12 +409,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="held-out likelihood bound in bits per char / token")
     add_model_flags(e)
-    e.add_argument("--data", required=True, help="a corpus name (its validation split) or a text file")
-    e.add_argument("--samples", type=int, default=4, help="Monte Carlo samples per window")
+    e.add_argument("--data", help="a corpus name (its validation split) or a text file")
+    e.add_argument("--prompt", default="", help="with --answer: the text the answer is conditioned on")
+    e.add_argument("--answer", help="log p(answer | prompt) instead of a held-out bound (docs/evaluation.md)")
+    e.add_argument("--samples", type=int, default=4, help="Monte Carlo samples per window (or per answer)")
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_eval)
+    jd = sub.add_parser("judge", help="generative perplexity under SmolLM2-135M, unigram entropy and distinct-n")
+    add_model_flags(jd)
+    jd.set_defaults(model=None)  # no default model: --model generates samples, --input judges a file
+    jd.add_argument("--input", metavar="IN.jsonl", help='texts to judge: {"text": ..., "prompt": ...} per line')
+    jd.add_argument("--prompt", action="append", help="prompt of the samples (repeatable; default: a newline)")
+    jd.add_argument("-n", type=int, default=4, help="samples per prompt")
+    jd.add_argument("--bf16", action="store_true", help="judge under bf16 autocast (faster on AMX CPUs)")
+    jd.add_argument("--per-text", action="store_true", help="also print each text's perplexity")
+    jd.add_argument("--json", action="store_true")
+    add_generation_flags(jd, skip=("num_samples",))
+    jd.set_defaults(func=_judge)
 
     s = sub.add_parser("serve", help="HTTP API: OpenAI-compatible completions, infilling, live denoising")
     add_model_flags(s)

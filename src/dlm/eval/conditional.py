@@ -41,9 +41,9 @@ def _check(lm: Any) -> None:
 
 
 def _fit(prompt: list[int], answer: list[int], room: int) -> list[int]:
-    """The prompt cut from the left so that prompt + answer fit in `room` tokens."""
+    """The prompt cut from the left so that prompt + answer (+ suffix) fit in `room` tokens."""
     if len(answer) > room:
-        raise ValueError(f"the answer has {len(answer)} tokens but the model's context holds {room}")
+        raise ValueError(f"the answer (and suffix) have {len(answer)} tokens but the model's context holds {room}")
     return prompt[len(prompt) - min(len(prompt), room - len(answer)):]
 
 
@@ -63,47 +63,56 @@ def _ar_loglik(lm: Any, prompt: list[int], answer: list[int]) -> LogLik:
 
 
 @torch.no_grad()
-def _masked_loglik(lm: Any, prompt: list[int], answer: list[int], n_samples: int, seed: int,
+def _masked_loglik(lm: Any, prompt: list[int], answer: list[int], suffix: list[int], n_samples: int, seed: int,
                    batch_size: int) -> LogLik:
-    prompt = _fit(prompt, answer, lm.max_len)
-    P, La = len(prompt), len(answer)
+    prompt = _fit(prompt, answer + suffix, lm.max_len)
+    P, La, N = len(prompt), len(answer), len(prompt) + len(answer) + len(suffix)
     mask_id = lm.tokenizer.mask_id
     g = torch.Generator().manual_seed(seed)
     counts = stratified_counts(n_samples, La, g)  # (n,)
-    x0 = torch.tensor([prompt + answer], device=lm.device)  # (1, P + La)
+    x0 = torch.tensor([prompt + answer + suffix], device=lm.device)  # (1, N)
     estimates = torch.zeros(n_samples, dtype=torch.float64)
     for start in range(0, n_samples, batch_size):
         l = counts[start: start + batch_size]  # (B,)
         B = l.numel()
         ranks = torch.rand(B, La, generator=g).argsort(1).argsort(1)  # a random permutation of the answer
-        is_masked = torch.zeros(B, P + La, dtype=torch.bool)
-        is_masked[:, P:] = ranks < l[:, None]  # exactly l[b] masked answer positions, the prompt never
+        is_masked = torch.zeros(B, N, dtype=torch.bool)
+        is_masked[:, P: P + La] = ranks < l[:, None]  # exactly l[b] masked answer positions, the rest never
         is_masked = is_masked.to(lm.device)
-        xt = torch.where(is_masked, mask_id, x0.expand(B, -1))  # (B, P + La)
-        t = (l.double() / (P + La)).float().to(lm.device)  # the canvas's mask fraction, for a time-conditioned net
-        logits = lm.model(xt, t).float()  # (B, P + La, V)
+        xt = torch.where(is_masked, mask_id, x0.expand(B, -1))  # (B, N)
+        t = (l.double() / N).float().to(lm.device)  # the canvas's mask fraction, for a time-conditioned net
+        logits = lm.model(xt, t).float()  # (B, N, V)
         logits[..., mask_id] = -torch.inf  # the clean answer is never [MASK] (SUBS), as in elbo.py
-        ce = token_ce(logits, x0.expand(B, -1)).double()  # (B, P + La)
+        ce = token_ce(logits, x0.expand(B, -1)).double()  # (B, N)
         estimates[start: start + B] = ((ce * is_masked).sum(1) * (La / l.to(lm.device).double())).cpu()
     stderr = float(estimates.std() / math.sqrt(n_samples)) if n_samples > 1 else float("nan")
     return LogLik(-float(estimates.mean()), stderr)
 
 
 def conditional_loglik(lm: Any, prompt_ids: list[int], answer_ids: list[int], n_samples: int = 32,
-                       seed: int = 0, batch_size: int = 32) -> LogLik:
+                       seed: int = 0, batch_size: int = 32, suffix_ids: list[int] | None = None) -> LogLik:
     """log p(answer | prompt) in nats and its standard error for a loaded DiffusionLM (or anything with its
     `model`, `tokenizer`, `config`, `max_len`, `is_causal` and `device`). A prompt too long for the context is cut
     from the left. AR: exact (stderr 0). Masked diffusion: the mean of `n_samples` stratified LLaDA estimates, a
-    lower bound in expectation; the stderr treats the samples as independent (stratification only lowers it)."""
+    lower bound in expectation; the stderr treats the samples as independent (stratification only lowers it).
+
+    `suffix_ids` (masked diffusion only): known text after the answer, so the answer is scored in its gap:
+    log p(answer | prompt, suffix). An AR model cannot condition on the future; rank answers by the joint
+    `conditional_loglik(lm, prompt, answer + suffix)` instead (the same order, since p(suffix | prompt) is fixed).
+    """
     _check(lm)
     prompt, answer = [int(i) for i in prompt_ids], [int(i) for i in answer_ids]
+    suffix = [int(i) for i in suffix_ids or []]
     if not answer:
         return LogLik(0.0, 0.0)
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     if lm.is_causal:
+        if suffix:
+            raise ValueError("an AR model cannot condition on text after the answer: score the joint "
+                             "conditional_loglik(lm, prompt, answer + suffix) instead")
         return _ar_loglik(lm, prompt, answer)
-    return _masked_loglik(lm, prompt, answer, n_samples, seed, batch_size)
+    return _masked_loglik(lm, prompt, answer, suffix, n_samples, seed, batch_size)
 
 
 @torch.no_grad()
