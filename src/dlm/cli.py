@@ -26,8 +26,117 @@ from typing import Any
 from dlm.config import ConfigError
 
 
+# ----- training: train, sft, lora, and their torchrun launcher (docs/training.md) ---------------------------------
+def _add_optim_flags(p: argparse.ArgumentParser, lr: float = 1e-3, max_steps: int = 1000, warmup: int = 100) -> None:
+    """The optimisation, checkpoint and launch flags every training command shares."""
+    p.add_argument("--out", required=True, help="run folder; re-run the same command to resume from it")
+    p.add_argument("--max-steps", type=int, default=max_steps)
+    p.add_argument("--batch-size", type=int, default=32, help="the global batch: all ranks and micro-batches together")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (gradient accumulation)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast")
+    p.add_argument("--ema", type=float, default=0.0)
+    p.add_argument("--ckpt-every", type=int, default=250)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (each rank takes its own GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 instead of DDP")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this node: runs torchrun for you")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes taking part (run the same command on each)")
+    p.add_argument("--rdzv-endpoint", help="HOST:PORT on one of the nodes where they meet (several nodes)")
+
+
+_LAUNCH_FLAGS = ("nproc", "nnodes", "rdzv_endpoint")
+
+
+def _command_argv(args: argparse.Namespace) -> list[str]:
+    """The flags of a parsed training command, less the launcher's: the command line each torchrun worker gets."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    argv = [args.command]
+    for action in sub.choices[args.command]._actions:
+        value = getattr(args, action.dest, action.default)
+        if not action.option_strings or action.dest in _LAUNCH_FLAGS or value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _relaunched(args: argparse.Namespace) -> bool:
+    """With --nproc / --nnodes (and not already a worker): run the command under torchrun, then True."""
+    from dlm.distributed import is_launched, launch
+
+    if (args.nproc <= 1 and args.nnodes <= 1) or is_launched():
+        return False
+    rc = launch(_command_argv(args), args.nproc, args.nnodes, args.rdzv_endpoint)
+    if rc:
+        sys.exit(rc)
+    return True
+
+
+def _train_config(args: argparse.Namespace, **fields: Any):
+    from dlm.config import TrainConfig
+
+    return TrainConfig(out=args.out, max_steps=args.max_steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                       lr=args.lr, warmup_steps=args.warmup, bf16=args.bf16, ema=args.ema, ckpt_every=args.ckpt_every,
+                       log_every=args.log_every, seed=args.seed, threads=args.threads, grad_accum=args.grad_accum,
+                       fsdp=args.fsdp, **fields)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") == "0":  # one line, from rank 0 only
+        print(json.dumps(summary))
+
+
+def _sft(args: argparse.Namespace, lora: Any = None) -> None:
+    if _relaunched(args):
+        return
+    from dlm.config import SFTConfig
+    from dlm.sft import finetune
+
+    sft = SFTConfig(data=args.data, template=args.template, eos_padding=args.eos_padding,
+                    max_examples=args.max_examples)
+    summary = finetune(sft, _train_config(args, data=args.data), model=args.model, lora=lora, device=args.device,
+                       show_progress=not args.quiet)
+    _print_summary(summary)
+
+
+def _lora(args: argparse.Namespace) -> None:
+    from dlm.lora import TARGETS, LoRAConfig
+
+    lora = LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.lora_dropout,
+                      target_modules=args.target_modules or list(TARGETS), merge=args.merge)
+    _sft(args, lora)
+
+
+def _add_sft_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="the model to fine-tune: shipped name, folder or hub id")
+    p.add_argument("--data", required=True, metavar="CHATS.jsonl", help='one {"messages": [...]} per line')
+    p.add_argument("--template", default="auto", choices=["auto", "fallback"],
+                   help="auto: the tokenizer's chat template if it has one, else the plain fallback (docs)")
+    p.add_argument("--eos-padding", default="response", choices=["response", "context"],
+                   help="response (LLaDA): EOS padding is masked and scored as answer; context: left clean")
+    p.add_argument("--max-examples", type=int, help="use the first n chats")
+    _add_optim_flags(p, lr=1e-4, max_steps=500, warmup=20)
+
+
 def _train(args: argparse.Namespace) -> None:
-    from dlm.config import ModelConfig, TrainConfig
+    if _relaunched(args):
+        return
+    from dlm.config import ModelConfig
     from dlm.process import PROCESSES
     from dlm.train import process_config, train
 
@@ -41,12 +150,10 @@ def _train(args: argparse.Namespace) -> None:
              "timesteps": args.timesteps, "hybrid_lambda": args.hybrid_lambda}
     pcfg = process_config(args.process, loss=loss, infill_prob=args.infill_prob, max_span=args.max_span,
                           **{k: v for k, v in given.items() if v is not None})
-    tcfg = TrainConfig(data=args.data, out=args.out, tokenizer=args.tokenizer, max_steps=args.max_steps,
-                       batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup,
-                       bf16=args.bf16, ema=args.ema, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
-                       log_every=args.log_every, seed=args.seed, threads=args.threads)
+    tcfg = _train_config(args, data=args.data, tokenizer=args.tokenizer, eval_every=args.eval_every,
+                         random_length_prob=args.random_length_prob)
     summary = train(tcfg, model_cfg, pcfg, device=args.device, show_progress=not args.quiet)
-    print(json.dumps(summary))
+    _print_summary(summary)
 
 
 def _load(args: argparse.Namespace):
@@ -358,7 +465,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="small", help="size preset: tiny, small, base, large")
     t.add_argument("--arch", choices=["llada", "dit", "ar"],
                    help="network (default: the process's: llada for masked, dit for SEDD and D3PM)")
-    t.add_argument("--out", required=True)
     t.add_argument("--process", default="masked",
                    help="masked, sedd-absorbing, sedd-uniform, d3pm-absorbing, d3pm-uniform (docs/families.md)")
     t.add_argument("--schedule", help="linear (LLaDA), loglinear (MDLM, SEDD absorbing), cosine, geometric (SEDD "
@@ -373,22 +479,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--infill-prob", type=float, default=0.0, help="fraction of sequences on the infilling objective")
     t.add_argument("--max-span", type=int, default=64)
     t.add_argument("--tokenizer", default="byte", help="byte, or bpe:<vocab size>")
-    t.add_argument("--max-steps", type=int, default=1000)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--max-len", type=int, help="model context (default: the preset's)")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--warmup", type=int, default=100)
-    t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast")
-    t.add_argument("--ema", type=float, default=0.0)
     t.add_argument("--eval-every", type=int, default=250)
-    t.add_argument("--ckpt-every", type=int, default=250)
-    t.add_argument("--log-every", type=int, default=10)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0)
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--random-length-prob", type=float, default=0.0,
+                   help="share of batches cut to a random length (LLaDA pretrains with 0.01)")
+    _add_optim_flags(t)
     t.set_defaults(func=_train)
+
+    ft = sub.add_parser("sft", help="instruction-tune a model on chats (LLaDA's SFT: only the response is masked)")
+    _add_sft_flags(ft)
+    ft.set_defaults(func=_sft)
+
+    lo = sub.add_parser("lora", help="SFT with LoRA adapters (peft) on a loaded model; saves the adapter")
+    _add_sft_flags(lo)
+    lo.add_argument("--r", type=int, default=8, help="adapter rank")
+    lo.add_argument("--alpha", type=float, default=16.0, help="the update is scaled by alpha / r")
+    lo.add_argument("--lora-dropout", type=float, default=0.0)
+    lo.add_argument("--target-modules", nargs="+", help="linear layers to adapt (default: attention and MLP)")
+    lo.add_argument("--merge", action="store_true", help="also write OUT/merged: a model folder, adapters folded in")
+    lo.set_defaults(func=_lora)
 
     g = sub.add_parser("generate", help="continue a prompt (every GenerationConfig option is a flag)")
     g.add_argument("prompt")

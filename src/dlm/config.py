@@ -186,6 +186,21 @@ class TrainConfig(_Config):
     seed: int = 0
     threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
     val_fraction: float = 0.05
+    grad_accum: int = 1  # micro-batches per step: each rank computes batch_size / (ranks x grad_accum) rows at once
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+    random_length_prob: float = 0.0  # LLaDA pretrains 1% (0.01) of its batches on a prefix of random length
+
+
+@dataclass
+class SFTConfig(_Config):
+    """Instruction tuning data (dlm.sft): chats rendered with the model's template, the response alone trained."""
+
+    data: str = ""  # JSONL, one {"messages": [{"role": ..., "content": ...}, ...]} per line; the last is the answer
+    template: str = "auto"  # auto: the tokenizer's chat template, else dlm.sft's plain fallback; fallback: always it
+    # EOS padding of a response to the batch length. response (LLaDA): masked, scored and counted in the answer
+    # length like the answer itself, so the model learns to end; context: left clean and outside the loss.
+    eos_padding: str = "response"
+    max_examples: int | None = None  # use the first n chats only
 
 
 @dataclass

@@ -5,10 +5,13 @@ user file, folder of files or JSONL (`{"text": ...}` per line). The train/valida
 whole documents are held out when there are enough of them, else the tail of the text.
 
 Batches are a pure function of (seed, step): each step draws its windows from a generator seeded by both, so
-a resumed run sees exactly the batches an uninterrupted run would.
+a resumed run sees exactly the batches an uninterrupted run would. A `Batch` is the global batch of a step; ranks
+and micro-batches take their rows of it (`Batch.rows`). `random_length` is LLaDA's pretraining trick: a small share
+of the steps train on a prefix of random length, so the model also sees sequences shorter than the context.
 
     docs = load_corpus("shakespeare"); train, val = split_documents(docs, 0.05)
     ds = TokenStream(tokenize_documents(train, tok), seq_len=256); x0 = ds.batch(step=0, batch_size=32, seed=0)
+    b = ds.sample(step=0, batch_size=32, seed=0).rows(0, 16)   # Batch: x0 (16, 256), maskable None
 """
 
 from __future__ import annotations
@@ -165,6 +168,31 @@ def tokenize_documents(docs: list[Document], tok: Tokenizer) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
+@dataclass
+class Batch:
+    """One step's clean tokens x0 (B, L) and the positions the loss may mask (B, L) bool, or None for all."""
+
+    x0: torch.Tensor
+    maskable: torch.Tensor | None = None
+
+    def rows(self, start: int, stop: int) -> Batch:
+        """Rows [start, stop): one rank's or one micro-batch's share."""
+        return Batch(self.x0[start:stop], None if self.maskable is None else self.maskable[start:stop])
+
+    def truncate(self, length: int) -> Batch:
+        """The first `length` positions of every row, (B, length)."""
+        return Batch(self.x0[:, :length], None if self.maskable is None else self.maskable[:, :length])
+
+
+def random_length(batch: Batch, prob: float, generator: torch.Generator) -> Batch:
+    """With probability `prob`, the whole batch cut to a length drawn uniformly from 1..L (LLaDA trains 1% of
+    its pretraining data so: Nie et al. 2025, section 2.2), else the batch unchanged. Always two draws."""
+    cut = float(torch.rand(1, generator=generator)) < prob
+    L = batch.x0.shape[1]
+    length = int(torch.randint(1, L + 1, (1,), generator=generator))
+    return batch.truncate(length) if cut else batch
+
+
 class TokenStream:
     """Random windows of `seq_len` tokens from one token array; batch i is a pure function of (seed, step)."""
 
@@ -182,6 +210,10 @@ class TokenStream:
         starts = torch.randint(0, len(self.tokens) - self.seq_len + 1, (batch_size,), generator=g)
         idx = starts[:, None] + torch.arange(self.seq_len)[None]
         return self.tokens[idx]  # (B, L)
+
+    def sample(self, step: int, batch_size: int, seed: int) -> Batch:
+        """`batch` as a Batch (every position maskable): the interface the trainer draws from."""
+        return Batch(self.batch(step, batch_size, seed))
 
     def windows(self, max_windows: int | None = None) -> torch.Tensor:
         """Non-overlapping windows covering the array in order (for evaluation), (N, L)."""

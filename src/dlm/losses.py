@@ -14,8 +14,17 @@
 Every `nll` is in nats per token, so the families compare directly. The two graph losses also give `sequence_nll`,
 the per-sequence estimate that held-out evaluation averages (dlm/eval/elbo.py).
 
+- `sft`: LLaDA's instruction tuning (Nie et al. 2025, GUIDELINES.md of ML-GSAI/LLaDA). Only the response
+  (`maskable`) is masked; each row's weighted cross-entropy is divided by its answer length (the response and its
+  EOS padding), then averaged over rows.
+
+A call may compute only some `Rows` of a global batch (one rank's share under DDP / FSDP, one micro-batch of
+gradient accumulation): the times and the corruption are then drawn for the whole global batch and sliced, so any
+split of a batch sees exactly the noise of one call on all of it, with t stratified across all its rows.
+
     loss_fn = LOSSES.build("masked_elbo"); out = loss_fn(model, x0, process, generator=g)
     loss_fn = LOSSES.get(pcfg.loss).from_config(pcfg, bos_id=tok.bos_id)
+    out = loss_fn(model, x0[4:8], process, generator=g, rows=Rows(start=4, total=16))   # rows 4..7 of 16
 """
 
 from __future__ import annotations
@@ -43,8 +52,46 @@ class LossOutput:
     mask: torch.Tensor  # (B, L) bool: positions the loss was computed on
 
 
+@dataclass(frozen=True)
+class Rows:
+    """A loss call on x0 (n, L) computes the rows [start, start + n) of a global batch of `total` rows."""
+
+    start: int
+    total: int
+
+
+def draw_t(n: int, antithetic: bool, generator: torch.Generator | None, rows: Rows | None = None) -> torch.Tensor:
+    """t (n,) on the CPU: `sample_t` over the global batch (stratified across all its rows), this call's slice."""
+    if rows is None:
+        return sample_t(n, antithetic, generator, device="cpu")
+    return sample_t(rows.total, antithetic, generator, device="cpu")[rows.start:rows.start + n]
+
+
+def corrupt(q_sample, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None,
+            maskable: torch.Tensor | None, rows: Rows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q_sample(x0 (n, L), t (n,), generator=, maskable=) -> (xt, moved) (n, L), drawn for the global batch.
+
+    Every process draws its noise elementwise over (B, L) whatever the tokens and times, so the rows of the other
+    calls are stand-ins (token 0, their t = this call's first); only their share of the draws matters.
+    """
+    n, L = x0.shape
+    if rows is None or (rows.start == 0 and rows.total == n):
+        return q_sample(x0, t, generator=generator, maskable=maskable)
+    own = slice(rows.start, rows.start + n)
+    x_all = x0.new_zeros(rows.total, L)
+    x_all[own] = x0
+    t_all = t[:1].expand(rows.total).clone()
+    t_all[own] = t
+    m_all = None
+    if maskable is not None:
+        m_all = maskable.new_zeros(rows.total, L)
+        m_all[own] = maskable
+    xt, moved = q_sample(x_all, t_all, generator=generator, maskable=m_all)
+    return xt[own], moved[own]
+
+
 class Loss:
-    """__call__(model, x0 (B, L), process, maskable (B, L) | None, generator) -> LossOutput."""
+    """__call__(model, x0 (B, L), process, maskable (B, L) | None, generator, rows) -> LossOutput."""
 
     causal = False
     antithetic = True
@@ -58,7 +105,8 @@ class Loss:
         return cls(antithetic=pcfg.antithetic, bos_id=bos_id)
 
     def __call__(self, model: torch.nn.Module, x0: torch.Tensor, process: ForwardProcess,
-                 maskable: torch.Tensor | None = None, generator: torch.Generator | None = None) -> LossOutput:
+                 maskable: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 rows: Rows | None = None) -> LossOutput:
         raise NotImplementedError
 
 
@@ -72,10 +120,10 @@ def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class MaskedELBO(Loss):
     weighted = True
 
-    def __call__(self, model, x0, process, maskable=None, generator=None):
+    def __call__(self, model, x0, process, maskable=None, generator=None, rows=None):
         B, L = x0.shape
-        t = sample_t(B, self.antithetic, generator, device="cpu").to(x0.device)  # (B,)
-        xt, is_masked = process.q_sample(x0, t, generator=_gen_for(x0, generator), maskable=maskable)
+        t = draw_t(B, self.antithetic, generator, rows).to(x0.device)  # (B,)
+        xt, is_masked = corrupt(process.q_sample, x0, t, _gen_for(x0, generator), maskable, rows)
         logits = model(xt, t)  # (B, L, V)
         ce = token_ce(logits, x0)  # (B, L)
         w = process.schedule.weight(t)[:, None] if self.weighted else 1.0  # (B, 1)
@@ -98,7 +146,7 @@ class MaskedUnweighted(MaskedELBO):
 class AutoregressiveCE(Loss):
     causal = True
 
-    def __call__(self, model, x0, process=None, maskable=None, generator=None):
+    def __call__(self, model, x0, process=None, maskable=None, generator=None, rows=None):
         # [BOS] + x0[:, :-1] predicts x0: every one of the L tokens is scored, as in the diffusion losses.
         if self.bos_id is None:
             raise ValueError("the ar loss needs bos_id")
@@ -113,15 +161,15 @@ class GraphLoss(Loss):
     """A loss whose per-position negative-ELBO integrand is computed at given times: `terms` (B, L) in nats."""
 
     def terms(self, model: torch.nn.Module, x0: torch.Tensor, process: ForwardProcess, u: torch.Tensor,
-              generator: torch.Generator | None, maskable: torch.Tensor | None
+              generator: torch.Generator | None, maskable: torch.Tensor | None, rows: Rows | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """u (B,) in [0, 1) -> nll (B, L) float64, auxiliary (B, L) or 0, loss mask (B, L), scored (B, L)."""
         raise NotImplementedError
 
-    def __call__(self, model, x0, process, maskable=None, generator=None):
+    def __call__(self, model, x0, process, maskable=None, generator=None, rows=None):
         B, L = x0.shape
-        u = sample_t(B, self.antithetic, generator, device="cpu").to(x0.device)  # (B,)
-        nll, aux, mask, scored = self.terms(model, x0, process, u, generator, maskable)
+        u = draw_t(B, self.antithetic, generator, rows).to(x0.device)  # (B,)
+        nll, aux, mask, scored = self.terms(model, x0, process, u, generator, maskable, rows)
         n_tokens = scored.sum().clamp_min(1)
         nll = (nll * scored).sum() / n_tokens
         return LossOutput(loss=(nll + (aux * scored).sum() / n_tokens).float(), nll=nll.detach().float(), mask=mask)
@@ -137,8 +185,8 @@ class GraphLoss(Loss):
 class ScoreEntropy(GraphLoss):
     """dsigma(t) * denoising score entropy, t ~ U(0, 1): the network's output is read as log scores."""
 
-    def terms(self, model, x0, process, u, generator, maskable):
-        xt, moved = process.q_sample(x0, u, generator=_gen_for(x0, generator), maskable=maskable)
+    def terms(self, model, x0, process, u, generator, maskable, rows=None):
+        xt, moved = corrupt(process.q_sample, x0, u, _gen_for(x0, generator), maskable, rows)
         raw = model(xt, u).float()  # (B, L, V): the network sees t itself
         t = u.double()
         sigma = process.schedule.sigma(t)[:, None].expand(xt.shape)  # (B, L) float64
@@ -163,10 +211,10 @@ class D3PMHybrid(GraphLoss):
     def from_config(cls, pcfg, bos_id=None):
         return cls(antithetic=pcfg.antithetic, bos_id=bos_id, hybrid_lambda=pcfg.hybrid_lambda)
 
-    def terms(self, model, x0, process, u, generator, maskable):
+    def terms(self, model, x0, process, u, generator, maskable, rows=None):
         T = process.T
         k = (u * T).long().clamp(0, T - 1) + 1  # (B,) uniform on 1..T (stratified when u is)
-        xt, moved = process.q_sample_k(x0, k, generator=_gen_for(x0, generator), maskable=maskable)
+        xt, moved = corrupt(process.q_sample_k, x0, k, _gen_for(x0, generator), maskable, rows)
         logits = model(xt, k.float() / T).float()  # (B, L, V)
         logits = logits.index_fill(-1, torch.tensor([process.mask_id], device=x0.device), -torch.inf)
         log_p0 = torch.log_softmax(logits.double(), -1)  # (B, L, V): p~(x0 | x_k), never [MASK]
@@ -177,6 +225,24 @@ class D3PMHybrid(GraphLoss):
         scored = maskable if maskable is not None else torch.ones_like(x0, dtype=torch.bool)
         mask = moved if process.absorbing else scored
         return T * kl, self.hybrid_lambda * ce, mask, scored
+
+
+@LOSSES.register("sft")
+class SFTLoss(Loss):
+    """LLaDA's SFT loss: the response (`maskable`) alone is masked; per row, the 1 / p_mask weighted cross-entropy
+    of its masked tokens over its answer length (response + EOS padding, as `maskable` marks it); mean over rows."""
+
+    def __call__(self, model, x0, process, maskable=None, generator=None, rows=None):
+        if maskable is None:
+            raise ValueError("the sft loss needs the response positions (maskable); build batches with dlm.sft")
+        B, L = x0.shape
+        t = draw_t(B, self.antithetic, generator, rows).to(x0.device)  # (B,)
+        xt, is_masked = corrupt(process.q_sample, x0, t, _gen_for(x0, generator), maskable, rows)
+        ce = token_ce(model(xt, t), x0)  # (B, L)
+        w = process.schedule.weight(t)[:, None]  # (B, 1)
+        answer_len = maskable.sum(1).clamp_min(1)  # (B,)
+        loss = ((ce * w * is_masked).sum(1) / answer_len).mean()
+        return LossOutput(loss=loss, nll=loss.detach(), mask=is_masked)
 
 
 def _gen_for(x: torch.Tensor, generator: torch.Generator | None) -> torch.Generator | None:

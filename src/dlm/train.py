@@ -8,6 +8,9 @@ the run's default GenerationConfig, so `dlm generate --model RUN` samples it wit
 
     train(TrainConfig(data="shakespeare", out="runs/x", max_steps=2000, bf16=True), ModelConfig.preset("small"))
     train(tcfg, ModelConfig.preset("small", arch="dit"), process_config("sedd-uniform"))
+
+Under torchrun (`torchrun --nproc-per-node 2 -m dlm.train --data shakespeare --out runs/x`) every rank runs this
+recipe; dlm.distributed joins them and dlm.trainer splits each global batch between them (docs/training.md).
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import torch
 from dlm.checkpoint import CONFIG, TOKENIZER, resolve_checkpoint_dir
 from dlm.config import CheckpointConfig, ConfigError, GenerationConfig, ModelConfig, ProcessConfig, TrainConfig
 from dlm.data import TokenStream, load_corpus, split_documents, tokenize_documents, unigram_entropy_bits
+from dlm.distributed import DistEnv, init_distributed
 from dlm.losses import LOSSES
 from dlm.models import MODELS, build_model, count_params
 from dlm.process import PROCESSES, build_process
 from dlm.schedules import SCHEDULES
 from dlm.tokenizer import Tokenizer, build_tokenizer
 
-__all__ = ["train", "validate", "build_process", "process_config", "generation_defaults"]
+__all__ = ["train", "validate", "validate_train", "build_process", "process_config", "generation_defaults"]
 
 
 def process_config(name: str, **overrides: Any) -> ProcessConfig:
@@ -65,15 +69,36 @@ def validate(model_cfg: ModelConfig, pcfg: ProcessConfig, tcfg: TrainConfig) -> 
         raise ConfigError("the infilling objective needs a bidirectional model; set infill_prob=0 for ar")
     if tcfg.seq_len > model_cfg.max_len:
         raise ConfigError(f"seq_len={tcfg.seq_len} exceeds the model's max_len={model_cfg.max_len}")
-    if tcfg.max_steps < 1 or tcfg.batch_size < 1:
-        raise ConfigError("max_steps and batch_size must be >= 1")
     if not 0.0 <= pcfg.infill_prob <= 1.0:
         raise ConfigError(f"infill_prob must be in [0, 1], got {pcfg.infill_prob}")
+    validate_train(tcfg)
+
+
+def validate_train(tcfg: TrainConfig) -> None:
+    """The checks of a TrainConfig alone (shared by pretraining and fine-tuning)."""
+    if tcfg.max_steps < 1 or tcfg.batch_size < 1:
+        raise ConfigError("max_steps and batch_size must be >= 1")
+    if tcfg.grad_accum < 1 or tcfg.batch_size % tcfg.grad_accum:
+        raise ConfigError(f"grad_accum={tcfg.grad_accum} must be >= 1 and divide batch_size={tcfg.batch_size}")
+    if not 0.0 <= tcfg.random_length_prob <= 1.0:
+        raise ConfigError(f"random_length_prob must be in [0, 1], got {tcfg.random_length_prob}")
 
 
 def train(tcfg: TrainConfig, model_cfg: ModelConfig | None = None, pcfg: ProcessConfig | None = None,
           device: str = "cpu", show_progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) a model; returns a summary with the final held-out bits/char and the unigram baseline."""
+    """Train (or resume) a model; returns a summary with the final held-out bits/char and the unigram baseline.
+
+    Under torchrun each rank calls this; `device` "cuda" means each rank's own GPU.
+    """
+    env = init_distributed(device)
+    try:
+        return _train(tcfg, model_cfg, pcfg, env, show_progress)
+    finally:
+        env.close()
+
+
+def _train(tcfg: TrainConfig, model_cfg: ModelConfig | None, pcfg: ProcessConfig | None, env: DistEnv,
+           show_progress: bool) -> dict[str, Any]:
     out = Path(tcfg.out)
     model_cfg = model_cfg or ModelConfig.preset("small")
     pcfg = pcfg or ProcessConfig()
@@ -113,8 +138,8 @@ def train(tcfg: TrainConfig, model_cfg: ModelConfig | None = None, pcfg: Process
                                 extra={"data": tcfg.data, "n_params": count_params(model)})
     from dlm.trainer import Trainer
 
-    trainer = Trainer(model, loss_fn, process, train_stream, val_stream, tcfg, ckpt_cfg, tok, device=device,
-                      chars_per_token=chars_per_token, show_progress=show_progress)
+    trainer = Trainer(model, loss_fn, process, train_stream, val_stream, tcfg, ckpt_cfg, tok, chars_per_token=
+                      chars_per_token, show_progress=show_progress, dist=env)
     history = trainer.fit()
     evals = [h for h in history if "val_bits_per_char" in h]
     summary = {
@@ -127,7 +152,8 @@ def train(tcfg: TrainConfig, model_cfg: ModelConfig | None = None, pcfg: Process
         "unigram_bits_per_char": (unigram_entropy_bits(train_tokens, val_tokens, tok.vocab_size) * chars_per_token
                                   if val_tokens is not None else None),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if env.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
