@@ -5,9 +5,10 @@
 
 A. Line infilling. In each problem's prompt + canonical solution, one line of the solution (chosen with a fixed
    seed among its non-blank lines) becomes a gap of unknown length (`max_span` tokens, newline banned, closed with
-   [PAD]); the model sees a window of the program around it that fits its context. Reported: exact match (the
-   filled line equals the original, both stripped), parse rate (the whole program with the filled line passes
-   `ast.parse`), without repair and with up to `--rounds` repair rounds (re-mask the gap, fill again).
+   [PAD], the first token not [PAD]: the line is not blank); the model sees a window of the program around it
+   that fits its context. Reported: exact match (the filled line equals the original, both stripped), parse rate
+   (the whole program with the filled line passes `ast.parse`), without repair and with up to `--rounds` repair
+   rounds (re-mask the gap, fill again).
 B. `generate_with_constraints` over 50 problems: the def line of each problem pinned as the signature, its first
    docstring sentence as the prompt, a docstring, `--max-lines` lines. Reported per constraint the fraction met
    (by construction it must be 100%), how often the first fill parsed, how often it parsed after repair alone,
@@ -67,7 +68,7 @@ def line_task(problem: dict, rng: random.Random) -> tuple[str, str, str] | None:
 
 
 def infill_line(lm: DiffusionLM, before: str, after: str, max_span: int, right: int, rounds: int, seed: int,
-                newline_ids: list[int], steps: int) -> dict:
+                newline_ids: list[int], steps: int, **options) -> dict:
     tok = lm.tokenizer
     b_ids, a_ids = tok.encode(before), tok.encode(after)[:right]
     keep_left = lm.max_len - max_span - len(a_ids)
@@ -76,15 +77,17 @@ def infill_line(lm: DiffusionLM, before: str, after: str, max_span: int, right: 
     L, lo, hi = canvas.shape[1], len(b_win), len(b_win) + max_span
     where = torch.zeros(1, L, dtype=torch.bool)
     where[0, lo:hi] = True
-    procs = [BannedTokens(newline_ids, where=where)]
+    first = torch.zeros(1, L, dtype=torch.bool)
+    first[0, lo] = True  # the masked line is not blank: its first token is text, not [PAD]
+    procs = [BannedTokens(newline_ids, where=where), BannedTokens([tok.pad_id, tok.eos_id], where=first)]
     t0 = time.perf_counter()
-    filled = fill_canvas(lm, canvas, procs, steps=steps, seed=seed)[0]
+    filled = fill_canvas(lm, canvas, procs, steps=steps, seed=seed, **options)[0]
     editable = torch.zeros(L, dtype=torch.bool)
     editable[lo:hi] = True
     outside_before = tok.decode(b_ids[: len(b_ids) - len(b_win)])
     outside_after = tok.decode(tok.encode(after)[right:])
     fixed, report = repair(lm, filled, editable, (0, L), [WindowParses(outside_before, outside_after)],
-                           rounds=rounds, processors=procs, seed=seed, steps=steps)
+                           rounds=rounds, processors=procs, seed=seed, steps=steps, **options)
     seconds = time.perf_counter() - t0
 
     def line(c: torch.Tensor) -> str:
@@ -106,6 +109,10 @@ def main() -> None:
     ap.add_argument("--max-lines", type=int, default=12)
     ap.add_argument("--constraint-steps", type=int, default=64, help="steps of each generate_with_constraints fill")
     ap.add_argument("--threads", type=int, default=1)
+    # A small byte-level code model is surest of whitespace: greedy low-confidence decoding fills a line gap with
+    # spaces. Random commit order and some temperature let it write code (measured on runs/code-small).
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--remasking", default="random")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "control.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -124,7 +131,7 @@ def main() -> None:
             continue
         before, truth, after = task
         r = infill_line(lm, before, after, args.max_span, args.right, args.rounds, seed=k, newline_ids=newline_ids,
-                        steps=args.steps)
+                        steps=args.steps, temperature=args.temperature, remasking=args.remasking)
         r.update(task_id=p["task_id"], truth=truth, fits=len(lm.tokenizer.encode(truth)) <= args.max_span,
                  exact=r["line"].strip() == truth.strip(), exact_repaired=r["line_repaired"].strip() == truth.strip())
         rows.append(r)
@@ -151,7 +158,8 @@ def main() -> None:
         res = generate_with_constraints(lm, doc, {"language": "python", "function_signature": signature,
                                                   "includes_docstring": True, "max_lines": args.max_lines},
                                         line_tokens=32, docstring_tokens=40, repair_rounds=args.rounds, seed=k,
-                                        steps=args.constraint_steps)
+                                        steps=args.constraint_steps, temperature=args.temperature,
+                                        remasking=args.remasking)
         results.append({"task_id": p["task_id"], "checks": res.checks, "valid_before": res.valid_before_repair,
                         "valid_after_repair": res.report.valid_after, "fallback": res.fallback,
                         "rounds": res.repair_rounds, "seconds": time.perf_counter() - t0, "code": res.code})
