@@ -22,6 +22,7 @@ import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -182,6 +183,12 @@ class Batch:
     def truncate(self, length: int) -> Batch:
         """The first `length` positions of every row, (B, length)."""
         return Batch(self.x0[:, :length], None if self.maskable is None else self.maskable[:, :length])
+
+
+class Batches(Protocol):
+    """What the trainer draws from: the global batch of a step as a pure function of (seed, step)."""
+
+    def sample(self, step: int, batch_size: int, seed: int) -> Batch: ...
 
 
 def random_length(batch: Batch, prob: float, generator: torch.Generator) -> Batch:

@@ -40,7 +40,7 @@ from dlm.checkpoint import (
     save_pretrained,
 )
 from dlm.config import CheckpointConfig, ConfigError, TrainConfig
-from dlm.data import Batch, TokenStream, _mix, random_length
+from dlm.data import Batch, Batches, TokenStream, _mix, random_length
 from dlm.distributed import (
     DistEnv,
     as_local,
@@ -80,11 +80,11 @@ class _Weights(nn.Module):
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, loss_fn: Loss, process: ForwardProcess | None,
-                 train: TokenStream, val: TokenStream | None, cfg: TrainConfig, ckpt_cfg: CheckpointConfig,
+                 train: Batches, val: TokenStream | None, cfg: TrainConfig, ckpt_cfg: CheckpointConfig,
                  tokenizer: Tokenizer, device: str = "cpu", chars_per_token: float = 1.0,
                  show_progress: bool = True, dist: DistEnv | None = None,
                  export: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
-        """`train` is any dataset with `sample(step, batch_size, seed) -> Batch`; `dist` the rank (one process by
+        """`train` gives each step's global batch (TokenStream, dlm.sft.ChatData); `dist` the rank (one process by
         default); `export` maps the gathered weights to those a checkpoint saves as its model (LoRA: merged)."""
         self.dist = dist or DistEnv(device=device)
         split = self.dist.world_size * cfg.grad_accum
