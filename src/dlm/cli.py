@@ -7,6 +7,8 @@
     dlm serve --model default --port 8000 --api-key KEY
     dlm chat "Write a Python function for Fibonacci numbers." --model /models/LLaDA-8B-Instruct --dtype bfloat16
     dlm export --model runs/x --out models/x
+    dlm train --data shakespeare --model small --out runs/x --nproc 2        # DDP (torchrun)
+    dlm sft --model default --data chats.jsonl --out runs/sft                 # also: dlm lora ... --merge
     dlm code "Add two numbers" --signature "def add(a: int, b: int) -> int:" --docstring --max-lines 6
     dlm pattern "Born on " "\\d{4}-\\d{2}-\\d{2}"
 
