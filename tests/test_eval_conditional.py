@@ -137,3 +137,18 @@ def test_dlm_greedy_check_follows_its_own_greedy_fill(shipped):
     ids = lm.tokenizer.encode(PROMPT)
     out = lm.generate(torch.tensor([ids]), max_new_tokens=5, steps=5, block_length=5, temperature=0.0)
     assert answer_is_greedy(lm, ids, out[0, len(ids):].tolist())
+
+
+def test_cli_eval_answer(shipped, capsys):
+    import json
+
+    from dlm.cli import main
+
+    main(["eval", "--model", "shakespeare-ar", "--prompt", PROMPT, "--answer", ANSWER, "--json"])
+    out = json.loads(capsys.readouterr().out)
+    enc = shipped[1].tokenizer.encode
+    assert out["exact"] and out["loglik_nats"] == pytest.approx(conditional_loglik(shipped[1], enc(PROMPT),
+                                                                                   enc(ANSWER)).nats)
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "shakespeare-ar"])
+    assert "give --data" in capsys.readouterr().err

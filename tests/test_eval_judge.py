@@ -53,3 +53,15 @@ def test_prompt_is_context_not_scored_and_repetition_shows(judge):
     assert with_prompt.perplexity < alone.perplexity  # the context helps
     loop = generative_perplexity(["the the the the the the the the the the the the"], judge=judge)
     assert loop.unigram_entropy < 1.0 and loop.distinct_2 < 0.1  # low entropy flags what low perplexity hides
+
+
+def test_cli_judges_a_file(judge, tmp_path, capsys):
+    import json
+
+    from dlm.cli import main
+
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"text": FLUENT}) + "\n" + json.dumps({"text": " thirteen.", "prompt": "striking"}) + "\n")
+    main(["judge", "--input", str(f), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_texts"] == 2 and out["perplexity"] > 1.0 and "per_text_perplexity" not in out
