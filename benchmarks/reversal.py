@@ -1,8 +1,11 @@
 """The reversal curse, DLM vs AR: synthetic facts learned in one direction, and previous-line ranking on Shakespeare.
 
-    python benchmarks/reversal.py --threads 1                   # both parts: ~12 min on one thread
-    python benchmarks/reversal.py --part facts --max-steps 300  # a quicker, weaker run
-    python benchmarks/reversal.py --part shakespeare            # no training: the shipped models
+    python benchmarks/reversal.py --threads 1                   # both parts (measured: ~20 min per model, ~1 h to
+                                                                # score Shakespeare, one thread of a busy machine)
+    python benchmarks/reversal.py --part facts --n-both 40 --n-test 20 --max-steps 5000 \
+        --runs runs/reversal-long --out benchmarks/results/reversal_long.json   # the DLM learns what it saw
+    python benchmarks/reversal.py --part facts --score-only     # score the trained runs again
+    python benchmarks/reversal.py --part shakespeare --lines 50 # no training: the shipped models
 
 Part `facts` (dlm.eval.reversal): 60 facts seen in both directions and 40 seen in one direction only, one line
 each, in a shuffled text; a masked DLM (arch llada) and an AR model (arch ar) of the same preset (tiny: 2 layers,
@@ -10,8 +13,9 @@ d=128, byte vocabulary) are trained by the same trainer on the same windows for 
 asked in its seen direction and reversed, after one line of a `both` fact as context (the same for both models):
 - exact match of the greedy completion (DLM: one block, one token per step, LLaDA's low-confidence remasking; AR:
   argmax token by token), the name up to the first '.';
-- rank-1 accuracy of the true name among 10 (9 names of other test facts) by the conditional log-likelihood of
-  " Name." (dlm.eval.conditional: the DLM's Monte Carlo bound, the AR's exact value).
+- rank-1 accuracy of the true name among 10 by the conditional log-likelihood of " Name." (dlm.eval.conditional:
+  the DLM's Monte Carlo bound, the AR's exact value); the 9 others are names of other test facts that training
+  showed in the same place (objects for a seen question, subjects for a reversed one).
 Part `shakespeare`: consecutive verse lines of the held-out plays (within one speech). Given a line, rank the
 true previous line against 9 lines of the same play of similar length (reversed), or the true next line
 (forward, the control). AR: the exact joint log p("\\n" + c + "\\n" + line) for reversed (the order of
@@ -84,7 +88,21 @@ def context_for(q: Question, both: list[Fact], rng: random.Random, n_lines: int)
     return "\n".join(lines) + "\n" + q.prompt
 
 
-def score_facts(lm: DiffusionLM, qs: list[Question], contexts: list[str], names: list[str], args) -> dict[str, Any]:
+def name_pools(facts: list[Fact]) -> dict[str, list[str]]:
+    """The test facts' names by where training showed them: the answer of a seen question is the object of its
+    fact's one statement, the answer of a reversed question its subject. Distractors come from the same pool, so
+    no candidate is favoured for having (or lacking) the answer slot in training."""
+    pools: dict[str, list[str]] = {"seen": [], "reversed": []}
+    for f in facts:
+        if f.split == "test":
+            subject, obj = (f.a, f.b) if f.seen == "forward" else (f.b, f.a)
+            pools["seen"].append(obj)
+            pools["reversed"].append(subject)
+    return pools
+
+
+def score_facts(lm: DiffusionLM, qs: list[Question], contexts: list[str], pools: dict[str, list[str]],
+                args) -> dict[str, Any]:
     enc = lm.tokenizer.encode
     rng = random.Random(1)
     per: dict[str, dict[str, list[bool]]] = {"seen": {"exact": [], "rank1": []}, "reversed": {"exact": [], "rank1": []}}
@@ -93,7 +111,7 @@ def score_facts(lm: DiffusionLM, qs: list[Question], contexts: list[str], names:
         new = complete(lm, enc(ctx), args.answer_tokens)
         got = answer_of(lm.tokenizer.decode(new))
         per[q.direction]["exact"].append(got == q.answer.strip())
-        others = rng.sample([n for n in names if n != q.answer.strip()], args.candidates - 1)
+        others = rng.sample([n for n in pools[q.direction] if n != q.answer.strip()], args.candidates - 1)
         scores = [conditional_loglik(lm, enc(ctx), enc(f" {n}."), n_samples=args.mc, seed=0).nats
                   for n in [q.answer.strip(), *others]]
         per[q.direction]["rank1"].append(scores[0] > max(scores[1:]))
@@ -110,15 +128,20 @@ def run_facts(args) -> dict[str, Any]:
     qs = questions(facts)
     rng = random.Random(args.seed)
     contexts = [context_for(q, both, rng, args.context_lines) for q in qs]
-    names = sorted({q.answer.strip() for q in qs})
+    pools = name_pools(facts)
     out: dict[str, Any] = {"n_both": args.n_both, "n_test": args.n_test, "train_bytes": len(text.encode()),
                            "unique_statement_bytes": len(training_text(facts, 1, args.seed).encode()),
                            "preset": args.preset, "seq_len": args.seq_len, "batch_size": args.batch_size,
                            "lr": args.lr, "candidates": args.candidates, "mc_samples": args.mc, "models": {}}
     for name in args.models:
-        lm, info = train_on_text(ARCHS[name], text, args, Path(args.runs) / name)
+        run = Path(args.runs) / name
+        if args.score_only:  # the trained run as it is
+            lm = DiffusionLM.from_pretrained(str(run))
+            info = {"n_params": lm.config.extra["n_params"], "steps": args.max_steps}
+        else:
+            lm, info = train_on_text(ARCHS[name], text, args, run)
         t0 = time.perf_counter()
-        out["models"][name] = info | score_facts(lm, qs, contexts, names, args)
+        out["models"][name] = info | score_facts(lm, qs, contexts, pools, args)
         out["models"][name]["eval_seconds"] = time.perf_counter() - t0
         print(json.dumps({"facts": name, **{k: v for k, v in out["models"][name].items() if k != "examples"}}),
               flush=True)
@@ -208,6 +231,7 @@ def tables(result: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["facts", "shakespeare", "both"], default="both")
+    ap.add_argument("--score-only", action="store_true", help="score the runs already in --runs (no training)")
     ap.add_argument("--models", nargs="+", default=["dlm", "ar"], choices=list(ARCHS))
     ap.add_argument("--n-both", type=int, default=60)
     ap.add_argument("--n-test", type=int, default=40)
@@ -240,7 +264,8 @@ def main() -> None:
     if out.exists():  # a partial run keeps the other part's (and the other model's) last result
         old = json.loads(out.read_text())
         if "facts" in result and "facts" in old and result["facts"]["n_both"] == old["facts"]["n_both"]:
-            result["facts"]["models"] = old["facts"]["models"] | result["facts"]["models"]
+            olds, news = old["facts"]["models"], result["facts"]["models"]  # a rescored model keeps its training info
+            result["facts"]["models"] = olds | {k: olds.get(k, {}) | v for k, v in news.items()}
         result = old | result
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(tables(result))
