@@ -346,33 +346,26 @@ class DiffusionLM:
         number of masked tokens (one commit per step). `defer_eos` defaults to True here: [PAD] and [EOS] are
         committed after the text of a gap.
         """
+        from dlm.control.canvas import fill_canvas
+
         if self.is_causal:
             raise SamplingError("this checkpoint is an autoregressive baseline; it cannot infill")
-        # A bare gap is text then [PAD]: commit the pads last, or a confident [PAD] run empties the gap.
-        options.setdefault("defer_eos", True)
-        opts = self._options(None, temperature=temperature, remasking=remasking, seed=seed, max_span=max_span,
-                             **options)
+        given = dict(temperature=temperature, remasking=remasking, seed=seed, max_span=max_span, **options)
+        opts = self._options(None, **given)  # checked before any parsing or model call
         ids, gaps, pieces = self.parse_gaps(text, opts.max_span)
         if not gaps:
             raise SamplingError("no gap in the text: mark each gap with [MASK] (unknown length) or [MASK:n]")
         self._check_length(len(ids))
         canvas = torch.tensor([ids], dtype=torch.long)
-        n_masks = sum(g.length for g in gaps)
-        opts = opts.replace(steps=steps or n_masks, block_length=0, max_new_tokens=1, num_samples=1, cache="none")
         tok = self.tokenizer
         fixed = torch.zeros_like(canvas, dtype=torch.bool)
         for g in gaps:
             if g.fixed:
                 fixed[0, g.start: g.start + g.length] = True
-        # [PAD] closes a bare [MASK] gap; a fixed [MASK:n] gap holds n real tokens.
-        processors = build_processors(opts, tok, allow_pad=True,
-                                      extra=[BannedTokens([tok.pad_id, tok.eos_id], where=fixed)])
-        # The whole canvas is one block: every gap sees both sides at every step.
-        prompt_mask = canvas != tok.mask_id  # guidance (cfg_scale > 0) masks the known text, as LLaDA
-        # Masked models infill with LLaDA's sampler; SEDD / D3PM models with their own (the checkpoint's default).
-        sampler = opts.sampler if "sampler" in getattr(self.process, "sampling", {}) else "llada"
-        events = self._events(canvas, 0, opts.replace(sampler=sampler), None, processors, prompt_mask)
-        out = _final_canvas(canvas, events, callback)[0].tolist()
+        # [PAD] closes a bare [MASK] gap (fill_canvas commits it after the text: defer_eos); a fixed [MASK:n] gap
+        # holds n real tokens. The whole canvas is one block: every gap sees both sides at every step.
+        out = fill_canvas(self, canvas, [BannedTokens([tok.pad_id, tok.eos_id], where=fixed)], steps=steps,
+                          callback=callback, **given)[0].tolist()
         result = [pieces[0]]
         for g, after in zip(gaps, pieces[1:], strict=True):
             fill = [i for i in out[g.start: g.start + g.length] if i not in (tok.pad_id, tok.eos_id)]

@@ -125,9 +125,8 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
             yield k, v, f
 
 
-def weights_nbytes(cfg: ModelConfig, build: Callable[[ModelConfig], nn.Module], dtype: torch.dtype) -> int:
-    with torch.device("meta"):
-        net = build(cfg)
+def weights_nbytes(net: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes the parameters of `net` (on meta) take once their floating-point ones are in `dtype`."""
     return sum(p.numel() * (dtype.itemsize if p.is_floating_point() else p.element_size())
                for p in net.parameters())
 
@@ -178,9 +177,9 @@ def load_weights(folder: Path, cfg: ModelConfig, build: Callable[[ModelConfig], 
     """
     device = torch.device(device)
     files = weight_files(folder, allow_pickle)
-    check_memory(weights_nbytes(cfg, build, dtype), device, dtype)
     with torch.device("meta"):
         net = build(cfg)
+    check_memory(weights_nbytes(net, dtype), device, dtype)
     expected = dict(net.named_parameters())
     filled: set[str] = set()
     unexpected: list[str] = []
