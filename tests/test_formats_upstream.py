@@ -106,6 +106,23 @@ def test_dream_padded_batch_generation_equals_diffusion_generate(dream):
     assert torch.equal(out[real], ref["gen_output_padded_maskgit_plus"][real])
 
 
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_dream_runs_with_kv_caches(dream, cache):
+    import warnings
+
+    lm, ref = dream
+    opts = {"max_new_tokens": 16, "temperature": 0.0, "sampler": "fast_dllm", "threshold": 0.9}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cached for real: no fall-back warning
+        cached = lm.generate(ref["gen_prompt"], steps=16, block_length=8, cache=cache, **opts)
+    # One step per block (llada's fixed schedule): every step is a block's full forward, the cache changes nothing.
+    one = {"max_new_tokens": 16, "temperature": 0.0, "sampler": "llada", "steps": 2, "block_length": 8}
+    assert torch.equal(lm.generate(ref["gen_prompt"], cache=cache, **one),
+                       lm.generate(ref["gen_prompt"], cache="none", **one))
+    assert cached.shape == (ref["gen_prompt"].shape[0], ref["gen_prompt"].shape[1] + 16)
+    assert torch.equal(cached[:, :ref["gen_prompt"].shape[1]], ref["gen_prompt"])
+
+
 # ----- tokenizers, chat templates, configuration ----------------------------------------------------------------
 @pytest.mark.parametrize("folder", [LLADA, DREAM], ids=["llada", "dream"])
 def test_special_ids_come_from_config_json(folder):

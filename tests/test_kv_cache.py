@@ -6,6 +6,8 @@ forward; the cached loop equals the uncached one wherever Fast-dLLM says it does
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -332,3 +334,55 @@ def test_generator_and_callback_give_the_same_events():
     out = denoise_cached(net, canvas, P, 8, 8, LLaDASampler(MASK), callback=events.append, mode="dual")
     steps = list(denoise_cached_steps(net, canvas, P, 8, 8, LLaDASampler(MASK), mode="dual"))
     assert _events_equal(events, steps) and torch.equal(steps[-1].output.xt, out)
+
+
+# ----- shifted logits (Dream): the slice starts one position early ---------------------------------------------
+def _shifted_model(seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build_model(ModelConfig.preset("tiny", vocab_size=V, logits_shift=True)).eval()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize(("a", "b"), [(8, 20), (8, 12), (1, 5), (15, 20)])
+def test_shifted_model_slice_from_one_earlier_equals_full_forward(padded, a, b):
+    net, L = _shifted_model(), 20
+    assert net.supports_kv_cache and net.cache_lookback == 1
+    x = _ids(L)
+    am = _left_padded(L) if padded else None
+    cache = KVCache()
+    full = net(x, attention_mask=am, cache=cache)
+    part = net(x[:, a - 1:b], attention_mask=am, cache=cache.window(a - 1))
+    torch.testing.assert_close(part[:, 1:], full[:, a:b], rtol=1e-5, atol=1e-5)
+    # Without the look-back the first row is the slice's own state, not position a's prediction.
+    own = net(x[:, a:b], attention_mask=am, cache=cache.window(a))
+    assert (own[:, 0] - full[:, a]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_shifted_model_cached_step_on_an_unchanged_canvas_equals_the_full_forward(mode):
+    from dlm.sampling.cache import CachedForward
+
+    net = _shifted_model()
+    x = _canvas()
+    forward = CachedForward(net, mode)
+    lo, hi = P + 8, P + 16
+    forward.begin_block(lo, lo, hi)
+    first = forward(x)  # refreshes the cache
+    again = forward(x)  # the slice (one early) against the cache of the same canvas
+    end = hi if mode == "dual" else P + N
+    torch.testing.assert_close(again[:, lo:end], first[:, lo:end], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_shifted_model_cached_loop_stays_close_to_the_uncached_one(mode):
+    net = _shifted_model()
+    canvas = _canvas()
+    ref, _ = _uncached(net, canvas, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # it really runs cached, no fallback warning
+        out, events = _cached(net, canvas, 8, 8, mode)
+    assert not (out == MASK).any() and len(events) == 8
+    assert torch.equal(out[:, :P], canvas[:, :P])
+    one_per_block, _ = _cached(net, canvas, 2, 8, mode)  # every step a block's full first step
+    assert torch.equal(one_per_block, _uncached(net, canvas, 2, 8)[0])

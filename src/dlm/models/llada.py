@@ -41,8 +41,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        # A shifted model's position i needs the hidden state of i - 1, which a cached slice does not recompute.
-        self.supports_kv_cache = not cfg.logits_shift
+        # A shifted model's position i is predicted by the hidden state of i - 1: a cached slice that must predict
+        # its first position starts one place earlier (KV-cache users read `cache_lookback`).
+        self.cache_lookback = 1 if cfg.logits_shift else 0
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         self.blocks = nn.ModuleList(Block(cfg, self.causal) for _ in range(cfg.n_layers))
@@ -62,10 +63,11 @@ class Transformer(nn.Module):
 
         With a filled `cache` windowed at `start`, xt (B, n) is the slice [start, start + n) of the cached canvas
         and `attention_mask` (if any) still covers the whole canvas (B, L); -> logits of the slice (B, n, V).
+        A shifted model's slice row 0 then holds no prediction for position `start` (its predictor, start - 1,
+        is outside the slice): to predict [a, b), run the slice [a - cache_lookback, b) and drop its first
+        `cache_lookback` rows.
         """
         B, n = xt.shape
-        if cache is not None and not self.supports_kv_cache:
-            raise ValueError("this model shifts its logits (Dream); it cannot run on a KV-cached slice")
         start = 0 if cache is None or cache.start is None else cache.start
         L = n if cache is None or cache.start is None else self._check_slice(cache, B, start, n)
         cos, sin = self.rotary.cos_sin(L, xt.device)

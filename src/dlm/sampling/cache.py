@@ -7,6 +7,8 @@ step. The later steps of the block recompute only a slice of the canvas against 
 
 - prefix: the slice [lo, L), the block and everything after it; the prefix [0, lo) is reused;
 - dual: the slice [lo, hi), the block alone; the prefix and the suffix [hi, L) are reused.
+A model whose logits are shifted (Dream: the state at i - 1 predicts token i; `cache_lookback = 1`) recomputes its
+slice from one position earlier, so that the slice's first position has its predictor (Fast-dLLM's Dream cache).
 The cached K/V are those of the canvas at the block's start, so within a block the result may differ slightly
 from the uncached loop (the staleness the paper accepts for its speed). mode="none" recomputes the whole canvas
 every step (no cache) with the same loop, for samplers with a variable number of steps.
@@ -70,8 +72,11 @@ class CachedForward:
             self.block_first = self._forward(x, x, self.cache.refill())
             return self.block_first
         end = self.end if self.end is not None else x.shape[1]
+        # A shifted model (Dream) predicts position a from the state of a - 1: the slice starts one place earlier.
+        back = min(self.a, getattr(self.model, "cache_lookback", 0))
+        lo = self.a - back
         raw = self.block_first.clone()
-        raw[:, self.a:end] = self._forward(x, x[:, self.a:end], self.cache.window(self.a))
+        raw[:, self.a:end] = self._forward(x, x[:, lo:end], self.cache.window(lo))[:, back:]
         return raw
 
 
