@@ -5,6 +5,14 @@ AR baseline, trained at the same size for the same wall-clock budget on Shakespe
     python benchmarks/families.py --max-steps 1500 --threads 2  # the same tokens for each family instead
     python benchmarks/families.py --quick --out /tmp/families   # a smoke run (tiny model, 0.5 min each)
 
+On two cores the families can train in two processes of one thread each, then be sampled and tabulated together
+(`--reuse` takes a family's finished run and its scores from `--runs` instead of training it again):
+
+    python benchmarks/families.py --max-steps 800 --threads 1 --train-only --families ar masked sedd-absorbing &
+    python benchmarks/families.py --max-steps 800 --threads 1 --train-only --families sedd-uniform d3pm-absorbing \
+        d3pm-uniform
+    python benchmarks/families.py --max-steps 800 --reuse        # samples, JSON, plot and table of all six
+
 For each family: a few timed steps fix `max_steps` so that training fills `--minutes` (the cosine schedule then
 ends on time); the held-out bound is logged `--points` times during training against the training seconds spent
 (evaluation excluded); at the end `dlm eval`'s code scores the validation plays (ELBO bound for the diffusion
@@ -225,6 +233,13 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def settings(args) -> dict[str, Any]:
+    """What makes two runs of a family the same (threads and sampling options excluded)."""
+    keys = ["minutes", "max_steps", "preset", "arch", "batch_size", "seq_len", "lr", "ema", "fp32", "eval_samples",
+            "eval_windows", "points", "eval_batches"]
+    return {k: getattr(args, k) for k in keys}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=20.0, help="training budget of each family (wall clock)")
@@ -250,6 +265,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64, 128], help="sampler steps per sample")
     ap.add_argument("--runs", default=str(ROOT / "runs/families"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/families"), help="path without extension")
+    ap.add_argument("--train-only", action="store_true", help="train and score the families, sample none")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take a family's finished run and scores from --runs (written by an earlier run with the "
+                         "same settings) instead of training it again")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: tiny preset, 64-token windows, 0.5 min each, few evaluations and samples")
     args = ap.parse_args()
@@ -270,6 +289,14 @@ def main() -> None:
                               "unigram_bits_per_char": data["unigram_bits_per_char"], "families": {}}
     order = ["ar"] + [f for f in args.families if f != "ar"] if "ar" in args.families else args.families
     for fam in order:  # the AR baseline first: it judges the samples of the others
+        saved = runs / fam / "family_result.json"
+        if args.reuse and saved.exists():
+            prev = json.loads(saved.read_text())
+            if prev["settings"] != settings(args):
+                raise SystemExit(f"{saved} was trained with {prev['settings']}, not {settings(args)}")
+            result["families"][fam] = prev["result"]
+            print(f"{fam}: reusing {runs / fam} ({prev['result']['steps']} steps)", flush=True)
+            continue
         shutil.rmtree(runs / fam, ignore_errors=True)
         if args.max_steps:
             max_steps = args.max_steps
@@ -292,8 +319,12 @@ def main() -> None:
                                    "tokens": max_steps * args.batch_size * args.seq_len, "curve": curve,
                                    "heldout": heldout, "process": lm.config.process.to_dict(),
                                    "sampler": lm.sampling.sampler}
+        saved.write_text(json.dumps({"settings": settings(args), "result": result["families"][fam]}, indent=2))
         print(json.dumps({"family": fam, "heldout_bits_per_char": heldout["bits_per_char"],
                           "stderr": heldout["stderr"]}), flush=True)
+    if args.train_only:
+        print(f"trained {', '.join(order)}; each run's scores are in {runs}/NAME/family_result.json")
+        return
     prompts = prompts_from(data["val_docs"], data["tok"], args.samples, 64 if not args.quick else 16)
     judge = DiffusionLM.from_pretrained(str(runs / "ar")).model if "ar" in args.families else None
     for fam in order:
