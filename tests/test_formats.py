@@ -189,8 +189,11 @@ def test_logits_shift_moves_predictions_one_place_right():
     a, b = plain(x), shifted(x)
     assert torch.equal(b[:, 1:], a[:, :-1]) and torch.equal(b[:, 0], a[:, 0])
     assert torch.equal(shifted(x, logits_window=(3, 7)), b[:, 3:7])
-    with pytest.raises(ValueError, match="shifts its logits"):
-        shifted(x, cache=KVCache())
+    # With a KV cache the slice starts one position early (cache_lookback): rows 1: predict the positions asked for.
+    assert shifted.cache_lookback == 1 and plain.cache_lookback == 0
+    cache = KVCache()
+    shifted(x, cache=cache)
+    torch.testing.assert_close(shifted(x[:, 3:8], cache=cache.window(3))[:, 1:], b[:, 4:8], rtol=1e-5, atol=1e-5)
 
 
 def test_int8_weight_only_stays_close_and_generates(saved):
