@@ -195,8 +195,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    by_tokens = bool(result.get("max_steps"))  # same steps for all: tokens are the compute (minutes vary with load)
+    per_step = result["batch_size"] * result["seq_len"] / 1e6
     for fam, r in result["families"].items():
-        curve = [(e["train_seconds"] / 60, e["val_bits_per_char"]) for e in r["curve"]]
+        curve = [(e["step"] * per_step if by_tokens else e["train_seconds"] / 60, e["val_bits_per_char"])
+                 for e in r["curve"]]
         color = f"C{FAMILIES.index(fam)}"  # the same colour in both panels
         if curve:
             a.plot(*zip(*curve, strict=True), marker="o", color=color, label=fam)
@@ -206,8 +209,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         else:
             b.axhline(r["samples"][0]["judge_bits_per_char"], color=color, ls="--", label="ar (1 NFE/token)")
     a.axhline(result["unigram_bits_per_char"], color="gray", ls=":", label="unigram")
-    a.set(xlabel="training minutes (bf16, evaluation excluded)", ylabel="held-out bits/char (bound; AR exact)",
-          title="Held-out likelihood over training compute")
+    a.set(xlabel="training tokens (millions)" if by_tokens else "training minutes (bf16, evaluation excluded)",
+          ylabel="held-out bits/char (bound; AR exact)",
+          title="Held-out likelihood over training (during training: 4 batches; final: table)")
     b.set(xscale="log", xlabel="forward passes per token", ylabel="AR-judge bits/char of samples",
           title="Sample quality per forward pass")
     for ax in (a, b):
