@@ -153,7 +153,8 @@ def main() -> None:
     lm = DiffusionLM.from_pretrained(str(run / "sft"))
     lm.model.eval()
     rows = measure(lm, test, args.gen_length, args.block_length)
-    result = {"task": f"{INSTRUCTION!r} + {MIN_CHARS}-{MAX_CHARS} chars of a line -> the same in capitals, then EOS",
+    result = {"task": f"{INSTRUCTION!r} + {MIN_CHARS}-{MAX_CHARS} chars of a line, filled with {FILL!r} to {MAX_CHARS} "
+                      "-> the same chars in capitals, then EOS",
               "sft_examples": len(train), "held_out": len(test), "sft_steps": args.steps,
               "batch_size": args.batch_size, "lr": args.lr, "gen_length": args.gen_length,
               "block_length": args.block_length, "threads": args.threads, "torch": torch.__version__,
