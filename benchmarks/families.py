@@ -116,7 +116,7 @@ def build(family: str, args, data, max_steps: int, out: Path) -> TimedTrainer:
                             extra={"data": "shakespeare", "n_params": count_params(model)})
     return TimedTrainer(model, LOSSES.get(pcfg.loss).from_config(pcfg, bos_id=tok.bos_id),
                         build_process(pcfg, tok, mcfg.vocab_size), data["train"], data["val"], tcfg, ckpt, tok,
-                        chars_per_token=data["chars_per_token"], show_progress=False)
+                        device=args.device, chars_per_token=data["chars_per_token"], show_progress=False)
 
 
 def calibrate(family: str, args, data, tmp: Path) -> float:
@@ -134,7 +134,7 @@ def calibrate(family: str, args, data, tmp: Path) -> float:
 @torch.no_grad()
 def judge_bits_per_char(judge, tok, prompt: list[int], new: list[int]) -> float:
     """Bits per byte of `new` after `prompt` under the AR judge (byte-level: a token is a char)."""
-    seq = torch.tensor([[tok.bos_id] + prompt + new])
+    seq = torch.tensor([[tok.bos_id] + prompt + new], device=next(judge.parameters()).device)
     logp = torch.log_softmax(judge(seq[:, :-1], None).float(), -1).gather(-1, seq[:, 1:, None])[0, :, 0]
     return float(-logp[len(prompt):].mean()) / math.log(2)
 
@@ -148,7 +148,7 @@ def distinct_4grams(ids: list[int]) -> float:
 def ar_sample(model, tok, prompt: list[int], n: int, generator: torch.Generator) -> list[int]:
     seq = [tok.bos_id] + prompt
     for _ in range(n):
-        logits = model(torch.tensor([seq]), None)[0, -1].float()
+        logits = model(torch.tensor([seq], device=next(model.parameters()).device), None)[0, -1].float().cpu()
         logits[[tok.mask_id, tok.pad_id, tok.bos_id]] = -torch.inf
         seq.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)))
     return seq[1 + len(prompt):]
@@ -259,6 +259,7 @@ def main() -> None:
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--fp32", action="store_true", help="train in float32 instead of bf16 autocast")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (training, scoring and sampling)")
     ap.add_argument("--points", type=int, default=8, help="held-out evaluations during training")
     ap.add_argument("--eval-batches", type=int, default=4, help="batches of windows per evaluation during training")
     ap.add_argument("--eval-samples", type=int, default=4, help="Monte Carlo samples per window, final evaluation")
@@ -288,7 +289,7 @@ def main() -> None:
     result: dict[str, Any] = {"minutes_per_family": None if args.max_steps else args.minutes,
                               "max_steps": args.max_steps, "preset": args.preset, "arch": args.arch,
                               "batch_size": args.batch_size, "seq_len": args.seq_len, "bf16": not args.fp32,
-                              "threads": args.threads, "torch": torch.__version__,
+                              "threads": args.threads, "device": args.device, "torch": torch.__version__,
                               "machine": platform.processor() or platform.machine(),
                               "unigram_bits_per_char": data["unigram_bits_per_char"], "families": {}}
     order = ["ar"] + [f for f in args.families if f != "ar"] if "ar" in args.families else args.families
@@ -315,7 +316,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
         curve = [{"step": h["step"], "train_seconds": h["train_seconds"], "val_bits_per_char": h["val_bits_per_char"]}
                  for h in history if "val_bits_per_char" in h]
-        lm = DiffusionLM.from_pretrained(str(runs / fam))
+        lm = DiffusionLM.from_pretrained(str(runs / fam), device=args.device)
         heldout = evaluate_text(lm, "shakespeare", n_samples=args.eval_samples, max_windows=args.eval_windows)
         train_seconds = wall - trainer.eval_seconds
         result["families"][fam] = {"n_params": count_params(trainer.model), "steps": max_steps,
@@ -330,11 +331,11 @@ def main() -> None:
         print(f"trained {', '.join(order)}; each run's scores are in {runs}/NAME/family_result.json")
         return
     prompts = prompts_from(data["val_docs"], data["tok"], args.samples, 64 if not args.quick else 16)
-    judge = DiffusionLM.from_pretrained(str(runs / "ar")).model if "ar" in args.families else None
+    judge = DiffusionLM.from_pretrained(str(runs / "ar"), device=args.device).model if "ar" in args.families else None
     for fam in order:
         if judge is None:
             break
-        lm = DiffusionLM.from_pretrained(str(runs / fam))
+        lm = DiffusionLM.from_pretrained(str(runs / fam), device=args.device)
         result["families"][fam]["samples"] = sample_rows(fam, lm, judge, prompts, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
