@@ -14,9 +14,9 @@ padding after it). This benchmark makes such a model the cheap way, to measure w
    are padded with EOS to the longest of their batch and the padding is trained as answer (LLaDA's
    `eos_padding="response"`), so the model learns to fill the rest of its canvas with EOS.
 2. 32-token answers (about a third of the canvas is EOS padding, as in LLaDA's GSM8K runs) in blocks of 16, greedy,
-   for held-out lines of the two validation plays, with every setting of part (b): the 1-token-per-step llada
-   loop is the reference, then fewer fixed steps, and fast_dllm thresholds with no cache, the prefix and the dual
-   cache, and the factor rule.
+   for held-out lines of the two validation plays, with the llada and fast_dllm settings of part (b): the
+   1-token-per-step llada loop is the reference, then fewer fixed steps, and fast_dllm thresholds with no cache,
+   the prefix and the dual cache, and the factor rule.
 3. Reported per setting: forward passes (NFE) per token, tokens/s, exact match (the answer up to EOS equals the
    capitals), per-character accuracy, and agreement with the reference's tokens.
 """
@@ -42,7 +42,7 @@ from sampling import Counter  # noqa: E402
 from dlm.config import SFTConfig, TrainConfig  # noqa: E402
 from dlm.data import load_corpus, split_documents  # noqa: E402
 from dlm.pipeline import DiffusionLM  # noqa: E402
-from dlm.sft import fallback_prompt, finetune  # noqa: E402
+from dlm.sft import chat_prompt, finetune  # noqa: E402
 
 MIN_CHARS, MAX_CHARS, FILL = 8, 31, "_"
 INSTRUCTION = "Capitals: "
@@ -88,13 +88,13 @@ def answer_of(tok, new: list[int]) -> str:
 @torch.no_grad()
 def measure(lm: DiffusionLM, srcs: list[str], n: int, block: int) -> list[dict]:
     tok = lm.tokenizer
-    prompts = [tok.encode(fallback_prompt(question(s))) for s in srcs]
+    prompts = [chat_prompt(tok, question(s)) for s in srcs]  # as dlm.sft rendered them for fine-tuning
     base = {"max_new_tokens": n, "block_length": block, "temperature": 0.0, "seed": 0}
     forwards = Counter(lm.model)
     reference: list[list[int]] = []
     rows = []
     for s in settings_for(n):
-        nfe, secs, exact, chars, agree = 0, 0.0, 0, 0.0, 0
+        nfe, secs, exact, chars = 0, 0.0, 0, 0.0
         outs = []
         for p, src in zip(prompts, srcs, strict=True):
             before, t0 = forwards.n, time.perf_counter()
@@ -151,7 +151,6 @@ def main() -> None:
         summary = finetune(SFTConfig(data=str(chats)), tcfg, model="default", show_progress=False)
         summary = {"sft_seconds": round(time.perf_counter() - t0, 1), "final_loss": summary.get("final_loss")}
     lm = DiffusionLM.from_pretrained(str(run / "sft"))
-    lm.model.eval()
     rows = measure(lm, test, args.gen_length, args.block_length)
     result = {"task": f"{INSTRUCTION!r} + {MIN_CHARS}-{MAX_CHARS} chars of a line, filled with {FILL!r} to {MAX_CHARS} "
                       "-> the same chars in capitals, then EOS",
