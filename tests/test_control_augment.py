@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from control_helpers import Biased, no_model, saved_model_dir, tiny  # noqa: F401
+from control_helpers import saved_model_dir, tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

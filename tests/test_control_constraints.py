@@ -9,17 +9,15 @@ import re
 
 import pytest
 import torch
-from control_helpers import Biased, no_model, saved_model_dir, tiny  # noqa: F401
+from control_helpers import no_model, tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dlm.config import CheckpointConfig, ModelConfig
 from dlm.control import repair as repair_mod
 from dlm.control.code import check_constraints, generate_with_constraints
 from dlm.control.constraints import PatternGap, compile_slots, fill_pattern
 from dlm.control.repair import failing_positions, render, repair
 from dlm.control.validators import Contains, HasDocstring, MaxLines, PythonParses
-from dlm.pipeline import DiffusionLM
 from dlm.sampling import SamplingError
 from dlm.tokenizer import ByteTokenizer
 
@@ -124,13 +122,6 @@ def test_constraints_always_hold(lm, seed):
     assert r.valid_before_repair or r.repair_rounds >= 1 or r.fallback
 
 
-class _Exploding(torch.nn.Module):
-    needs_time = False
-
-    def forward(self, *a, **kw):
-        raise AssertionError("the model was called")
-
-
 @pytest.mark.parametrize("constraints, match", [
     ({"language": "rust"}, "only 'python'"),
     ({"function_signature": "def f(:"}, "not a Python def line"),
@@ -140,13 +131,13 @@ class _Exploding(torch.nn.Module):
     ({"max_line": 3}, "unknown constraint"),
 ])
 def test_impossible_or_unsupported_constraints_fail_before_the_model(constraints, match):
-    lm = DiffusionLM(_Exploding(), ByteTokenizer(), CheckpointConfig(model=ModelConfig(max_len=256)))
+    lm = no_model()
     with pytest.raises(SamplingError, match=match):
         generate_with_constraints(lm, "x", constraints)
 
 
 def test_no_room_in_the_context_is_a_clear_error():
-    lm = DiffusionLM(_Exploding(), ByteTokenizer(), CheckpointConfig(model=ModelConfig(max_len=64)))
+    lm = no_model(max_len=64)
     with pytest.raises(SamplingError, match="leaves no room"):
         generate_with_constraints(lm, "a long prompt " * 3, CONSTRAINTS)
     assert check_constraints({})["max_lines"] == 50

@@ -8,7 +8,7 @@ import json
 import re
 
 import pytest
-from control_helpers import Biased, no_model, saved_model_dir, tiny  # noqa: F401
+from control_helpers import no_model, saved_model_dir, tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -9,7 +9,7 @@ import math
 import random
 
 import pytest
-from control_helpers import Biased, no_model, saved_model_dir, tiny  # noqa: F401
+from control_helpers import no_model, saved_model_dir, tiny
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 

@@ -112,9 +112,16 @@ def test_dream_runs_with_kv_caches(dream, cache):
 
     lm, ref = dream
     opts = {"max_new_tokens": 16, "temperature": 0.0, "sampler": "fast_dllm", "threshold": 0.9}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # cached for real: no fall-back warning
-        cached = lm.generate(ref["gen_prompt"], steps=16, block_length=8, cache=cache, **opts)
+    widths = []  # the canvas width of every forward: a cached step runs on a slice
+    hook = lm.model.register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # cached for real: no fall-back warning
+            cached = lm.generate(ref["gen_prompt"], steps=16, block_length=8, cache=cache, **opts)
+    finally:
+        hook.remove()
+    full = ref["gen_prompt"].shape[1] + 16
+    assert full in widths and min(widths) < full, "some steps ran on a cached slice"
     # One step per block (llada's fixed schedule): every step is a block's full forward, the cache changes nothing.
     one = {"max_new_tokens": 16, "temperature": 0.0, "sampler": "llada", "steps": 2, "block_length": 8}
     assert torch.equal(lm.generate(ref["gen_prompt"], cache=cache, **one),

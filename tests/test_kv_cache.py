@@ -25,10 +25,10 @@ V, MASK, PAD = 64, 63, 62
 B, P, N = 2, 6, 16  # batch, prompt length, generated length
 
 
-def _model(arch: str = "llada", seed: int = 0) -> nn.Module:
+def _model(arch: str = "llada", seed: int = 0, **cfg) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return build_model(ModelConfig.preset("tiny", vocab_size=V, arch=arch)).eval()
+        return build_model(ModelConfig.preset("tiny", vocab_size=V, arch=arch, **cfg)).eval()
 
 
 def _ids(L: int, seed: int = 0) -> torch.Tensor:
@@ -337,17 +337,11 @@ def test_generator_and_callback_give_the_same_events():
 
 
 # ----- shifted logits (Dream): the slice starts one position early ---------------------------------------------
-def _shifted_model(seed: int = 0) -> nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return build_model(ModelConfig.preset("tiny", vocab_size=V, logits_shift=True)).eval()
-
-
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize(("a", "b"), [(8, 20), (8, 12), (1, 5), (15, 20)])
 def test_shifted_model_slice_from_one_earlier_equals_full_forward(padded, a, b):
-    net, L = _shifted_model(), 20
-    assert net.supports_kv_cache and net.cache_lookback == 1
+    net, L = _model(logits_shift=True), 20
+    assert net.cache_lookback == 1
     x = _ids(L)
     am = _left_padded(L) if padded else None
     cache = KVCache()
@@ -363,7 +357,7 @@ def test_shifted_model_slice_from_one_earlier_equals_full_forward(padded, a, b):
 def test_shifted_model_cached_step_on_an_unchanged_canvas_equals_the_full_forward(mode):
     from dlm.sampling.cache import CachedForward
 
-    net = _shifted_model()
+    net = _model(logits_shift=True)
     x = _canvas()
     forward = CachedForward(net, mode)
     lo, hi = P + 8, P + 16
@@ -375,13 +369,16 @@ def test_shifted_model_cached_step_on_an_unchanged_canvas_equals_the_full_forwar
 
 
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
-def test_shifted_model_runs_the_cached_loop_and_one_step_per_block_equals_the_uncached_loop(mode):
-    net = _shifted_model()
+def test_shifted_model_cached_loop_stays_close_to_the_uncached_one(mode):
+    net = _model(logits_shift=True)
     canvas = _canvas()
+    ref, _ = _uncached(net, canvas, 8, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # it really runs cached, no fallback warning
         out, events = _cached(net, canvas, 8, 8, mode)
     assert not (out == MASK).any() and len(events) == 8
     assert torch.equal(out[:, :P], canvas[:, :P])
+    # Stale K/V change some argmaxes; without the look-back (row 0 of every slice wrong) far more (0.66-0.69).
+    assert (out[:, P:] == ref[:, P:]).float().mean() >= 0.85
     one_per_block, _ = _cached(net, canvas, 2, 8, mode)  # every step a block's full first step
     assert torch.equal(one_per_block, _uncached(net, canvas, 2, 8)[0])
