@@ -146,9 +146,9 @@ def distinct_4grams(ids: list[int]) -> float:
 
 @torch.no_grad()
 def ar_sample(model, tok, prompt: list[int], n: int, generator: torch.Generator) -> list[int]:
-    seq = [tok.bos_id] + prompt
+    seq, device = [tok.bos_id] + prompt, next(model.parameters()).device
     for _ in range(n):
-        logits = model(torch.tensor([seq], device=next(model.parameters()).device), None)[0, -1].float().cpu()
+        logits = model(torch.tensor([seq], device=device), None)[0, -1].float().cpu()
         logits[[tok.mask_id, tok.pad_id, tok.bos_id]] = -torch.inf
         seq.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)))
     return seq[1 + len(prompt):]
@@ -211,7 +211,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     a.axhline(result["unigram_bits_per_char"], color="gray", ls=":", label="unigram")
     a.set(xlabel="training tokens (millions)" if by_tokens else "training minutes (bf16, evaluation excluded)",
           ylabel="held-out bits/char (bound; AR exact)",
-          title="Held-out likelihood over training (during training: 4 batches; final: table)")
+          title=f"Held-out likelihood over training ({result.get('eval_batches', '?')} batches per point)")
     b.set(xscale="log", xlabel="forward passes per token", ylabel="AR-judge bits/char of samples",
           title="Sample quality per forward pass")
     for ax in (a, b):
@@ -288,7 +288,8 @@ def main() -> None:
     runs = Path(args.runs)
     result: dict[str, Any] = {"minutes_per_family": None if args.max_steps else args.minutes,
                               "max_steps": args.max_steps, "preset": args.preset, "arch": args.arch,
-                              "batch_size": args.batch_size, "seq_len": args.seq_len, "bf16": not args.fp32,
+                              "batch_size": args.batch_size, "seq_len": args.seq_len,
+                              "eval_batches": args.eval_batches, "bf16": not args.fp32,
                               "threads": args.threads, "device": args.device, "torch": torch.__version__,
                               "machine": platform.processor() or platform.machine(),
                               "unigram_bits_per_char": data["unigram_bits_per_char"], "families": {}}

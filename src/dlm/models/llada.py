@@ -41,9 +41,6 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        # A shifted model's position i is predicted by the hidden state of i - 1: a cached slice that must predict
-        # its first position starts one place earlier (KV-cache users read `cache_lookback`).
-        self.cache_lookback = 1 if cfg.logits_shift else 0
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         self.blocks = nn.ModuleList(Block(cfg, self.causal) for _ in range(cfg.n_layers))
@@ -83,6 +80,12 @@ class Transformer(nn.Module):
         if logits_window is not None:
             x = x[:, logits_window[0]:logits_window[1]]
         return self.lm_head(self.ln_f(x))  # (B, n, V)
+
+    @property
+    def cache_lookback(self) -> int:
+        """A shifted model's position i is predicted by the hidden state of i - 1: a cached slice that must predict
+        its first position starts this many places earlier (read by sampling.cache.CachedForward)."""
+        return 1 if self.cfg.logits_shift else 0
 
     @staticmethod
     def _check_slice(cache: KVCache, B: int, start: int, n: int) -> int:
