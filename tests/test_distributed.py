@@ -186,3 +186,18 @@ def test_batch_not_divisible_by_ranks_and_accumulation_is_refused():
     with pytest.raises(ConfigError, match="multiple of ranks x grad_accum = 2 x 2"):
         Trainer(build_model(ModelConfig.preset("tiny", max_len=32)), LOSSES.build("masked_elbo"), None, None, None,
                 cfg, CheckpointConfig(), ByteTokenizer(), dist=DistEnv(rank=0, world_size=2))
+
+
+def test_load_model_state_checks_the_keys_first():
+    from dlm.distributed import load_model_state
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    state = {k: torch.ones_like(v) for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"missing \['1.bias'\]"):
+        load_model_state(net, {k: v for k, v in state.items() if k != "1.bias"})
+    with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
+        load_model_state(net, {**state, "extra": torch.zeros(1)})
+    net[0].requires_grad_(False)  # frozen (LoRA base) weights may be absent and stay as they are
+    before = net[0].weight.detach().clone()
+    load_model_state(net, {k: v for k, v in state.items() if k.startswith("1.")})
+    assert torch.equal(net[0].weight, before) and torch.equal(net[1].weight, torch.ones(2, 3))

@@ -63,9 +63,11 @@ def atomic_save(save_fn, path: Path) -> None:
         raise
 
 
-def state_dict_for_saving(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def state_dict_for_saving(model: torch.nn.Module | dict[str, torch.Tensor], dtype: torch.dtype | None = None
+                          ) -> dict[str, torch.Tensor]:
+    """A module's (or a state dict's) tensors, detached, on the CPU, contiguous, floats in `dtype` if given."""
     sd = {}
-    for k, v in model.state_dict().items():
+    for k, v in (model if isinstance(model, dict) else model.state_dict()).items():
         v = v.detach().cpu()
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
@@ -73,8 +75,9 @@ def state_dict_for_saving(model: torch.nn.Module, dtype: torch.dtype | None = No
     return sd
 
 
-def save_pretrained(folder: str | Path, model: torch.nn.Module, cfg: CheckpointConfig, tokenizer: Tokenizer,
-                    dtype: torch.dtype | None = None) -> None:
+def save_pretrained(folder: str | Path, model: torch.nn.Module | dict[str, torch.Tensor], cfg: CheckpointConfig,
+                    tokenizer: Tokenizer, dtype: torch.dtype | None = None) -> None:
+    """Write a model folder from a network or its state dict (weights, tokenizer, configs), each file atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = state_dict_for_saving(model, dtype)

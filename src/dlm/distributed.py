@@ -21,7 +21,7 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -45,7 +45,6 @@ class DistEnv:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: str = "cpu"
     owns_group: bool = False  # init_distributed started the process group, so close() ends it
 
@@ -104,7 +103,7 @@ def init_distributed(device: str = "cpu") -> DistEnv:
     if kind == "cuda" and world > 1:
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
-    env = DistEnv(rank=rank, world_size=world, local_rank=local, device=device)
+    env = DistEnv(rank=rank, world_size=world, device=device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
         env.owns_group = True
@@ -137,8 +136,7 @@ def as_local(t: torch.Tensor) -> torch.Tensor:
 def gather_model_state(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """The full state dict on rank 0 (on CPU; other ranks get {}), every rank taking part; without the frozen
     parameters when `trainable_only` (a LoRA run's base weights are not trainer state)."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    return get_model_state_dict(unwrap(model), options=opts)
+    return get_model_state_dict(unwrap(model), options=replace(GATHER, ignore_frozen_params=trainable_only))
 
 
 def gather_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -146,17 +144,18 @@ def gather_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict
     return get_optimizer_state_dict(unwrap(model), opt, options=GATHER)
 
 
-def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], partial: bool = False) -> None:
-    """Load a full state dict (every rank holds it) into a plain, DDP or FSDP2 model; `partial`: only trainable
-    parameters are given, the frozen ones stay as loaded."""
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict (every rank holds it) into a plain, DDP or FSDP2 model. Frozen parameters (a LoRA
+    run's base weights) may be absent and stay as loaded; set_model_state_dict would fill any other missing key
+    with the model's current value, so the keys are checked here first."""
     net = unwrap(model)
-    keys = set_model_state_dict(net, state, options=StateDictOptions(full_state_dict=True, strict=not partial))
     frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
-    missing = set(getattr(keys, "missing_keys", ())) - frozen
-    unexpected = set(getattr(keys, "unexpected_keys", ()))
+    expected = set(net.state_dict())
+    missing, unexpected = expected - set(state) - frozen, set(state) - expected
     if missing or unexpected:
         raise ValueError(f"the checkpoint does not fit the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
+    set_model_state_dict(net, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -168,8 +167,8 @@ def is_launched() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
-def torchrun_command(argv: Sequence[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
-                     module: str = "dlm.cli") -> list[str]:
+def torchrun_command(argv: Sequence[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None
+                     ) -> list[str]:
     """`python -m torch.distributed.run ... -m dlm.cli ARGV`: N workers on this node; several nodes meet at
     `rdzv_endpoint` (host:port of any one of them) with the c10d rendezvous, else a standalone local one."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", str(nnodes)]
@@ -179,7 +178,7 @@ def torchrun_command(argv: Sequence[str], nproc: int, nnodes: int = 1, rdzv_endp
         if nnodes > 1:
             raise ValueError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
         cmd += ["--standalone"]
-    return [*cmd, "-m", module, *argv]
+    return [*cmd, "-m", "dlm.cli", *argv]
 
 
 def launch(argv: Sequence[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None) -> int:

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from dlm.checkpoint import (
     LATEST,
@@ -67,17 +66,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-class _Weights(nn.Module):
-    """A state dict presented as a module: what save_pretrained writes (it saves `module.state_dict()`)."""
-
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self._state = state
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return self._state
-
-
 class Trainer:
     def __init__(self, model: torch.nn.Module, loss_fn: Loss, process: ForwardProcess | None,
                  train: Batches, val: TokenStream | None, cfg: TrainConfig, ckpt_cfg: CheckpointConfig,
@@ -91,7 +79,7 @@ class Trainer:
         if cfg.batch_size % split:
             raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of ranks x grad_accum = "
                               f"{self.dist.world_size} x {cfg.grad_accum}")
-        self.device = torch.device(self.dist.device if dist is not None else device)
+        self.device = torch.device(self.dist.device)
         self.model = self.dist.wrap(model.to(self.device), fsdp=cfg.fsdp)  # what forward and backward go through
         self.raw = unwrap(self.model)  # the network itself (FSDP2 shards it in place)
         self.loss_fn = loss_fn
@@ -153,19 +141,22 @@ class Trainer:
         """Every rank helps gather the full state; rank 0 writes it under a temporary name and renames it."""
         name = f"ckpt-{self.step:06d}"
         final = self.out / name
-        frozen = len(self.params) < len(list(self.raw.parameters()))
         model_state = gather_model_state(self.model, trainable_only=True)
         opt_state = gather_optimizer_state(self.model, self.opt)
-        with self.ema_weights():  # on one process or DDP the gathered tensors are the parameters: copy them
-            inference = {k: v.clone() for k, v in gather_model_state(self.model).items()} if self.ema is not None \
-                else gather_model_state(self.model) if frozen else model_state
+        with self.ema_weights():  # the weights a checkpoint's model.safetensors holds
+            if self.ema is not None:  # on one process or DDP the gathered tensors are the parameters: copy them
+                inference = {k: v.clone() for k, v in gather_model_state(self.model).items()}
+            elif len(self.params) < len(list(self.raw.parameters())):  # frozen weights (LoRA) belong there too
+                inference = gather_model_state(self.model)
+            else:
+                inference = model_state
         ema_state = {k: inference[k] for k in model_state} if self.ema is not None else None
         if self.dist.is_main:
             tmp = self.out / f".tmp-{name}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             weights = self.export(inference) if self.export is not None else inference
-            save_pretrained(tmp, _Weights(weights), self.ckpt_cfg, self.tokenizer)
+            save_pretrained(tmp, weights, self.ckpt_cfg, self.tokenizer)
             state = {"format": STATE_FORMAT, "step": self.step, "model": model_state, "optimizer": opt_state,
                      "ema": ema_state, "train_config": self.cfg.to_dict()}
             torch.save(state, tmp / TRAINER_STATE)
