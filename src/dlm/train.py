@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dlm.checkpoint import CONFIG, TOKENIZER, resolve_checkpoint_dir
 from dlm.config import CheckpointConfig, ConfigError, GenerationConfig, ModelConfig, ProcessConfig, TrainConfig
 from dlm.data import TokenStream, load_corpus, split_documents, tokenize_documents, unigram_entropy_bits
-from dlm.distributed import DistEnv, init_distributed
 from dlm.losses import LOSSES
 from dlm.models import MODELS, build_model, count_params
 from dlm.process import PROCESSES, build_process
 from dlm.schedules import SCHEDULES
 from dlm.tokenizer import Tokenizer, build_tokenizer
+
+if TYPE_CHECKING:
+    from dlm.distributed import DistEnv
 
 __all__ = ["train", "validate", "validate_train", "build_process", "process_config", "generation_defaults"]
 
@@ -90,6 +92,8 @@ def train(tcfg: TrainConfig, model_cfg: ModelConfig | None = None, pcfg: Process
 
     Under torchrun each rank calls this; `device` "cuda" means each rank's own GPU.
     """
+    from dlm.distributed import init_distributed  # torch.distributed.checkpoint: only when training
+
     env = init_distributed(device)
     try:
         return _train(tcfg, model_cfg, pcfg, env, show_progress)
