@@ -174,11 +174,11 @@ def _finetune(sft: SFTConfig, tcfg: TrainConfig, model: str, lora: LoRAConfig | 
         raise ConfigError("random_length_prob is a pretraining option: it would cut responses")
     if tcfg.threads > 0:
         torch.set_num_threads(tcfg.threads)
+    chats = load_chats(sft.data)[:sft.max_examples]  # every line checked before the (maybe large) model loads
     net, cfg, tok = load_pretrained(resolve_model_path(model), map_location="cpu")
     check_sft_model(cfg)
     if tcfg.seq_len > cfg.model.max_len:
         raise ConfigError(f"seq_len={tcfg.seq_len} exceeds the model's max_len={cfg.model.max_len}")
-    chats = load_chats(sft.data)[:sft.max_examples]
     data = ChatData([encode_chat(tok, m, sft.template) for m in chats], tok.eos_id, tcfg.seq_len, sft.eos_padding)
     cfg = cfg.replace(extra={**cfg.extra, "base_model": str(model), "sft": sft.to_dict(),
                              **({"lora": lora.to_dict()} if lora else {})})
