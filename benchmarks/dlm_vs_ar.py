@@ -96,13 +96,13 @@ def steps_to_reach(points: list[tuple[int, float]], target: float) -> float | No
 def decode_rows(judge_json: Path) -> list[dict[str, Any]]:
     if not judge_json.exists():
         return []
-    rows = json.loads(judge_json.read_text())["rows"]
+    judged = json.loads(judge_json.read_text())
     out = []
-    for r in rows:
+    for r in judged["rows"]:
         if r["seconds_per_sample"] > 0:
             out.append({"model": r["model"], "steps": r["steps"], "temperature": r["temperature"],
-                        "tokens_per_s": 128 / r["seconds_per_sample"], "judge_perplexity": r["perplexity"],
-                        "unigram_entropy": r["unigram_entropy"]})
+                        "tokens_per_s": judged["new_tokens"] / r["seconds_per_sample"],
+                        "judge_perplexity": r["perplexity"], "unigram_entropy": r["unigram_entropy"]})
     return out
 
 

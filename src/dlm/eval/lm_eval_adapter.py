@@ -115,18 +115,11 @@ class DLMEvalLM(LM):
             prompt = self.lm.tokenizer.encode(context)
             new = complete(self.lm, prompt, min(n, self.lm.max_len - 1), steps=self.steps, temperature=temperature,
                            seed=self.seed, **options)
-            text = self._decode(new)
+            text = self.lm._decode_new(new)  # cut at the first stop id, [PAD] removed
             for stop in until:
                 text = text.split(stop)[0] if stop else text
             out.append(text)
         return out
-
-
-    def _decode(self, new: list[int]) -> str:
-        """New ids -> text, cut at the first stop id (EOS, a chat model's end of turn), [PAD] removed."""
-        tok = self.lm.tokenizer
-        end = next((i for i, t in enumerate(new) if t in tok.stop_ids), len(new))
-        return tok.decode([i for i in new[:end] if i != tok.pad_id])
 
 
 def main() -> None:
