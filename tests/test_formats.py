@@ -223,16 +223,21 @@ def test_int8_linear_kernel_and_dense_paths_agree(dtype):
         torch.testing.assert_close(q(x).float(), expect.detach(), rtol=0.02, atol=0.02)
 
 
-def test_chat_without_a_template_is_a_clear_error(saved, capsys):
+def test_chat_without_a_template_uses_the_sft_format(saved, capsys):
+    # One chat format for a model without a template: what dlm sft trains on is what chat and the server send.
+    from dlm.sft import chat_prompt
+
     folder, _ = saved
     lm = DiffusionLM.from_pretrained(str(folder))
-    from dlm.sampling import SamplingError
-
-    with pytest.raises(SamplingError, match="no chat template"):
-        lm.chat([{"role": "user", "content": "hi"}])
-    with pytest.raises(SystemExit) as e:
-        main(["chat", "hi", "--model", str(folder)])
-    assert e.value.code == 2 and "no chat template" in capsys.readouterr().err
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert lm.tokenizer.apply_chat_template(messages) == "System: Be brief.\nUser: hi\nAssistant: "
+    assert lm.tokenizer.encode(lm.tokenizer.apply_chat_template(messages)) == chat_prompt(lm.tokenizer, messages)
+    opts = dict(max_new_tokens=8, steps=8, block_length=8, seed=0)
+    answer = lm.chat(messages, **opts)
+    ids = torch.tensor([chat_prompt(lm.tokenizer, messages)])
+    assert answer == lm._decode_new(lm.generate(ids, **opts)[0, ids.shape[1]:].tolist())
+    main(["chat", "hi", "--model", str(folder), "--max-new-tokens", "8", "--steps", "8", "--block-length", "8"])
+    assert isinstance(capsys.readouterr().out, str)
 
 
 def test_export_writes_a_folder_that_loads_the_same(tmp_path, saved, capsys):

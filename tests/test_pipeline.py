@@ -65,8 +65,7 @@ def test_bad_input_gives_clear_errors(lm):
         lm.generate("")
     with pytest.raises(SamplingError, match="context"):
         lm.generate("x" * 200, max_new_tokens=64, steps=64, block_length=64)
-    with pytest.raises(SamplingError, match="multiple of block_length"):
-        lm.generate("ROMEO:", max_new_tokens=30, steps=30, block_length=16)
+    assert isinstance(lm.generate("ROMEO:", max_new_tokens=30, steps=30, block_length=16), str)  # last block 14
     with pytest.raises(SamplingError, match="multiple of the number of blocks"):
         lm.generate("ROMEO:", max_new_tokens=32, steps=7, block_length=16)
     with pytest.raises(SamplingError, match="no gap"):

@@ -104,10 +104,35 @@ def test_plan_blocks_valid():
     assert plan_blocks(10, 4, 100) == (10, 1, 4)  # a block longer than the generation is clipped
 
 
-def test_plan_blocks_block_length_must_divide():
-    with pytest.raises(SamplingError, match=r"max_new_tokens=10 must be a multiple of block_length=4 "
-                                            r"\(e\.g\. block_length=2\)"):
+def test_plan_blocks_last_block_may_be_shorter():
+    # 10 tokens in blocks of 4: blocks [0, 4), [4, 8), [8, 10); each block gets steps / 3 steps.
+    assert plan_blocks(10, 9, 4) == (4, 3, 3)
+    with pytest.raises(SamplingError, match=r"steps=10 must be a multiple of the number of blocks .*= 3\), "
+                                            r"e\.g\. steps=9"):
         plan_blocks(10, 10, 4)
+
+
+def test_shorter_last_block_generates_every_token_with_the_planned_commits():
+    # A dummy denoiser (fixed logits): every position is filled, block by block, each block within its own steps.
+    from dlm.config import GenerationConfig
+    from dlm.sampling import SAMPLERS, denoise_steps
+
+    V, mask_id, P, N = 12, 11, 3, 10
+    logits = torch.randn(1, P + N, V, generator=torch.Generator().manual_seed(0))
+    sampler = SAMPLERS.build("llada", mask_id=mask_id, config=GenerationConfig())
+    canvas = torch.cat([torch.zeros(1, P, dtype=torch.long), torch.full((1, N), mask_id)], 1)
+    events = list(denoise_steps(lambda x: logits, canvas, P, 6, 4, sampler))
+    final = events[-1].output.xt
+    assert not (final == mask_id).any()
+    logits_nomask = logits.clone()
+    logits_nomask[..., mask_id] = -torch.inf
+    assert torch.equal(final[0, P:], logits_nomask[0, P:].argmax(-1))
+    # 3 blocks x 2 steps; the last block (2 tokens) commits one per step, and every commit is in its block.
+    assert [e.block for e in events] == [0, 0, 1, 1, 2, 2]
+    for e in events:
+        pos = e.output.committed[0].nonzero().flatten().tolist()
+        lo = P + 4 * e.block
+        assert pos and all(lo <= p < min(lo + 4, P + N) for p in pos)
 
 
 def test_plan_blocks_steps_must_divide_blocks():
@@ -138,7 +163,8 @@ def test_plan_blocks_suggestions_work(gen, steps, block):
             assert m is not None, msg
             plan_blocks(gen, int(m.group(1)), block)
         return
-    assert bl * n_blocks == gen and spb * n_blocks == steps and bl <= block
+    # The blocks cover the generation, the last one possibly shorter; the steps split evenly.
+    assert (n_blocks - 1) * bl < gen <= bl * n_blocks and spb * n_blocks == steps and bl <= block
 
 
 # ----- full loops driven by fixed logits --------------------------------------------------------------------

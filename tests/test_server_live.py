@@ -58,7 +58,7 @@ def test_openai_completions_and_chat(client, lm):
                                                       steps=4, remasking="random")
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
     assert r.choices[0].message.role == "assistant"
-    assert r.choices[0].message.content == lm.generate("user: hi\nassistant: ")
+    assert r.choices[0].message.content == lm.generate("User: hi\nAssistant: ")
     with pytest.raises(openai.BadRequestError, match="multiple of the number of blocks"):
         client.completions.create(model="tiny", prompt="x", extra_body={"steps": 3})
     with pytest.raises(openai.NotFoundError):
@@ -74,7 +74,7 @@ def test_openai_streams(client, lm):
                                             stream=True)
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == lm.generate("user: hey\nassistant: ")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == lm.generate("User: hey\nAssistant: ")
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 

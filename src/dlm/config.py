@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -74,8 +75,10 @@ class _Config:
 
     @classmethod
     def load_json(cls: type[T], path: str | Path) -> T:
+        from dlm.io import read_text_file
+
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            return cls.from_dict(json.loads(read_text_file(path, error=ConfigError)))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from e
 
@@ -103,6 +106,20 @@ class ModelConfig(_Config):
     sigma_eps: float = 1e-3  # DDiT: the network sees sigma(t) = -log(1 - (1 - eps) t), the log-linear noise
 
     def __post_init__(self) -> None:
+        sizes = {"vocab_size": self.vocab_size, "d_model": self.d_model, "n_layers": self.n_layers,
+                 "n_heads": self.n_heads, "max_len": self.max_len, "time_dim": self.time_dim, "cond_dim": self.cond_dim,
+                 "d_ff": self.d_ff if self.d_ff is not None else 1}
+        small = [f"{k}={v}" for k, v in sizes.items() if not (isinstance(v, int) and v >= 1)]
+        if small:
+            raise ConfigError(f"ModelConfig sizes must be integers >= 1, got {', '.join(small)}")
+        for k in ("rope_theta", "norm_eps"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"ModelConfig.{k} must be a finite number > 0, got {v!r}")
+        for k in ("dropout", "sigma_eps"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+                raise ConfigError(f"ModelConfig.{k} must be in [0, 1), got {v!r}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
@@ -190,6 +207,30 @@ class TrainConfig(_Config):
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     random_length_prob: float = 0.0  # LLaDA pretrains 1% (0.01) of its batches on a prefix of random length
 
+    def validate(self) -> TrainConfig:
+        """Check every value on its own (before any data is read); errors say which values would work."""
+        _check_finite(self)
+        at_least = {"max_steps": 1, "batch_size": 1, "seq_len": 1, "eval_every": 1, "eval_batches": 1,
+                    "ckpt_every": 1, "log_every": 1, "grad_accum": 1, "warmup_steps": 0, "keep_checkpoints": 0,
+                    "threads": 0}
+        for k, lo in at_least.items():
+            if getattr(self, k) < lo:
+                raise ConfigError(f"{k} must be >= {lo}, got {getattr(self, k)}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size}")
+        if self.lr <= 0 or self.grad_clip <= 0:
+            raise ConfigError(f"lr and grad_clip must be > 0, got lr={self.lr}, grad_clip={self.grad_clip}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for k in ("beta2", "ema", "val_fraction"):
+            if not 0.0 <= getattr(self, k) < 1.0:
+                raise ConfigError(f"{k} must be in [0, 1), got {getattr(self, k)}")
+        for k in ("min_lr_ratio", "random_length_prob"):
+            if not 0.0 <= getattr(self, k) <= 1.0:
+                raise ConfigError(f"{k} must be in [0, 1], got {getattr(self, k)}")
+        _check_seed(self.seed)
+        return self
+
 
 @dataclass
 class SFTConfig(_Config):
@@ -231,15 +272,22 @@ class GenerationConfig(_Config):
     num_samples: int = 1  # n samples of each prompt in one batched call
     max_span: int = 64  # length of a bare [MASK] gap in infill
     seed: int | None = None
+    # Ban [MASK] and [BOS] (and [PAD] outside infilling gaps) from every prediction. dlm's own models keep it on;
+    # upstream folders (LLaDA, Dream, MDLM, SEDD) load with it off, so that greedy generation equals their reference
+    # samplers token for token (a committed [MASK] prediction then leaves the position masked, as upstream).
+    suppress_special: bool = True
 
     def validate(self) -> GenerationConfig:
         def bad(msg: str) -> None:
             raise ConfigError(msg)
 
+        _check_finite(self)  # NaN passes every comparison below, and inf breaks the sampler's arithmetic
         if self.max_new_tokens < 1:
             bad(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.steps < 1:
             bad(f"steps must be >= 1, got {self.steps}")
+        if self.block_length < 0:
+            bad(f"block_length must be >= 1 (or 0: the whole generation as one block), got {self.block_length}")
         if self.temperature < 0:
             bad(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -262,6 +310,10 @@ class GenerationConfig(_Config):
             bad(f"num_samples must be >= 1, got {self.num_samples}")
         if self.max_span < 1:
             bad(f"max_span must be >= 1, got {self.max_span}")
+        if self.alg_temp is not None and self.alg_temp < 0:
+            bad(f"alg_temp must be >= 0, got {self.alg_temp}")
+        if self.seed is not None:
+            _check_seed(self.seed)
         return self
 
 
@@ -284,6 +336,12 @@ class CheckpointConfig(_Config):
         if not isinstance(d, dict):
             raise ConfigError(f"a checkpoint config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            _raise_unknown({k: d[k] for k in unknown})
+        if "model" not in d:  # default sizes would build a network the weights do not fit, or fit by chance
+            raise ConfigError("the checkpoint config has no 'model' section (the network's sizes); a dlm config.json "
+                              "holds model, process and sampling")
         if not isinstance(d.get("extra", {}), dict):
             raise ConfigError("checkpoint config 'extra' must be a JSON object")
         version = d.get("format_version", FORMAT_VERSION)
@@ -309,11 +367,30 @@ class CheckpointConfig(_Config):
 
     @classmethod
     def load(cls, path: str | Path) -> CheckpointConfig:
+        from dlm.io import read_text_file
+
         try:
-            d = json.loads(Path(path).read_text())
+            d = json.loads(read_text_file(path, error=ConfigError))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from e
         return cls.from_dict(d)
+
+
+def _check_finite(cfg: Any) -> None:
+    """Every float field of a config is a finite number (NaN and inf are refused by name)."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{f.name} must be a finite number, got {v}")
+
+
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes [0, 2**64); the server and JSON clients keep to int64
+
+
+def _check_seed(seed: int) -> None:
+    """One rule for a seed everywhere (library, CLI, server): an integer in [0, 2**63)."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"seed must be in [0, 2**63), got {seed}")
 
 
 def _raise_unknown(d: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,10 @@ import torch
 from dlm.checkpoint import CheckpointError, load_pretrained
 from dlm.config import CheckpointConfig, ConfigError, GenerationConfig
 from dlm.sampling import SAMPLERS, SamplingError, StepEvent, denoise_cached_steps, denoise_steps
+from dlm.sampling.generate import fit_steps
 from dlm.sampling.guidance import classifier_free_guidance
 from dlm.sampling.processors import BannedTokens, build_processors
-from dlm.tokenizer import Tokenizer
+from dlm.tokenizer import Tokenizer, tokenizer_like
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 ALIASES = {"default": "shakespeare"}
@@ -86,17 +88,24 @@ class DiffusionLM:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "default", device: str = "cpu",
                         dtype: str | torch.dtype = "float32", allow_pickle: bool = False,
-                        quantize: str | None = None) -> DiffusionLM:
+                        quantize: str | None = None, tokenizer: Any = None) -> DiffusionLM:
         """A shipped name, a folder (ours, a run, or an upstream LLaDA / Dream folder), or a hub id.
 
         `dtype` is what the weights are converted to as they are read; `quantize="int8"` then replaces every
-        linear layer by an int8 weight-only one (CPU inference; dlm.quantize).
+        linear layer by an int8 weight-only one (CPU inference; dlm.quantize). `tokenizer` replaces the folder's
+        (a dlm Tokenizer, a transformers tokenizer, or a path to tokenizer files): a folder with weights and
+        config but no tokenizer files loads with a warning, for token-id calls only, until one is given.
         """
         torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
         if not isinstance(torch_dtype, torch.dtype):
             raise CheckpointError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
         path = resolve_model_path(name_or_path, allow_pickle)
         model, cfg, tok = load_pretrained(path, map_location=device, dtype=torch_dtype, allow_pickle=allow_pickle)
+        if tokenizer is not None:
+            try:
+                tok = tokenizer_like(tokenizer, tok)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from e
         if quantize is not None:
             from dlm.quantize import quantize_model
 
@@ -123,7 +132,7 @@ class DiffusionLM:
     # ----- the network ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """ids (B, L) -> logits (B, L, V) float32. Time-conditioned models get t = the fraction of masks."""
+        """ids (B, L) -> logits (B, L, V) float32. Time-conditioned models get t = process.model_time(ids)."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         if ids.dim() == 1:
             ids = ids[None]
@@ -136,6 +145,8 @@ class DiffusionLM:
         try:
             base = config if config is not None else self.sampling
             opts = base.replace(**given).validate()
+            if config is None and "steps" not in given:  # the checkpoint's default: fit it to the blocks
+                opts = opts.replace(steps=fit_steps(opts.max_new_tokens, opts.steps, opts.block_length))
             SAMPLERS.get(opts.sampler)  # an unknown name fails here, before any work
         except (ConfigError, ValueError) as e:
             raise SamplingError(str(e)) from e
@@ -180,12 +191,12 @@ class DiffusionLM:
         return ids, attention_mask, "ids"
 
     def _model_fn(self, attention_mask: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """(B, L) canvas -> float32 logits, with the padding mask and (for DiT) t = fraction of masks.
+        """(B, L) canvas -> float32 logits, with the padding mask and (for DiT) t = process.model_time(canvas).
 
         A sampler that knows its time (SEDD, D3PM: `model_time`) passes it as `t` (a float or (B,)); the loop
         does so only for a model_fn marked `accepts_time`, and every other sampler leaves t to the canvas."""
         needs_time = getattr(self.model, "needs_time", False)
-        mask_id = self.tokenizer.mask_id
+        process = self.process if needs_time else None
 
         windowed = getattr(self.model, "supports_logits_window", False)
 
@@ -194,9 +205,8 @@ class DiffusionLM:
                 t = None
             elif t is not None:
                 t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])
-            else:
-                real = attention_mask if attention_mask is not None else torch.ones_like(x)
-                t = ((x == mask_id) & real.bool()).sum(1).float() / real.sum(1).clamp_min(1).float()
+            else:  # the process's one definition of the time a canvas shows (dlm.process.model_time)
+                t = process.model_time(x, attention_mask)
             kwargs = {"logits_window": window} if window is not None else {}
             with torch.no_grad():
                 return self.model(x, t, attention_mask=attention_mask, **kwargs).float()
@@ -243,9 +253,14 @@ class DiffusionLM:
 
     def _prepare(self, prompt: Any, attention_mask: torch.Tensor | None, opts: GenerationConfig):
         if self.is_causal:
-            raise SamplingError("this checkpoint is an autoregressive baseline; DiffusionLM samples diffusion models")
+            raise SamplingError("this checkpoint is an autoregressive baseline: use generate() (left-to-right "
+                                "decoding); it has no denoising steps to stream or fill")
         ids, am, kind = self._prompt_batch(prompt, attention_mask)
         n = opts.num_samples
+        if n > 1 and opts.temperature == 0 and opts.remasking != "random" and not opts.alg_temp:
+            warnings.warn(f"num_samples={n} at temperature 0 gives {n} identical samples (greedy decoding is "
+                          "deterministic); set temperature > 0 (or remasking='random') for diverse samples",
+                          stacklevel=3)
         if n > 1:
             ids = ids.repeat_interleave(n, 0)
             am = am.repeat_interleave(n, 0) if am is not None else None
@@ -280,14 +295,73 @@ class DiffusionLM:
         """
         opts = self._options(config, max_new_tokens=max_new_tokens, steps=steps, block_length=block_length,
                              temperature=temperature, remasking=remasking, seed=seed, sampler=sampler, **options)
-        canvas, P, am, processors, prompt_mask, kind = self._prepare(prompt, attention_mask, opts)
-        out = _final_canvas(canvas, self._events(canvas, P, opts, am, processors, prompt_mask), callback)
+        if self.is_causal:
+            if callback is not None:
+                raise SamplingError("an autoregressive baseline decodes left to right: it has no denoising steps "
+                                    "to show (drop callback / --show / --save-trajectory)")
+            ids, am, kind = self._prompt_batch(prompt, attention_mask)
+            out = self._decode_left_to_right(ids, am, opts)
+            P = ids.shape[1]
+        else:
+            canvas, P, am, processors, prompt_mask, kind = self._prepare(prompt, attention_mask, opts)
+            out = _final_canvas(canvas, self._events(canvas, P, opts, am, processors, prompt_mask), callback)
         if kind == "ids":
             return out
         texts = [self._decode_new(row[P:].tolist()) for row in out]
         n = opts.num_samples
         grouped = [texts[i: i + n] for i in range(0, len(texts), n)] if n > 1 else texts
         return grouped[0] if kind == "text" else grouped
+
+    @torch.no_grad()
+    def _decode_left_to_right(self, ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                              opts: GenerationConfig) -> torch.Tensor:
+        """Plain autoregressive decoding for the AR baseline: ids (B, P) -> (B, P + max_new_tokens).
+
+        The network sees [BOS] + the prompt, as in training (the `ar` loss); each step appends one token per row:
+        argmax at temperature 0, else a float64 Gumbel-max draw, after the same processors as diffusion sampling
+        (banned special tokens, repetition penalty, top-k / top-p). A row that emits [EOS] is filled with [EOS].
+        """
+        from dlm.sampling.processors import apply_processors
+        from dlm.sampling.sampler import gumbel_argmax
+
+        tok = self.tokenizer
+        n = opts.num_samples
+        if n > 1:
+            ids = ids.repeat_interleave(n, 0)
+            attention_mask = attention_mask.repeat_interleave(n, 0) if attention_mask is not None else None
+        B, P = ids.shape
+        self._check_length(1 + P + opts.max_new_tokens)
+        g = torch.Generator(device=self.device)
+        g.manual_seed(opts.seed if opts.seed is not None else torch.seed() % 2**63)
+        # [BOS] + prompt per row, left-padded: (B, 1 + P); the padding mask marks the real tokens.
+        seq = torch.full((B, 1 + P), tok.pad_id, dtype=torch.long)
+        am = torch.zeros((B, 1 + P), dtype=torch.long)
+        for i in range(B):
+            real = ids[i] if attention_mask is None else ids[i][attention_mask[i].bool()]
+            seq[i, P - len(real)] = tok.bos_id
+            seq[i, P + 1 - len(real):] = real
+            am[i, P - len(real):] = 1
+        seq = seq.to(self.device)
+        am = None if bool(am.all()) else am.to(self.device)
+        processors = build_processors(opts, tok)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        stops = torch.tensor(sorted(tok.stop_ids), dtype=torch.long, device=self.device)
+        for _ in range(opts.max_new_tokens):
+            logits = self.model(seq, None, attention_mask=am).float()[:, -1:]  # (B, 1, V): the next token
+            logits = apply_processors(processors, logits, seq[:, 1:])
+            nxt = gumbel_argmax(logits[:, 0], opts.temperature, g)  # (B,)
+            nxt = torch.where(done, torch.full_like(nxt, tok.eos_id), nxt)
+            done |= torch.isin(nxt, stops)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            if am is not None:
+                am = torch.cat([am, torch.ones((B, 1), dtype=am.dtype, device=am.device)], 1)
+            if bool(done.all()):
+                break
+        out = torch.full((B, P + opts.max_new_tokens), tok.eos_id, dtype=torch.long)
+        out[:, :P] = ids
+        new = seq[:, 1 + P:].cpu()
+        out[:, P:P + new.shape[1]] = new
+        return out
 
     def stream(self, prompt: str | list[str] | torch.Tensor, config: GenerationConfig | None = None,
                attention_mask: torch.Tensor | None = None, **options: Any) -> Iterator[StepEvent]:

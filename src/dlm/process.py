@@ -53,6 +53,18 @@ class ForwardProcess:
     def prior_sample(self, batch: int, length: int, device: str | torch.device = "cpu") -> torch.Tensor:
         raise NotImplementedError
 
+    def model_time(self, xt: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """xt (B, L) [+ real (B, L), the non-padding positions] -> t (B,) float32: the time a time-conditioned
+        network sees for this canvas, the one definition that sampling and both likelihood estimators use.
+
+        Absorbing processes read it off the canvas: the t at which training's expected fraction of masks,
+        move_chance(t), equals the canvas's fraction of masks, so training (which passes its drawn t) and
+        sampling agree for every schedule. Processes whose canvas does not show its time (uniform graphs) are
+        sampled by their own samplers, which pass their t."""
+        real = torch.ones_like(xt, dtype=torch.bool) if real is None else real.bool()
+        frac = ((xt == self.mask_id) & real).sum(1).double() / real.sum(1).clamp_min(1).double()  # (B,)
+        return self.schedule.t_for_move_chance(frac).clamp(0.0, 1.0).float()
+
 
 @PROCESSES.register("masked")
 class MaskedProcess(ForwardProcess):

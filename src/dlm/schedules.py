@@ -44,6 +44,18 @@ class NoiseSchedule:
     def alpha(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B,)
         return 1.0 - self.move_chance(t)
 
+    def t_for_move_chance(self, p: torch.Tensor) -> torch.Tensor:  # (B,) -> (B,)
+        """The time t in [0, 1] whose move_chance(t) is p (clipped to the schedule's range): the t a network was
+        trained on for a canvas whose fraction of masks is p. move_chance increases with t, so bisection in
+        float64 (52 halvings reach float64's resolution on [0, 1]); schedules with a closed form override it."""
+        p = p.double()
+        lo, hi = torch.zeros_like(p), torch.ones_like(p)
+        for _ in range(52):
+            mid = (lo + hi) / 2
+            below = self.move_chance(mid) < p
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return (lo + hi) / 2
+
     def weight(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B,)
         """-alpha'(t) / (1 - alpha(t)): the continuous-time ELBO weight of a masked token's cross-entropy."""
         raise NotImplementedError
@@ -63,6 +75,9 @@ class Linear(NoiseSchedule):
     def move_chance(self, t: torch.Tensor) -> torch.Tensor:
         return (1.0 - self.eps) * t + self.eps
 
+    def t_for_move_chance(self, p: torch.Tensor) -> torch.Tensor:
+        return ((p.double() - self.eps) / (1.0 - self.eps)).clamp(0.0, 1.0)
+
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         return 1.0 / self.move_chance(t)
 
@@ -77,6 +92,9 @@ class LogLinear(NoiseSchedule):
     def move_chance(self, t: torch.Tensor) -> torch.Tensor:
         return (1.0 - self.eps) * t
 
+    def t_for_move_chance(self, p: torch.Tensor) -> torch.Tensor:
+        return (p.double() / (1.0 - self.eps)).clamp(0.0, 1.0)
+
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         return 1.0 / t.clamp_min(1e-12)
 
@@ -90,6 +108,9 @@ class Cosine(NoiseSchedule):
 
     def move_chance(self, t: torch.Tensor) -> torch.Tensor:
         return (1.0 - self.eps) * (1.0 - torch.cos(0.5 * math.pi * t))
+
+    def t_for_move_chance(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.arccos((1.0 - p.double() / (1.0 - self.eps)).clamp(0.0, 1.0)) * (2.0 / math.pi)
 
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         d_move = (1.0 - self.eps) * 0.5 * math.pi * torch.sin(0.5 * math.pi * t)

@@ -29,21 +29,20 @@ import torch
 
 from dlm.config import CheckpointConfig, ConfigError, SFTConfig, TrainConfig
 from dlm.data import Batch, CorpusError, _mix
-from dlm.tokenizer import Tokenizer
+from dlm.tokenizer import Tokenizer, plain_chat
 
 if TYPE_CHECKING:
     from dlm.distributed import DistEnv
     from dlm.lora import LoRAConfig
 
 Messages = list[dict[str, str]]
-ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 _SENTINEL = "\x00dlm-response\x00"
 
 
 # ----- rendering ----------------------------------------------------------------------------------------------
 def fallback_prompt(messages: Messages) -> str:
-    """The plain format: `Role: content` per line, then `Assistant: ` for the answer to follow."""
-    return "".join(f"{ROLES.get(m['role'], m['role'].title())}: {m['content']}\n" for m in messages) + "Assistant: "
+    """The plain format (dlm.tokenizer.plain_chat): `Role: content` per line, then `Assistant: `."""
+    return plain_chat(messages, add_generation_prompt=True)
 
 
 def uses_template(tok: Tokenizer, template: str) -> bool:

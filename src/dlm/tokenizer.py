@@ -17,6 +17,16 @@ from typing import Any
 SPECIALS = ("[PAD]", "[MASK]", "[EOS]", "[BOS]")
 
 
+ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def plain_chat(messages: Iterable[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """The chat format of a model without a template: `Role: content` per line, then `Assistant: ` for the answer
+    to follow. `dlm sft` trains on it, and `DiffusionLM.chat` and the server render with it."""
+    text = "".join(f"{ROLES.get(m['role'], m['role'].title())}: {m['content']}\n" for m in messages)
+    return text + ("Assistant: " if add_generation_prompt else "")
+
+
 class Tokenizer:
     """Interface: encode text to ids, decode ids to text, and the special ids."""
 
@@ -47,9 +57,10 @@ class Tokenizer:
     has_chat_template = False
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The conversation as the model's prompt text (special tokens written out; `encode` reads them back)."""
-        raise ValueError("this tokenizer has no chat template; chat() needs an instruction-tuned model "
-                         "(e.g. LLaDA-8B-Instruct or Dream-v0-Instruct-7B)")
+        """The conversation as the model's prompt text (special tokens written out; `encode` reads them back).
+
+        Without a template of its own: `plain_chat`, the one format `dlm sft` trains, the server and chat use."""
+        return plain_chat(messages, add_generation_prompt)
 
     def save(self, path: str | Path) -> None:
         from dlm.checkpoint import atomic_write_text
@@ -195,6 +206,88 @@ class HFTokenizer(Tokenizer):
     def save(self, path: str | Path) -> None:
         """Write the tokenizer's own files (tokenizer.json, tokenizer_config.json, ...) into the folder of path."""
         self._tok.save_pretrained(str(Path(path).parent))
+
+
+class TokenizerMissingError(ValueError):
+    """Text was given to a model loaded without a tokenizer; the message says how to supply one."""
+
+
+class IdsOnlyTokenizer(Tokenizer):
+    """The special ids of a folder that ships weights and config but no tokenizer files.
+
+    Token-id calls (`lm.logits(ids)`, `lm.generate(ids)`) need only these ids; every text call raises a one-line
+    `TokenizerMissingError` that says how to supply a tokenizer.
+    """
+
+    def __init__(self, source: str, vocab_size: int, mask_id: int, eos_id: int, pad_id: int | None = None,
+                 bos_id: int | None = None, stop_ids: Iterable[int] = (), hint: str = "") -> None:
+        self.source, self.hint = source, hint
+        self.vocab_size, self.mask_id, self.eos_id = int(vocab_size), int(mask_id), int(eos_id)
+        self.pad_id = int(pad_id) if pad_id is not None else self.eos_id
+        self.bos_id = int(bos_id) if bos_id is not None else self.eos_id
+        self._stop = {self.eos_id, *(int(i) for i in stop_ids)}
+
+    @property
+    def stop_ids(self) -> set[int]:
+        return set(self._stop)
+
+    def _missing(self) -> TokenizerMissingError:
+        return TokenizerMissingError(
+            f"{self.source} has no tokenizer files, so text cannot be encoded or decoded: pass tokenizer= to "
+            "DiffusionLM.from_pretrained (a tokenizer folder or tokenizer.json, a transformers tokenizer or a dlm "
+            f"Tokenizer) or copy the tokenizer files into the folder{self.hint}; token-id calls work without one")
+
+    def encode(self, text: str) -> list[int]:
+        raise self._missing()
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        raise self._missing()
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        raise self._missing()
+
+    def to_json(self) -> dict[str, Any]:
+        raise self._missing()
+
+    def save(self, path: str | Path) -> None:
+        """Nothing to write: the folder it is saved into gets no tokenizer files either."""
+
+
+def missing_tokenizer(folder: Path, **ids: Any) -> IdsOnlyTokenizer:
+    """Warn once that `folder` has no tokenizer files and return the ids-only stand-in."""
+    import warnings
+
+    warnings.warn(f"{folder} has no tokenizer files: loaded for token-id calls only (pass tokenizer= to "
+                  "from_pretrained for text)", stacklevel=4)
+    return IdsOnlyTokenizer(str(folder), **ids)
+
+
+def tokenizer_like(spec: Any, model_tok: Tokenizer) -> Tokenizer:
+    """A user-supplied tokenizer for a loaded model: a dlm Tokenizer as it is; a path to a dlm tokenizer.json;
+    a folder of Hugging Face tokenizer files or a transformers tokenizer, given the model's special ids."""
+    if isinstance(spec, Tokenizer):
+        tok = spec
+    else:
+        hf = spec
+        if isinstance(spec, (str, Path)):
+            path = Path(spec).expanduser()
+            if path.is_file():
+                return Tokenizer.load(path)
+            if not path.is_dir():
+                raise ValueError(f"tokenizer={str(spec)!r} is neither a tokenizer.json file nor a folder")
+            from transformers import AutoTokenizer
+
+            try:
+                hf = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot load a tokenizer from {path}: {e}") from e
+        if not hasattr(hf, "encode") or not hasattr(hf, "decode"):
+            raise ValueError("tokenizer= must be a dlm Tokenizer, a transformers tokenizer, or a path to one")
+        tok = HFTokenizer(hf, mask_id=model_tok.mask_id, eos_id=model_tok.eos_id, pad_id=model_tok.pad_id,
+                          bos_id=model_tok.bos_id, stop_ids=model_tok.stop_ids, vocab_size=model_tok.vocab_size)
+    if tok.vocab_size > model_tok.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only {model_tok.vocab_size}")
+    return tok
 
 
 def build_tokenizer(spec: str, train_texts: Iterable[str] | None = None) -> Tokenizer:

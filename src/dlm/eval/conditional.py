@@ -80,7 +80,7 @@ def _masked_loglik(lm: Any, prompt: list[int], answer: list[int], suffix: list[i
         is_masked[:, P: P + La] = ranks < l[:, None]  # exactly l[b] masked answer positions, the rest never
         is_masked = is_masked.to(lm.device)
         xt = torch.where(is_masked, mask_id, x0.expand(B, -1))  # (B, N)
-        t = (l.double() / N).float().to(lm.device)  # the canvas's mask fraction, for a time-conditioned net
+        t = lm.process.model_time(xt)  # (B,) the time a time-conditioned network sees for this canvas
         logits = lm.model(xt, t).float()  # (B, N, V)
         logits[..., mask_id] = -torch.inf  # the clean answer is never [MASK] (SUBS), as in elbo.py
         ce = token_ce(logits, x0.expand(B, -1)).double()  # (B, N)
@@ -136,7 +136,7 @@ def answer_is_greedy(lm: Any, prompt_ids: list[int], answer_ids: list[int]) -> b
     canvas = torch.tensor([prompt + [tok.mask_id] * La], device=lm.device)  # (1, P + La)
     for _ in range(La):
         is_masked = canvas[0] == tok.mask_id  # (P + La,)
-        t = is_masked.float().mean()[None]
+        t = lm.process.model_time(canvas)  # (1,)
         logits = lm.model(canvas, t)[0].float()  # (P + La, V)
         logits[:, banned] = -torch.inf
         conf, x0 = torch.softmax(logits, -1).max(-1)  # (P + La,)

@@ -80,7 +80,7 @@ def elbo_bits(model: torch.nn.Module, windows: torch.Tensor, mask_id: int, bos_i
                 ranks = torch.rand(B, L, generator=g).argsort(1).argsort(1)  # random permutation ranks
                 is_masked = (ranks < n_mask[:, None]).to(device)  # exactly n_mask[b] masked positions
                 xt = torch.where(is_masked, torch.full_like(x0, mask_id), x0)
-                t = (n_mask.double() / L).float().to(device)
+                t = process.model_time(xt) if process is not None else (n_mask.double() / L).float().to(device)
                 logits = model(xt, t)  # (B, L, V)
                 # x0 is never [MASK]: its logit leaves the softmax (MDLM's SUBS). Loaded MDLM / LLaDA never
                 # trained it; for our models it changes the bound by < 1e-7 bits/char.

@@ -25,7 +25,7 @@ from dlm.config import CheckpointConfig, GenerationConfig, ModelConfig
 from dlm.formats import FORMATS, Format
 from dlm.formats.base import CheckpointError, load_weights, renamer
 from dlm.formats.llada import generation_ids
-from dlm.tokenizer import HFTokenizer
+from dlm.tokenizer import HFTokenizer, Tokenizer, missing_tokenizer
 
 _LAYER = {"self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj", "self_attn.v_proj": "attn.v_proj",
           "self_attn.o_proj": "attn.o_proj", "mlp.gate_proj": "ff.gate", "mlp.up_proj": "ff.up",
@@ -63,9 +63,12 @@ def model_config(config: dict[str, Any], folder) -> ModelConfig:
     )
 
 
-def dream_tokenizer(folder, vocab_size: int, mask_id: int, eos_id: int, pad_id, bos_id) -> HFTokenizer:
+def dream_tokenizer(folder, vocab_size: int, mask_id: int, eos_id: int, pad_id, bos_id) -> Tokenizer:
     import transformers
 
+    if not any((folder / f).exists() for f in ("tokenizer.json", "vocab.json")):
+        return missing_tokenizer(folder, vocab_size=vocab_size, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id,
+                                 bos_id=bos_id, stop_ids=generation_ids(folder))
     cls = getattr(transformers, "Qwen2TokenizerFast", None) or transformers.Qwen2Tokenizer
     try:
         hf = cls.from_pretrained(str(folder))
@@ -87,7 +90,7 @@ class DreamFormat(Format):
             model=model_config(config, folder),
             # Dream's published settings: one block, steps = new tokens, the entropy rule.
             sampling=GenerationConfig(max_new_tokens=128, steps=128, block_length=0, sampler="dream",
-                                      remasking="entropy"),
+                                      remasking="entropy", suppress_special=False),
             extra={"source": str(folder), "model_type": "Dream"},
         )
         tok = dream_tokenizer(folder, cfg.model.vocab_size, mask_id=int(config.get("mask_token_id", 151666)),

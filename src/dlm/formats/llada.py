@@ -26,7 +26,7 @@ from typing import Any
 from dlm.config import CheckpointConfig, GenerationConfig, ModelConfig
 from dlm.formats import FORMATS, Format
 from dlm.formats.base import CheckpointError, load_weights, renamer
-from dlm.tokenizer import HFTokenizer
+from dlm.tokenizer import HFTokenizer, Tokenizer, missing_tokenizer
 
 _BLOCK = {"q_proj": "attn.q_proj", "k_proj": "attn.k_proj", "v_proj": "attn.v_proj", "attn_out": "attn.o_proj",
           "ff_proj": "ff.gate", "up_proj": "ff.up", "ff_out": "ff.down", "attn_norm": "attn_norm",
@@ -68,13 +68,14 @@ def model_config(config: dict[str, Any], folder: Path) -> ModelConfig:
 
 
 def hf_tokenizer(folder: Path, vocab_size: int, mask_id: int, eos_id: int, pad_id: int | None,
-                 bos_id: int | None, stop_tokens: list[str]) -> HFTokenizer:
+                 bos_id: int | None, stop_tokens: list[str]) -> Tokenizer:
     from transformers import PreTrainedTokenizerFast
 
     # Not AutoTokenizer: it reads config.json's auto_map and would ask for trust_remote_code. The folder's
     # tokenizer.json (+ tokenizer_config.json with the chat template) is all a fast tokenizer needs.
     if not (folder / "tokenizer.json").exists():
-        raise CheckpointError(f"{folder} has no tokenizer.json; copy the model's tokenizer files into it")
+        return missing_tokenizer(folder, vocab_size=vocab_size, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id,
+                                 bos_id=bos_id, stop_ids=generation_ids(folder))
     try:
         hf = PreTrainedTokenizerFast.from_pretrained(str(folder))
     except (OSError, ValueError) as e:
@@ -104,7 +105,7 @@ class LLaDAFormat(Format):
         cfg = CheckpointConfig(
             model=model_config(config, folder),
             sampling=GenerationConfig(max_new_tokens=128, steps=128, block_length=32, sampler="llada",
-                                      remasking="low_confidence"),
+                                      remasking="low_confidence", suppress_special=False),
             extra={"source": str(folder), "model_type": "llada"},
         )
         eos = int(config.get("eos_token_id", 126081))

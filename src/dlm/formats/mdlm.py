@@ -27,7 +27,7 @@ from typing import Any
 from dlm.config import CheckpointConfig, GenerationConfig, ModelConfig
 from dlm.formats import FORMATS, Format
 from dlm.formats.base import CheckpointError, load_weights, renamer
-from dlm.tokenizer import HFTokenizer
+from dlm.tokenizer import HFTokenizer, Tokenizer, missing_tokenizer
 
 GPT2_FILES = "tokenizer.json (or vocab.json and merges.txt)"
 
@@ -54,14 +54,16 @@ def model_config(config: dict[str, Any], folder: Path) -> ModelConfig:
     )
 
 
-def gpt2_tokenizer(folder: Path, mask_id: int, vocab_size: int) -> HFTokenizer:
+def gpt2_tokenizer(folder: Path, mask_id: int, vocab_size: int) -> Tokenizer:
     """GPT-2's tokenizer from the folder, plus [MASK] = mask_id (the id after its last token, as MDLM / SEDD)."""
     if not ((folder / "tokenizer.json").exists() or
             ((folder / "vocab.json").exists() and (folder / "merges.txt").exists())):
-        raise CheckpointError(
-            f"{folder} has no tokenizer: MDLM and SEDD use GPT-2's, which their hub folders do not ship. Put "
-            f"GPT-2's {GPT2_FILES} into the folder, e.g. `huggingface-cli download openai-community/gpt2 "
-            f"tokenizer.json vocab.json merges.txt --local-dir {folder}`")
+        # MDLM and SEDD use GPT-2's tokenizer, which their hub folders do not ship: ids only until one is given
+        # ([MASK] is the id after GPT-2's last token, <|endoftext|>, its EOS, PAD and BOS).
+        # (GPT-2's tokenizer.json, or vocab.json + merges.txt, in the folder, or tokenizer=).
+        return missing_tokenizer(folder, vocab_size=vocab_size, mask_id=mask_id, eos_id=mask_id - 1,
+                                 hint=f" (MDLM and SEDD use GPT-2's {GPT2_FILES}: `huggingface-cli download "
+                                      f"openai-community/gpt2 tokenizer.json --local-dir {folder}`)")
     import transformers
 
     cls = getattr(transformers, "GPT2TokenizerFast", None) or transformers.GPT2Tokenizer
@@ -79,7 +81,8 @@ def gpt2_tokenizer(folder: Path, mask_id: int, vocab_size: int) -> HFTokenizer:
 
 def absorbing_sampling() -> GenerationConfig:
     """MDLM's ancestral sampler (one block, temperature 1: it samples, argmax at every step is not MDLM)."""
-    return GenerationConfig(max_new_tokens=128, steps=128, block_length=0, sampler="mdlm", temperature=1.0)
+    return GenerationConfig(max_new_tokens=128, steps=128, block_length=0, sampler="mdlm", temperature=1.0,
+                            suppress_special=False)
 
 
 @FORMATS.register("mdlm")

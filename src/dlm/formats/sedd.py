@@ -78,7 +78,7 @@ class SEDDFormat(Format):
         if scaled:  # SEDD's own graph, score and samplers (dlm.graphs, dlm.sampling.sedd)
             family = PROCESSES.get("sedd-absorbing")
             process = ProcessConfig(process="sedd-absorbing", **family.defaults)
-            sampling = GenerationConfig(max_new_tokens=128, steps=128, **family.sampling)
+            sampling = GenerationConfig(max_new_tokens=128, steps=128, suppress_special=False, **family.sampling)
         else:  # an unscaled output is only defined up to the softmax: MDLM's sampler reads it as p(x0 | xt)
             process, sampling = ProcessConfig(process="masked", schedule="loglinear"), absorbing_sampling()
         cfg = CheckpointConfig(

@@ -158,7 +158,8 @@ class DreamSampler(Sampler):
         confidence = torch.full(xt.shape, -torch.inf, dtype=torch.float64, device=xt.device)
         if bool(candidate.any()):  # Dream's `sample_tokens` on the candidates' logits only
             cand = logits[candidate].double()  # (N, V) float64
-            cand[:, self.mask_id] = -torch.inf  # [MASK] is never a prediction: the position would stay masked
+            if cfg.suppress_special:  # else, as diffusion_generate, a [MASK] prediction leaves the position masked
+                cand[:, self.mask_id] = -torch.inf
             cand = filter_logits(cand, cfg.temperature, cfg.top_p, cfg.top_k)
             probs = cand.softmax(-1)
             pred = gumbel_argmax(cand, 1.0, generator) if cfg.temperature > 0 else probs.argmax(-1)  # (N,)
@@ -182,4 +183,5 @@ class DreamSampler(Sampler):
             commit = self.remasking.select(score, candidate, n)
         self.remaining = self.remaining - commit.sum(1).to(self.remaining.device)
         self.step_index += 1
-        return SamplerOutput(xt=torch.where(commit, x0, xt), committed=commit, x0=x0, confidence=confidence)
+        return SamplerOutput(xt=torch.where(commit, x0, xt), committed=commit & (x0 != self.mask_id), x0=x0,
+                             confidence=confidence)

@@ -85,4 +85,5 @@ class FastDLLMSampler(LLaDASampler):
         commit = self.remasking.select(confidence, candidate, n)
         self.step_index += 1
         self.remaining = (self.remaining - commit.sum(1).to(self.remaining.device)).clamp_min(0)
-        return SamplerOutput(xt=torch.where(commit, x0, xt), committed=commit, x0=x0, confidence=confidence)
+        return SamplerOutput(xt=torch.where(commit, x0, xt), committed=commit & (x0 != self.mask_id), x0=x0,
+                             confidence=confidence)

@@ -30,25 +30,30 @@ class StepEvent:
 
 
 def plan_blocks(gen_length: int, steps: int, block_length: int | None) -> tuple[int, int, int]:
-    """-> (block_length, n_blocks, steps_per_block), with a clear error when they do not divide."""
+    """-> (block_length, n_blocks, steps_per_block), with a clear error when the steps do not split evenly.
+
+    When `block_length` does not divide `gen_length` the last block is shorter (ceil(gen_length / block_length)
+    blocks); its masks are spread over the same number of steps as every other block's, so any max_new_tokens
+    works. When it divides, this is LLaDA's plan exactly."""
     if gen_length < 1:
         raise SamplingError(f"max_new_tokens must be >= 1, got {gen_length}")
     if steps < 1:
         raise SamplingError(f"steps must be >= 1, got {steps}")
     block_length = gen_length if block_length is None or block_length <= 0 else min(block_length, gen_length)
-    if gen_length % block_length:
-        raise SamplingError(f"max_new_tokens={gen_length} must be a multiple of block_length={block_length} "
-                            f"(e.g. block_length={_largest_divisor(gen_length, block_length)})")
-    n_blocks = gen_length // block_length
+    n_blocks = -(-gen_length // block_length)
     if steps % n_blocks:
-        suggestion = max(n_blocks, steps // n_blocks * n_blocks)
         raise SamplingError(f"steps={steps} must be a multiple of the number of blocks "
-                            f"(max_new_tokens/block_length = {n_blocks}), e.g. steps={suggestion}")
+                            f"(ceil(max_new_tokens/block_length) = {n_blocks}), e.g. "
+                            f"steps={fit_steps(gen_length, steps, block_length)}")
     return block_length, n_blocks, steps // n_blocks
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, at_most + 1) if n % d == 0)
+def fit_steps(gen_length: int, steps: int, block_length: int | None) -> int:
+    """The step count nearest to `steps` that splits evenly over the blocks (at least one step per block): what a
+    call uses when the user left `steps` to the checkpoint's default."""
+    block_length = gen_length if block_length is None or block_length <= 0 else min(block_length, gen_length)
+    n_blocks = -(-max(gen_length, 1) // block_length)
+    return max(n_blocks, round(steps / n_blocks) * n_blocks)
 
 
 def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, start: int, steps: int,
@@ -82,7 +87,7 @@ def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
               and not hasattr(model_fn, "begin_block") and all(getattr(p, "window_safe", False) for p in processors))
     with torch.no_grad():
         for b in range(n_blocks):
-            lo, hi = start + b * block_length, start + (b + 1) * block_length
+            lo, hi = start + b * block_length, min(start + (b + 1) * block_length, L)  # the last may be shorter
             # The first block also owns every mask before it (infilling gaps inside the prompt).
             region = slice(0 if b == 0 else lo, hi)
             region_masked = x[:, region] == mask_id

@@ -218,12 +218,27 @@ class TopP(LogitsProcessor):
 
 # ----- from a GenerationConfig --------------------------------------------------------------------------------
 
+def special_ids_to_suppress(tokenizer: Tokenizer, allow_pad: bool = False) -> list[int]:
+    """[MASK], [BOS] and (unless `allow_pad`) [PAD]: the ids `suppress_special` bans from every prediction.
+
+    Pretrained tokenizers reuse ids: LLaDA pads with its EOS, Dream's BOS and PAD are its EOS. The model must still
+    be able to end an answer, so an id that is also the EOS is left to `ban_eos`."""
+    banned = [tokenizer.mask_id]
+    if tokenizer.bos_id != tokenizer.eos_id:
+        banned.append(tokenizer.bos_id)
+    if not allow_pad and tokenizer.pad_id != tokenizer.eos_id:
+        banned.append(tokenizer.pad_id)
+    return banned
+
+
 def build_processors(config: GenerationConfig, tokenizer: Tokenizer, extra: Sequence[LogitsProcessor] = (),
                      allow_pad: bool = False) -> list[LogitsProcessor]:
     """The processors a GenerationConfig asks for, in the order they must run:
 
-    1. BannedTokens: [MASK] and [BOS] always; [PAD] unless `allow_pad` (only infilling gaps close with [PAD]);
-       [EOS] when `config.ban_eos`. A [BOS] or [PAD] id that is also the [EOS] id (LLaDA, Dream) is not banned.
+    1. BannedTokens: with `config.suppress_special` (dlm's own models), [MASK] and [BOS], and [PAD] unless
+       `allow_pad` (only infilling gaps close with [PAD]); [EOS] when `config.ban_eos`. A [BOS] or [PAD] id that
+       is also the [EOS] id (LLaDA, Dream) is not banned. Upstream folders load with suppress_special off, as
+       their reference samplers ban nothing.
     2. `extra` (constraint masks, AllowedTokens, ...): hard constraints run before truncation, so top-k/top-p
        choose among permitted tokens only.
     3. RepetitionPenalty when `config.repetition_penalty != 1`.
@@ -234,16 +249,11 @@ def build_processors(config: GenerationConfig, tokenizer: Tokenizer, extra: Sequ
     so they change which positions commit even at temperature 0.
     """
     config.validate()
-    banned = [tokenizer.mask_id]
-    # Pretrained tokenizers reuse ids: LLaDA pads with its EOS, Dream's BOS and PAD are its EOS. The model must
-    # still be able to end an answer, so an id that is also the EOS is banned only by `ban_eos`.
-    if tokenizer.bos_id != tokenizer.eos_id:
-        banned.append(tokenizer.bos_id)
-    if not allow_pad and tokenizer.pad_id != tokenizer.eos_id:
-        banned.append(tokenizer.pad_id)
+    banned = special_ids_to_suppress(tokenizer, allow_pad) if config.suppress_special else []
     if config.ban_eos:
         banned.append(tokenizer.eos_id)
-    processors: list[LogitsProcessor] = [BannedTokens(list(dict.fromkeys(banned))), *extra]
+    processors: list[LogitsProcessor] = [BannedTokens(list(dict.fromkeys(banned)))] if banned else []
+    processors += list(extra)
     if config.repetition_penalty != 1.0:
         processors.append(RepetitionPenalty(config.repetition_penalty, tokenizer.mask_id))
     if config.top_k is not None:

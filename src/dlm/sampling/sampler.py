@@ -112,8 +112,8 @@ class LLaDASampler(Sampler):
         confidence = torch.full(xt.shape, -torch.inf, dtype=torch.float64, device=xt.device)
         if bool(candidate.any()):
             cand_logits = logits[candidate[:, offset:offset + logits.shape[1]]]  # (N, V)
-            # [MASK] is never a prediction: committing it would leave the position masked.
-            cand_logits[:, self.mask_id] = -torch.inf
+            if self.config.suppress_special:  # else, as the reference, a [MASK] prediction leaves it masked
+                cand_logits[:, self.mask_id] = -torch.inf
             pred = gumbel_argmax(cand_logits, self.temperature, generator)  # (N,)
             probs = torch.softmax(cand_logits.double(), dim=-1)  # (N, V) float64, as the reference
             conf = self.remasking.confidence(probs[None], pred[None], generator)[0]  # (N,)
@@ -130,4 +130,5 @@ class LLaDASampler(Sampler):
         candidate, x0, confidence = self.predict(logits, xt, hi, generator, offset)
         commit = self.remasking.select(confidence, candidate, n)
         self.step_index += 1
-        return SamplerOutput(xt=torch.where(commit, x0, xt), committed=commit, x0=x0, confidence=confidence)
+        return SamplerOutput(xt=torch.where(commit, x0, xt), committed=commit & (x0 != self.mask_id), x0=x0,
+                             confidence=confidence)

@@ -241,11 +241,8 @@ def check_infill(lm: DiffusionLM, text: str, overrides: dict[str, Any], settings
 
 
 def render_chat(tokenizer: Tokenizer, messages: list[ChatMessage]) -> str:
-    """The tokenizer's chat template when it has one, else `role: content` lines and `assistant: `."""
-    turns = [{"role": m.role, "content": m.text} for m in messages]
-    if tokenizer.has_chat_template:
-        return tokenizer.apply_chat_template(turns)
-    return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant: "
+    """The tokenizer's chat template when it has one, else the plain format `dlm sft` trains on (plain_chat)."""
+    return tokenizer.apply_chat_template([{"role": m.role, "content": m.text} for m in messages])
 
 
 # ----- responses ---------------------------------------------------------------------------------------------------
