@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tolerance import model_atol
 
 from dlm.checkpoint import CheckpointError
 from dlm.pipeline import DiffusionLM
@@ -41,19 +42,22 @@ def _shift(logits: torch.Tensor) -> torch.Tensor:
 # ----- the network ------------------------------------------------------------------------------------------------
 def test_llada_logits_match_upstream(llada):
     lm, ref = llada
-    torch.testing.assert_close(lm.logits(ref["input_ids"]), ref["logits"], rtol=1e-5, atol=1e-5)
+    tol = model_atol(lm, torch.float32, ref["logits"])
+    torch.testing.assert_close(lm.logits(ref["input_ids"]), ref["logits"], rtol=0, atol=tol)
 
 
 def test_llada_padding_mask_matches_upstream_at_real_positions(llada):
     lm, ref = llada
     out = lm.logits(ref["attn_input_ids"], attention_mask=ref["attn_mask"])
     real = ref["attn_mask"].bool()
-    torch.testing.assert_close(out[real], ref["attn_logits"][real], rtol=1e-5, atol=1e-5)
+    tol = model_atol(lm, torch.float32, ref["attn_logits"])
+    torch.testing.assert_close(out[real], ref["attn_logits"][real], rtol=0, atol=tol)
 
 
 def test_dream_logits_match_upstream_after_its_shift(dream):
     lm, ref = dream
-    torch.testing.assert_close(lm.logits(ref["input_ids"]), _shift(ref["logits"]), rtol=1e-5, atol=1e-5)
+    tol = model_atol(lm, torch.float32, ref["logits"])
+    torch.testing.assert_close(lm.logits(ref["input_ids"]), _shift(ref["logits"]), rtol=0, atol=tol)
 
 
 def test_dream_padding_mask_matches_upstream_at_real_positions(dream):
@@ -63,7 +67,8 @@ def test_dream_padding_mask_matches_upstream_at_real_positions(dream):
     out = lm.logits(ref["attn_input_ids"], attention_mask=ref["attn_mask"])
     real = ref["attn_mask"].bool()
     real[:, 1:] &= real[:, :-1].clone()  # after the shift, position i carries the prediction of i - 1
-    torch.testing.assert_close(out[real], _shift(ref["attn_logits"])[real], rtol=1e-4, atol=1e-4)
+    tol = model_atol(lm, torch.float32, ref["attn_logits"])
+    torch.testing.assert_close(out[real], _shift(ref["attn_logits"])[real], rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("folder", [LLADA, DREAM], ids=["llada", "dream"])
@@ -74,8 +79,9 @@ def test_bfloat16_weights_stay_close_to_upstream_bfloat16(folder):
     expect = ref["bf16_logits"] if folder == LLADA else _shift(ref["bf16_logits"])
     out = lm.logits(ref["input_ids"])
     assert out.dtype == torch.float32
-    # bf16 rounding differs op by op; the fp32 reference is 0.2-0.4 away from upstream's bf16 output.
-    assert (out - expect).abs().max() < 0.5
+    # bf16 rounding differs op by op and CPU by CPU (AMX, AVX-512 and AVX2 associate the sums differently): the
+    # bound is bf16's roundoff over the network's reductions, not one machine's observed gap.
+    assert (out - expect).abs().max() <= model_atol(lm, torch.bfloat16, expect)
     assert (out.argmax(-1) == expect.argmax(-1)).float().mean() > 0.9
 
 

@@ -128,19 +128,27 @@ class DreamSampler(Sampler):
         self.timesteps = torch.linspace(1, self.config.eps, steps + 1)
         self.remaining = is_masked.sum(1)  # (B,)
         self.step_index = 0
-        B = is_masked.shape[0]
-        left = self.remaining.cpu()  # planned on the CPU: the loop reads each count as a Python int
-        plan = torch.zeros(B, steps, dtype=torch.long)
-        for i in range(steps):
+        self.plan = torch.zeros(is_masked.shape[0], steps, dtype=torch.long, device=is_masked.device)
+        self._plan_from(0, self.remaining)
+
+    def _plan_from(self, first: int, left: torch.Tensor) -> None:
+        """Plan steps first.. from `left` (B,) masks: Dream's count int(mean masks * (1 - s / t)), recomputed from
+        the canvas at every step upstream, so a committed [MASK] prediction (suppress_special off), which leaves its
+        position masked, re-plans the rest."""
+        steps = self.timesteps.numel() - 1
+        left = left.cpu()  # planned on the CPU: the loop reads each count as a Python int
+        B = left.shape[0]
+        plan = torch.zeros(B, steps - first, dtype=torch.long)
+        for j, i in enumerate(range(first, steps)):
             if i < steps - 1:
                 t, s = self.timesteps[i], self.timesteps[i + 1]
                 num_mask = left.sum() / B  # Dream's batch-averaged mask count (float32)
                 n = int(num_mask * (1 - s / t))
-                plan[:, i] = left.clamp(max=n)  # a row never commits more than it has masked
+                plan[:, j] = left.clamp(max=n)  # a row never commits more than it has masked
             else:
-                plan[:, i] = left  # the last step commits whatever is left, in every row
-            left = left - plan[:, i]
-        self.plan = plan.to(is_masked.device)
+                plan[:, j] = left  # the last step commits whatever is left, in every row
+            left = left - plan[:, j]
+        self.plan[:, first:] = plan.to(self.plan.device)
 
     @property
     def commits_planned(self) -> torch.Tensor:
@@ -181,7 +189,10 @@ class DreamSampler(Sampler):
                 score = confidence / cfg.alg_temp - torch.log(-torch.log(u.clamp_min(1e-300)))
             n = candidate.sum(1) if last else self.commits_planned
             commit = self.remasking.select(score, candidate, n)
-        self.remaining = self.remaining - commit.sum(1).to(self.remaining.device)
+        kept_masked = commit & (x0 == self.mask_id)  # (B, L): [MASK] predictions, committed as upstream does
+        self.remaining = self.remaining - (commit & ~kept_masked).sum(1).to(self.remaining.device)
         self.step_index += 1
+        if not self.origin and bool(kept_masked.any()) and self.step_index < self.plan.shape[1]:
+            self._plan_from(self.step_index, self.remaining)
         return SamplerOutput(xt=torch.where(commit, x0, xt), committed=commit & (x0 != self.mask_id), x0=x0,
                              confidence=confidence)
