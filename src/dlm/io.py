@@ -1,0 +1,66 @@
+"""Reading the small files of a model or run folder safely: regular files only, with a size cap, as UTF-8.
+
+A `config.json` or `tokenizer.json` can be a symlink to /dev/zero or /dev/urandom (read until memory runs out) or a
+FIFO (a read that never returns). `read_text_file` opens without blocking, checks what it opened, and reads at most
+`limit` bytes; every failure is one error that names the file. A leaf module: it imports nothing of dlm.
+
+    text = read_text_file(folder / "config.json", error=CheckpointError)
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+METADATA_LIMIT = 256 << 20  # config, tokenizer and index files; the largest real tokenizer.json is about 35 MB
+
+
+def check_regular_file(path: str | Path, limit: int | None = METADATA_LIMIT,
+                       error: type[Exception] = ValueError) -> int:
+    """The size of `path` (symlinks followed), or `error` when it is missing, not a regular file, or over `limit`."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}") from e
+    return _check_stat(path, st, limit, error)
+
+
+def _check_stat(path: str | Path, st: os.stat_result, limit: int | None, error: type[Exception]) -> int:
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else
+                "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a plain file")
+        raise error(f"{path} is {kind}, not a regular file; dlm reads only regular files")
+    if limit is not None and st.st_size > limit:
+        raise error(f"{path} is {st.st_size:,} bytes, over the {limit:,}-byte limit of this file")
+    return st.st_size
+
+
+def read_bytes_file(path: str | Path, limit: int = METADATA_LIMIT, error: type[Exception] = ValueError) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (opened without blocking, so a FIFO cannot hang it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}") from e
+    with os.fdopen(fd, "rb") as f:
+        _check_stat(path, os.fstat(fd), limit, error)  # what was opened, not what the name pointed at before
+        chunks, total = [], 0
+        try:
+            while total <= limit and (chunk := f.read(min(1 << 24, limit + 1 - total))):
+                chunks.append(chunk)
+                total += len(chunk)
+        except OSError as e:
+            raise error(f"cannot read {path}: {e.strerror or e}") from e
+    if total > limit:  # the file grew after the check
+        raise error(f"{path} is over the {limit:,}-byte limit of this file")
+    return b"".join(chunks)
+
+
+def read_text_file(path: str | Path, limit: int = METADATA_LIMIT, error: type[Exception] = ValueError) -> str:
+    """The UTF-8 text of a regular file of at most `limit` bytes; `error` (naming the file) otherwise."""
+    data = read_bytes_file(path, limit, error)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); is it the right "
+                    "file?") from e
