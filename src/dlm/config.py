@@ -48,6 +48,28 @@ def _check_type(cls_name: str, name: str, value: Any, tp: Any) -> Any:
     return value
 
 
+# Names other libraries use for our options: accepted by DiffusionLM.generate & co. as these fields, and
+# suggested by every unknown-key error.
+OPTION_ALIASES = {"num_steps": "steps", "num_sampling_steps": "steps", "sampling_steps": "steps",
+                  "gen_length": "max_new_tokens", "max_tokens": "max_new_tokens",
+                  "num_return_sequences": "num_samples", "n": "num_samples", "alg": "remasking"}
+
+
+def did_you_mean(names: list[str], known: set[str]) -> str:
+    """' (did you mean: steps for num_step?)' for each unknown name close to a known one or an alias, else ''."""
+    import difflib
+
+    hints = []
+    for name in names:
+        if name in OPTION_ALIASES and OPTION_ALIASES[name] in known:
+            hints.append(f"{OPTION_ALIASES[name]!r} for {name!r}")
+            continue
+        close = difflib.get_close_matches(name, sorted(known | set(OPTION_ALIASES)), n=1, cutoff=0.6)
+        if close:
+            hints.append(f"{OPTION_ALIASES.get(close[0], close[0])!r} for {name!r}")
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
 class _Config:
     @classmethod
     def from_dict(cls: type[T], d: dict[str, Any]) -> T:
@@ -57,7 +79,8 @@ class _Config:
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}")
+            raise ConfigError(f"unknown {cls.__name__} key(s) {unknown}{did_you_mean(unknown, known)}; known keys: "
+                              f"{sorted(known)}")
         kwargs = {k: _check_type(cls.__name__, k, v, hints[k]) for k, v in d.items()}
         return cls(**kwargs)
 
@@ -104,6 +127,8 @@ class ModelConfig(_Config):
     cond_dim: int = 128  # DDiT (MDLM / SEDD): width of the noise-level embedding c that drives adaLN
     time_conditioning: bool = True  # DDiT: False conditions on sigma = 0 always (MDLM's released OWT model)
     sigma_eps: float = 1e-3  # DDiT: the network sees sigma(t) = -log(1 - (1 - eps) t), the log-linear noise
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's queries and keys before RoPE
+    d_head: int | None = None  # head width when it is not d_model / n_heads (Qwen3-0.6B: 1024 / 16 heads of 128)
 
     def __post_init__(self) -> None:
         sizes = {"vocab_size": self.vocab_size, "d_model": self.d_model, "n_layers": self.n_layers,
@@ -120,12 +145,14 @@ class ModelConfig(_Config):
             v = getattr(self, k)
             if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
                 raise ConfigError(f"ModelConfig.{k} must be in [0, 1), got {v!r}")
-        if self.d_model % self.n_heads:
+        if self.d_head is not None and self.d_head < 1:
+            raise ConfigError(f"ModelConfig.d_head must be >= 1 (or None: d_model / n_heads), got {self.d_head}")
+        if self.d_head is None and self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise ConfigError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ConfigError("head width d_model/n_heads must be even for RoPE")
+        if self.head_dim % 2:
+            raise ConfigError(f"head width {self.head_dim} (d_head, or d_model/n_heads) must be even for RoPE")
 
     @property
     def kv_heads(self) -> int:
@@ -133,7 +160,7 @@ class ModelConfig(_Config):
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_head if self.d_head is not None else self.d_model // self.n_heads
 
     @property
     def ff_width(self) -> int:

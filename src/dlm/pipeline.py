@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dlm.checkpoint import CheckpointError, load_pretrained
-from dlm.config import CheckpointConfig, ConfigError, GenerationConfig
+from dlm.config import OPTION_ALIASES, CheckpointConfig, ConfigError, GenerationConfig
 from dlm.sampling import SAMPLERS, SamplingError, StepEvent, denoise_cached_steps, denoise_steps
 from dlm.sampling.generate import fit_steps
 from dlm.sampling.guidance import classifier_free_guidance
@@ -142,6 +142,12 @@ class DiffusionLM:
     def _options(self, config: GenerationConfig | None = None, **kw: Any) -> GenerationConfig:
         """The checkpoint's defaults, then `config`, then keyword overrides (None means: keep)."""
         given = {k: v for k, v in kw.items() if v is not None}
+        for alias in [k for k in given if k in OPTION_ALIASES]:  # other libraries' names (num_steps, gen_length)
+            name = OPTION_ALIASES[alias]
+            if name in given:
+                raise SamplingError(f"{alias}={given[alias]!r} and {name}={given[name]!r} name the same option; "
+                                    f"give {name} only")
+            given[name] = given.pop(alias)
         try:
             base = config if config is not None else self.sampling
             opts = base.replace(**given).validate()
@@ -285,14 +291,36 @@ class DiffusionLM:
                  steps: int | None = None, block_length: int | None = None, temperature: float | None = None,
                  remasking: str | None = None, seed: int | None = None, sampler: str | None = None,
                  callback: Callable[[StepEvent], None] | None = None, attention_mask: torch.Tensor | None = None,
-                 config: GenerationConfig | None = None, **options: Any) -> Any:
+                 config: GenerationConfig | None = None, constraints: dict[str, Any] | None = None,
+                 max_length: int | None = None, **options: Any) -> Any:
         """Generate after one prompt or a batch; every GenerationConfig field is accepted as a keyword.
 
         str -> str (the continuation, cut at the first [EOS]); list[str] -> list[str] (prompts of different
         lengths are left-padded and masked out); LongTensor (B, L) [+ attention_mask (B, L)] -> LongTensor
         (B, L + max_new_tokens), prompt included. With num_samples=n > 1: a list of n strings per prompt, or n
-        consecutive rows per prompt row.
+        consecutive rows per prompt row. A list[int] (what `tokenizer.encode` returns) is one row of ids and gives
+        the list[int] of prompt + new tokens. `max_length` is the total length (Hugging Face's name); other
+        libraries' option names (num_steps, num_sampling_steps, gen_length, ...) are accepted as ours.
+        `constraints={"format": "markdown", "sections": [...], "max_length": n}` writes a Markdown document with
+        exactly those headings (dlm.control.documents.generate_markdown); the code constraints of
+        `generate_with_constraints` (function_signature, max_lines, ...) give its result.
         """
+        if constraints is not None:
+            return self._generate_constrained(prompt, constraints, max_new_tokens=max_new_tokens, steps=steps,
+                                              temperature=temperature, remasking=remasking, seed=seed,
+                                              callback=callback, **options)
+        plain_ids = isinstance(prompt, (list, tuple)) and bool(prompt) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in prompt)
+        if plain_ids:  # a list[int], as our tokenizers' encode returns: one row of ids -> list[int]
+            prompt = torch.tensor([list(prompt)], dtype=torch.long)
+        if max_length is not None:  # Hugging Face's name: the total length, prompt included
+            if max_new_tokens is not None:
+                raise SamplingError("give max_new_tokens or max_length (the total, prompt included), not both")
+            n_prompt = self._prompt_batch(prompt, attention_mask)[0].shape[1]
+            if max_length <= n_prompt:
+                raise SamplingError(f"max_length={max_length} leaves no room after the {n_prompt}-token prompt; "
+                                    "it counts the prompt too (or give max_new_tokens)")
+            max_new_tokens = max_length - n_prompt
         opts = self._options(config, max_new_tokens=max_new_tokens, steps=steps, block_length=block_length,
                              temperature=temperature, remasking=remasking, seed=seed, sampler=sampler, **options)
         if self.is_causal:
@@ -306,13 +334,35 @@ class DiffusionLM:
             canvas, P, am, processors, prompt_mask, kind = self._prepare(prompt, attention_mask, opts)
             out = _final_canvas(canvas, self._events(canvas, P, opts, am, processors, prompt_mask), callback)
         if kind == "ids":
-            return out
+            return out[0].tolist() if plain_ids and out.shape[0] == 1 else out
         texts = [self._decode_new(row[P:].tolist()) for row in out]
         n = opts.num_samples
         grouped = [texts[i: i + n] for i in range(0, len(texts), n)] if n > 1 else texts
         return grouped[0] if kind == "text" else grouped
 
     @torch.no_grad()
+    def _generate_constrained(self, prompt: Any, constraints: dict[str, Any], **options: Any) -> Any:
+        """generate(prompt, constraints=...) -> the Markdown document or the constrained code."""
+        from dlm.control.code import CONSTRAINTS as CODE_CONSTRAINTS
+        from dlm.control.documents import MARKDOWN_CONSTRAINTS, generate_markdown
+
+        if not isinstance(prompt, str):
+            raise SamplingError("constraints= needs a text prompt (a str)")
+        if not isinstance(constraints, dict) or not constraints:
+            raise SamplingError("constraints must be a non-empty dict")
+        given = {k: v for k, v in options.items() if v is not None}
+        if given.pop("callback", None) is not None:
+            raise SamplingError("constraints= runs several fills: callback is not supported with it")
+        if constraints.get("format") == "markdown":
+            if "max_new_tokens" in given:
+                raise SamplingError('with constraints={"format": "markdown"}, give the length as its "max_length"')
+            return generate_markdown(self, prompt, constraints, **given)
+        if set(constraints) <= set(CODE_CONSTRAINTS):
+            return self.generate_with_constraints(prompt, constraints, **given)
+        raise SamplingError(f"unsupported constraints {sorted(constraints)}: use {{'format': 'markdown', "
+                            f"'sections': [...], 'max_length': n}} ({list(MARKDOWN_CONSTRAINTS)}) or the code "
+                            f"constraints {list(CODE_CONSTRAINTS)}")
+
     def _decode_left_to_right(self, ids: torch.Tensor, attention_mask: torch.Tensor | None,
                               opts: GenerationConfig) -> torch.Tensor:
         """Plain autoregressive decoding for the AR baseline: ids (B, P) -> (B, P + max_new_tokens).

@@ -27,6 +27,17 @@ def plain_chat(messages: Iterable[dict[str, str]], add_generation_prompt: bool =
     return text + ("Assistant: " if add_generation_prompt else "")
 
 
+def as_tensors(ids: list[int], return_tensors: str | None) -> Any:
+    """ids as a list (None) or, with return_tensors="pt" as in Hugging Face, a LongTensor (1, L)."""
+    if return_tensors is None:
+        return ids
+    if return_tensors != "pt":
+        raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' (a LongTensor (1, L)) or None")
+    import torch
+
+    return torch.tensor([ids], dtype=torch.long)
+
+
 class Tokenizer:
     """Interface: encode text to ids, decode ids to text, and the special ids."""
 
@@ -36,7 +47,7 @@ class Tokenizer:
     eos_id: int
     bos_id: int
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, return_tensors: str | None = None) -> Any:
         raise NotImplementedError
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
@@ -91,8 +102,12 @@ class ByteTokenizer(Tokenizer):
         self.pad_id, self.mask_id, self.eos_id, self.bos_id = 256, 257, 258, 259
         self.vocab_size = 260
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def encode(self, text: str, return_tensors: str | None = None) -> Any:
+        try:
+            return as_tensors(list(text.encode("utf-8")), return_tensors)
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the text is not valid Unicode: {e.reason} at character {e.start} "
+                             "(a lone surrogate escape such as \\ud800)") from None
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         out = bytearray()
@@ -140,9 +155,9 @@ class BPETokenizer(Tokenizer):
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, return_tensors: str | None = None) -> Any:
         # Special tokens written in the text stay plain text here; gaps are parsed by the pipeline.
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return as_tensors(self._tok.encode(text, add_special_tokens=False).ids, return_tensors)
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
@@ -184,9 +199,9 @@ class HFTokenizer(Tokenizer):
     def hf(self) -> Any:
         return self._tok
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, return_tensors: str | None = None) -> Any:
         # Special tokens written in the text (a chat template's headers) become their ids, as upstream.
-        return list(self._tok.encode(text, add_special_tokens=False))
+        return as_tensors(list(self._tok.encode(text, add_special_tokens=False)), return_tensors)
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
@@ -237,7 +252,7 @@ class IdsOnlyTokenizer(Tokenizer):
             "DiffusionLM.from_pretrained (a tokenizer folder or tokenizer.json, a transformers tokenizer or a dlm "
             f"Tokenizer) or copy the tokenizer files into the folder{self.hint}; token-id calls work without one")
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, return_tensors: str | None = None) -> Any:
         raise self._missing()
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:

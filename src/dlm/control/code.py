@@ -23,7 +23,6 @@ took, so the benchmark can report validity before and after repair.
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,14 +40,35 @@ CONSTRAINTS = ("language", "function_signature", "includes_docstring", "max_line
 INDENT = "    "
 
 
-@dataclass
-class ConstrainedResult:
-    code: str
-    checks: dict[str, bool]  # each requested constraint -> met by `code`
-    valid_before_repair: bool  # the first fill parsed
-    repair_rounds: int  # re-mask-and-fill rounds run
-    fallback: bool  # body lines had to be dropped to parse
-    report: RepairReport = field(repr=False)
+class ConstrainedResult(str):
+    """The generated code, as a `str` (so `print(result)` prints the code), with what was checked and repaired:
+    `checks` (each requested constraint -> met), `valid_before_repair` (the first fill parsed), `repair_rounds`,
+    `fallback` (body lines had to be dropped to parse) and the full `report`."""
+
+    checks: dict[str, bool]
+    valid_before_repair: bool
+    repair_rounds: int
+    fallback: bool
+    report: RepairReport
+
+    def __new__(cls, code: str, checks: dict[str, bool], valid_before_repair: bool, repair_rounds: int,
+                fallback: bool, report: RepairReport) -> ConstrainedResult:
+        self = super().__new__(cls, code)
+        self.checks, self.valid_before_repair, self.repair_rounds = checks, valid_before_repair, repair_rounds
+        self.fallback, self.report = fallback, report
+        return self
+
+    @property
+    def code(self) -> str:
+        return str(self)
+
+    @property
+    def note(self) -> str | None:
+        """One line for the plain output when the guarantee needed the last resort, else None."""
+        if not self.fallback:
+            return None
+        return (f"note: the body did not parse after {self.repair_rounds} repair round(s); trailing lines were "
+                "dropped so that it parses")
 
 
 def check_constraints(constraints: dict[str, Any]) -> dict[str, Any]:

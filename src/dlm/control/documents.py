@@ -193,3 +193,44 @@ def generate_document(lm: DiffusionLM, template: str, data: dict[str, Any] | Non
     for (a, b), after in zip(spans, pieces[1:], strict=True):
         result += [tok.decode([i for i in out[a:b] if i not in drop]), after]
     return "".join(result)
+
+
+# ----- constraints={"format": "markdown", ...} (DiffusionLM.generate) ---------------------------------------------
+MARKDOWN_CONSTRAINTS = ("format", "sections", "max_length")
+
+
+def section_title(key: str) -> str:
+    """"executive_summary" -> "Executive Summary": a section key, titled."""
+    return " ".join(w[:1].upper() + w[1:] for w in re.split(r"[_\-\s]+", key.strip()) if w)
+
+
+def generate_markdown(lm: DiffusionLM, prompt: str, constraints: dict[str, Any], **options: Any) -> str:
+    """A Markdown document after `prompt` whose headings are exactly `sections`, in order (titled from the keys),
+    with generated bodies, `max_length` tokens at most in all (and within the model's context with the prompt).
+
+    constraints: {"format": "markdown", "sections": ["executive_summary", ...], "max_length": 2000}. The prompt
+    is fixed context before the document and not part of the result."""
+    unknown = sorted(set(constraints) - set(MARKDOWN_CONSTRAINTS))
+    if unknown:
+        raise TemplateError(f"unknown markdown constraint(s) {unknown}; supported: {list(MARKDOWN_CONSTRAINTS)}")
+    sections = constraints.get("sections")
+    if not isinstance(sections, (list, tuple)) or not sections or not all(
+            isinstance(k, str) and section_title(k) for k in sections):
+        raise TemplateError('"sections" must be a non-empty list of section names, e.g. ["summary", "analysis"]')
+    max_length = constraints.get("max_length", lm.max_len)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise TemplateError(f'"max_length" must be a positive number of tokens, got {max_length!r}')
+    tok = lm.tokenizer
+    context = prompt.rstrip() + "\n\n" if prompt else ""
+    headings = [f"## {section_title(k)}\n" for k in sections]
+    fixed = len(tok.encode(context)) + sum(len(tok.encode(h + "\n\n")) for h in headings)
+    budget = min(max_length + len(tok.encode(context)), lm.max_len) - fixed  # tokens left for the bodies
+    per_section = budget // len(sections)
+    if per_section < 1:
+        raise TemplateError(f"{len(sections)} sections need more room: the prompt and headings take {fixed} of the "
+                            f"{min(max_length, lm.max_len)} tokens available; shorten the prompt or give fewer "
+                            "sections")
+    esc = context.replace("{", "{{").replace("}", "}}")
+    body = "".join(h.replace("{", "{{").replace("}", "}}") + f"[MASK:<={per_section}]\n\n" for h in headings)
+    text = generate_document(lm, esc + body, **options)
+    return text[len(context):].rstrip("\n") + "\n"
