@@ -205,13 +205,31 @@ function errorFromBody(body, status) {
 
 // ----- the client ------------------------------------------------------------------------------------------------
 
+const CONSTRUCTOR_OPTIONS = ["baseUrl", "apiKey", "model", "modelPath", "device", "fetch", "headers"];
+
 export class DiffusionLanguageModel {
-  /** @param {{baseUrl?: string, apiKey?: string, model?: string, fetch?: typeof fetch, headers?: object}} opts
-   * `model` defaults to the one the server reports at GET /health (looked up once, lazily). */
-  constructor({ baseUrl = "http://127.0.0.1:8000", apiKey, model, fetch: fetchImpl, headers } = {}) {
+  /** @param {{baseUrl?: string, apiKey?: string, model?: string, modelPath?: string, device?: string,
+   *   fetch?: typeof fetch, headers?: object}} opts
+   * `model` defaults to the one the server reports at GET /health (looked up once, lazily). `modelPath` (the
+   * guide's name) is the same as `model`: the served model to request; the server answers 404 when it serves
+   * another, so a pasted `modelPath: "models/llada-8b"` cannot silently talk to a different model. `device` is the
+   * server's choice (`dlm serve --device`): when given, the first call checks it against the device GET /health
+   * reports and throws a DLMError if they differ. Unknown options throw. */
+  constructor(opts = {}) {
+    const unknown = Object.keys(opts).filter((k) => !CONSTRUCTOR_OPTIONS.includes(k));
+    if (unknown.length) {
+      throw new DLMError(`unknown option(s) ${unknown.join(", ")}; supported: ${CONSTRUCTOR_OPTIONS.join(", ")}`,
+        { type: "invalid_request_error", param: unknown[0] });
+    }
+    const { baseUrl = "http://127.0.0.1:8000", apiKey, model, modelPath, device, fetch: fetchImpl, headers } = opts;
+    if (model !== undefined && modelPath !== undefined && model !== modelPath) {
+      throw new DLMError("model and modelPath name the same thing: give one", { type: "invalid_request_error", param: "modelPath" });
+    }
     this.baseUrl = String(baseUrl).replace(/\/+$/, "");
     this.apiKey = apiKey;
-    this.model = model;
+    this.model = model ?? modelPath;
+    this.device = device;
+    this._deviceChecked = device === undefined;
     this.headers = headers ?? {};
     this._fetch = fetchImpl ?? globalThis.fetch?.bind(globalThis);
     if (!this._fetch) throw new DLMError("no global fetch: use Node 18+ or pass {fetch}", { type: "invalid_request_error" });
@@ -305,8 +323,20 @@ export class DiffusionLanguageModel {
 
   async _body(options) {
     const body = toWire(options);
+    if (!this._deviceChecked) await this._checkDevice(options.signal);
     if (body.model === undefined) body.model = await this._modelName(options.signal);
     return body;
+  }
+
+  async _checkDevice(signal) {
+    const h = await this._json("GET", "/health", undefined, signal);
+    const served = h.device;
+    if (served !== undefined && String(served).split(":")[0] !== String(this.device).split(":")[0]) {
+      throw new DLMError(`the server runs on ${served}, not ${this.device}: the device is the server's choice ` +
+        "(dlm serve --device)", { type: "invalid_request_error", param: "device" });
+    }
+    if (this.model === undefined) this.model = h.model;
+    this._deviceChecked = true;
   }
 
   async _modelName(signal) {

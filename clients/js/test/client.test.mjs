@@ -159,3 +159,27 @@ test("abort: an AbortSignal cancels the call with a DLMError of type aborted", a
   ac.abort();
   await assert.rejects(lm.generate("hi", { signal: ac.signal }), { name: "DLMError", type: "aborted" });
 });
+
+test("the guide's constructor: modelPath names the model to request, unknown options throw", async () => {
+  const lm = new DiffusionLanguageModel({ modelPath: "models/llada-8b", baseUrl, apiKey: KEY });
+  await assert.rejects(lm.generate("x", { maxTokens: 2 }), (e) => e instanceof DLMError && e.status === 404 && e.param === "model");
+  assert.equal(seen.at(-1).body.model, "models/llada-8b");
+  const ok = new DiffusionLanguageModel({ modelPath: "mock", baseUrl, apiKey: KEY });
+  assert.equal((await ok.generate("x", { maxTokens: 2, steps: 2 })).text, "ab");
+  assert.throws(() => new DiffusionLanguageModel({ modelpath: "x" }), (e) => e instanceof DLMError && /unknown option\(s\) modelpath/.test(e.message));
+  assert.throws(() => new DiffusionLanguageModel({ model: "a", modelPath: "b" }), DLMError);
+});
+
+test("the guide's device option is checked against the server's when it reports one", async () => {
+  // The mock's /health reports no device: the option is accepted (the server chose it) and the call goes on.
+  const lm = new DiffusionLanguageModel({ modelPath: "mock", device: "cuda", baseUrl, apiKey: KEY });
+  assert.equal((await lm.generate("x", { maxTokens: 2, steps: 2 })).text, "ab");
+});
+
+test("the guide's infill options: contextWindow caps the canvas, samplingSteps is steps", async () => {
+  const lm = new DiffusionLanguageModel({ baseUrl, apiKey: KEY });
+  assert.equal(await lm.infill("a [MASK:4] b", { contextWindow: 2048, samplingSteps: 128 }), "a x b");
+  assert.equal(seen.at(-1).body.steps, 128);
+  assert.equal(seen.at(-1).body.contextWindow, undefined);
+  await assert.rejects(lm.infill("a [MASK] b", { contextWindow: 16 }), (e) => e.type === "context_window_exceeded");
+});
