@@ -4,7 +4,11 @@ A registered corpus is scored on its validation split (the documents training ne
 scored whole. The text is cut into non-overlapping windows of the model's context, each scored on its own.
 Masked models get LLaDA's ELBO estimator, SEDD and D3PM models their own (dlm/eval/elbo.py), AR models the exact NLL.
 
-    evaluate_text(lm, "shakespeare", n_samples=4) -> {"bits_per_char": ..., "bits_per_token": ..., "stderr": ...}
+Under `precision="auto"` a Monte Carlo bound is computed under bf16 autocast where bf16 is native (dlm.precision;
+on the default model 2.6x faster, and 5e-5 bits/char from the float32 value, against a stderr of 0.07 over 256
+windows); an exact AR likelihood stays float32 unless bf16 is asked for.
+
+    evaluate_text(lm, "shakespeare", n_samples=1) -> {"bits_per_char": ..., "bits_per_token": ..., "stderr": ...}
 """
 
 from __future__ import annotations
@@ -15,10 +19,14 @@ from dlm.config import TrainConfig
 from dlm.data import CORPORA, CorpusError, TokenStream, load_corpus, split_documents, tokenize_documents
 from dlm.eval.elbo import elbo_bits
 from dlm.losses import LOSSES
+from dlm.precision import resolve_precision
+from dlm.progress import Bar
 
 
-def evaluate_text(lm: Any, data: str, n_samples: int = 4, seed: int = 0, max_windows: int | None = None,
-                  batch_size: int = 32) -> dict[str, Any]:
+def evaluate_text(lm: Any, data: str, n_samples: int = 1, seed: int = 0, max_windows: int | None = None,
+                  batch_size: int = 32, precision: str = "auto", show_progress: bool = False) -> dict[str, Any]:
+    """Score `data` with `n_samples` Monte Carlo samples per window (all windows unless `max_windows`); a progress
+    bar on the terminal (stderr) with `show_progress`."""
     docs = load_corpus(data)
     if data in CORPORA:
         _, docs = split_documents(docs, TrainConfig.val_fraction)
@@ -34,8 +42,17 @@ def evaluate_text(lm: Any, data: str, n_samples: int = 4, seed: int = 0, max_win
     n_chars = len(tok.decode(flat, skip_special=True)) + flat.count(tok.eos_id)
     pcfg = lm.config.process
     loss_fn = LOSSES.get(pcfg.loss).from_config(pcfg, bos_id=tok.bos_id)  # SEDD / D3PM score with their own bound
-    r = elbo_bits(lm.model, windows, tok.mask_id, tok.bos_id, n_samples=n_samples, seed=seed,
-                  batch_size=batch_size, loss_fn=loss_fn, process=lm.process)
+    if precision == "auto" and lm.is_causal:
+        precision = "fp32"  # an exact likelihood stays exact; bf16 pays off for the Monte Carlo bounds
+    precision = resolve_precision(precision, lm.device)
+    n_forwards = -(-int(windows.shape[0]) // batch_size) * (1 if lm.is_causal else n_samples)
+    with Bar("eval", total=n_forwards, enabled=show_progress) as bar:
+        hook = lm.model.register_forward_hook(bar)  # one forward pass per batch and sample
+        try:
+            r = elbo_bits(lm.model, windows, tok.mask_id, tok.bos_id, n_samples=n_samples, seed=seed,
+                          batch_size=batch_size, autocast=precision == "bf16", loss_fn=loss_fn, process=lm.process)
+        finally:
+            hook.remove()
     per_char = r.bits_per_token * n_tok / max(n_chars, 1)
     return {
         "bits_per_char": per_char,
@@ -47,5 +64,6 @@ def evaluate_text(lm: Any, data: str, n_samples: int = 4, seed: int = 0, max_win
         "n_windows": int(windows.shape[0]),
         "n_samples": r.n_samples,
         "exact": r.exact,
+        "precision": precision,
         "data": data,
     }

