@@ -38,12 +38,11 @@ def _add_optim_flags(p: argparse.ArgumentParser, lr: float = 1e-3, max_steps: in
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--warmup", type=int, default=warmup)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast")
+    _add_precision_flags(p)
     p.add_argument("--ema", type=float, default=0.0)
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, or cuda (each rank takes its own GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 instead of DDP")
@@ -51,6 +50,27 @@ def _add_optim_flags(p: argparse.ArgumentParser, lr: float = 1e-3, max_steps: in
     p.add_argument("--nnodes", type=int, default=1, help="nodes taking part (run the same command on each)")
     p.add_argument("--rdzv-endpoint", help="HOST:PORT on one of the nodes where they meet (several nodes)")
 
+
+def _add_precision_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto (default): bf16 autocast where the device computes bf16 natively (AMX or AVX512_BF16 "
+                        "CPUs, CUDA), else fp32; bf16 where it is emulated is far slower and warns")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="the older spelling of --precision bf16 (--no-bf16: fp32)")
+
+
+def _precision(args: argparse.Namespace) -> str:
+    """--precision, or what --bf16 / --no-bf16 says (an error when the two disagree)."""
+    if args.bf16 is None:
+        return args.precision
+    implied = "bf16" if args.bf16 else "fp32"
+    if args.precision not in ("auto", implied):
+        raise ValueError(f"--{'' if args.bf16 else 'no-'}bf16 contradicts --precision {args.precision}; give one")
+    return implied
+
+
+THREADS_HELP = ("torch threads (default 0: one fewer than the CPUs, so that another busy process cannot stall "
+                "torch's threads; OMP_NUM_THREADS is obeyed)")
 
 _LAUNCH_FLAGS = ("nproc", "nnodes", "rdzv_endpoint")
 
@@ -91,7 +111,8 @@ def _train_config(args: argparse.Namespace, **fields: Any):
     from dlm.config import TrainConfig
 
     return TrainConfig(out=args.out, max_steps=args.max_steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                       lr=args.lr, warmup_steps=args.warmup, bf16=args.bf16, ema=args.ema, ckpt_every=args.ckpt_every,
+                       lr=args.lr, warmup_steps=args.warmup, precision=_precision(args), ema=args.ema,
+                       ckpt_every=args.ckpt_every,
                        log_every=args.log_every, seed=args.seed, threads=args.threads, grad_accum=args.grad_accum,
                        fsdp=args.fsdp, **fields)
 
@@ -170,8 +191,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
                    help="shipped model name, checkpoint or run folder, upstream folder (LLaDA, Dream), or hub id")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="the weights are converted to this as they are read")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the weights are converted to this as they are read; auto: bfloat16 where the device "
+                        "computes it natively (AMX, AVX512_BF16, CUDA), else float32")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pytorch_model.bin weights (torch.load(weights_only=True)); refused by default")
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only linear layers (CPU inference)")
@@ -222,10 +244,18 @@ def _generate(args: argparse.Namespace) -> None:
         for cb in callbacks:
             cb(event)
 
-    if live is not None:
-        with live:
-            text = lm.generate(args.prompt, callback=callback, **opts)
-    else:
+    bar = None
+    if not (args.show or args.json or lm.is_causal):  # the denoising steps, on a terminal only (dlm.progress)
+        from dlm.progress import Bar
+
+        bar = Bar("generate", total=opts.get("steps", lm.sampling.steps))
+        callbacks.append(bar)
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        for view in (live, bar):
+            if view is not None:
+                stack.enter_context(view)
         text = lm.generate(args.prompt, callback=callback if callbacks else None, **opts)
     if trajectory is not None:
         trajectory.save_html(args.save_trajectory, lm.tokenizer, prompt_len=len(lm.tokenizer.encode(args.prompt)))
@@ -272,11 +302,14 @@ def _eval(args: argparse.Namespace) -> None:
 
     if (args.data is None) == (args.answer is None):
         raise ValueError("give --data (a held-out bound) or --answer [--prompt] (a conditional log-likelihood)")
+    if args.samples is None:  # a held-out split: 1 per window over every window (about a minute); an answer: 4
+        args.samples = 1 if args.data is not None else 4
     lm = _load(args)
     if args.answer is not None:
         _eval_conditional(lm, args)
         return
-    result = evaluate_text(lm, args.data, n_samples=args.samples, seed=args.seed, max_windows=args.max_windows)
+    result = evaluate_text(lm, args.data, n_samples=args.samples, seed=args.seed, max_windows=args.max_windows,
+                           precision=_precision(args), show_progress=not args.json)
     if args.json:
         print(json.dumps(result))
     else:
@@ -290,7 +323,12 @@ def _eval_conditional(lm, args: argparse.Namespace) -> None:
 
     enc = lm.tokenizer.encode
     answer = enc(args.answer)
-    nats, stderr = conditional_loglik(lm, enc(args.prompt), answer, n_samples=args.samples, seed=args.seed)
+    from dlm.precision import autocast, resolve_precision
+
+    precision = _precision(args)
+    precision = resolve_precision("fp32" if precision == "auto" and lm.is_causal else precision, lm.device)
+    with autocast(lm.device, precision):  # auto: an exact AR likelihood stays float32
+        nats, stderr = conditional_loglik(lm, enc(args.prompt), answer, n_samples=args.samples, seed=args.seed)
     result = {"loglik_nats": nats, "stderr": stderr, "answer_tokens": len(answer), "exact": lm.is_causal,
               "n_samples": 1 if lm.is_causal else args.samples}
     if args.json:
@@ -322,18 +360,22 @@ def _judge(args: argparse.Namespace) -> None:
         opts = generation_options(args)
         seed = opts.pop("seed", 0)
         texts, shown = [], []
-        for p in prompts:
-            for k in range(args.n):
-                texts.append(lm.generate(p, seed=seed + k, **opts))
-                shown.append(p)
+        from dlm.progress import Bar
+
+        with Bar("samples", total=len(prompts) * args.n, enabled=not args.json) as bar:
+            for p in prompts:
+                for k in range(args.n):
+                    texts.append(lm.generate(p, seed=seed + k, **opts))
+                    shown.append(p)
+                    bar.advance()
         prompts = shown
     from dlm.eval.judge import JudgeUnavailable
 
     try:
-        judge = load_judge(bf16=args.bf16)
+        judge = load_judge(precision=_precision(args))
     except JudgeUnavailable as e:
         raise ValueError(str(e)) from e
-    report = generative_perplexity(texts, prompts, judge=judge).to_dict()
+    report = generative_perplexity(texts, prompts, judge=judge, show_progress=not args.json).to_dict()
     if not args.per_text:
         report.pop("per_text_perplexity")
     if args.json:
@@ -354,10 +396,6 @@ def _serve(args: argparse.Namespace) -> None:
         from dlm.server import ServerSettings, create_app
     except ImportError as e:
         raise ValueError(f"dlm serve needs the serve extra: pip install 'dlm[serve]' ({e})") from e
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     settings = ServerSettings(api_key=args.api_key or os.environ.get("DLM_API_KEY") or None,
                               max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                               max_steps=args.max_steps, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
@@ -523,7 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="a corpus name (its validation split) or a text file")
     e.add_argument("--prompt", default="", help="with --answer: the text the answer is conditioned on")
     e.add_argument("--answer", help="log p(answer | prompt) instead of a held-out bound (docs/evaluation.md)")
-    e.add_argument("--samples", type=int, default=4, help="Monte Carlo samples per window (or per answer)")
+    e.add_argument("--samples", type=int, default=None,
+                   help="Monte Carlo samples per window (default 1) or per answer (default 4)")
+    _add_precision_flags(e)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true")
@@ -534,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     jd.add_argument("--input", metavar="IN.jsonl", help='texts to judge: {"text": ..., "prompt": ...} per line')
     jd.add_argument("--prompt", action="append", help="prompt of the samples (repeatable; default: a newline)")
     jd.add_argument("-n", type=int, default=4, help="samples per prompt")
-    jd.add_argument("--bf16", action="store_true", help="judge under bf16 autocast (faster on AMX CPUs)")
+    _add_precision_flags(jd)
     jd.add_argument("--per-text", action="store_true", help="also print each text's perplexity")
     jd.add_argument("--json", action="store_true")
     add_generation_flags(jd, skip=("num_samples",))
@@ -546,7 +586,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $DLM_API_KEY, else no auth)")
-    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     s.add_argument("--max-prompt-tokens", type=int, default=1024)
     s.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens and infill gaps")
     s.add_argument("--max-steps", type=int, default=1024)
@@ -621,6 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     add_generation_flags(q, skip=("max_new_tokens", "block_length", "num_samples", "cache"))
     q.set_defaults(func=_pattern, seed=0)
+    for p in sub.choices.values():  # every command; applied once, in main()
+        p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     return ap
 
 
@@ -631,6 +672,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     args = build_parser().parse_args(argv)
     try:
+        from dlm.precision import set_threads
+
+        set_threads(args.threads)  # --threads, once, for every command
         args.func(args)
     except (ConfigError, CorpusError, CheckpointError, SamplingError, ValueError) as e:
         print(f"dlm: error: {e}", file=sys.stderr)

@@ -14,6 +14,10 @@
 Every `nll` is in nats per token, so the families compare directly. The two graph losses also give `sequence_nll`,
 the per-sequence estimate that held-out evaluation averages (dlm/eval/elbo.py).
 
+- `bd3lm`: block diffusion (BD3LM; dlm/processes/block.py). A time per block, the masked ELBO of each block given
+  the clean blocks before it, in one forward over x_t + x_0 (2L tokens); times drawn from BD3LM's clipped interval
+  [clip_min, clip_max]. Its `sequence_nll` is the unclipped bound (the exact NLL at block size 1).
+
 - `sft`: LLaDA's instruction tuning (Nie et al. 2025, GUIDELINES.md of ML-GSAI/LLaDA). Only the response
   (`maskable`) is masked; each row's weighted cross-entropy is divided by its answer length (the response and its
   EOS padding), then averaged over rows.
@@ -80,7 +84,7 @@ def corrupt(q_sample, x0: torch.Tensor, t: torch.Tensor, generator: torch.Genera
     own = slice(rows.start, rows.start + n)
     x_all = x0.new_zeros(rows.total, L)
     x_all[own] = x0
-    t_all = t[:1].expand(rows.total).clone()
+    t_all = t[:1].expand(rows.total, *t.shape[1:]).clone()  # t (n,) or (n, n_blocks)
     t_all[own] = t
     m_all = None
     if maskable is not None:
@@ -155,6 +159,91 @@ class AutoregressiveCE(Loss):
         logits = model(inp, None)  # (B, L, V): position i predicts token i
         loss = token_ce(logits, x0).mean()
         return LossOutput(loss=loss, nll=loss.detach(), mask=torch.ones_like(x0, dtype=torch.bool))
+
+
+def draw_block_t(n: int, blocks: int, antithetic: bool, generator: torch.Generator | None,
+                 rows: Rows | None = None) -> torch.Tensor:
+    """(n, blocks) times on the CPU: `sample_t` over every block of the global batch, stratified across all of
+    them (BD3LM's antithetic sampling along blocks and batches), this call's rows. One block: `draw_t`."""
+    total = n if rows is None else rows.total
+    t = sample_t(total * blocks, antithetic, generator, device="cpu").view(total, blocks)
+    return t if rows is None else t[rows.start:rows.start + n]
+
+
+@LOSSES.register("bd3lm")
+class BlockDiffusionELBO(Loss):
+    """BD3LM: sum over blocks of w(t_b) x the cross-entropy of block b's masked tokens given x_t^b and x^{<b},
+    over the number of tokens, t_b ~ U[clip_min, clip_max] per block."""
+
+    def __init__(self, antithetic: bool = True, bos_id: int | None = None,
+                 clip: tuple[float, float] = (0.0, 1.0)) -> None:
+        super().__init__(antithetic, bos_id)
+        lo, hi = clip
+        if not 0.0 <= lo <= hi <= 1.0 or hi == 0.0:
+            raise ValueError(f"the clipped schedule needs 0 <= clip_min <= clip_max <= 1 and clip_max > 0, got {clip}")
+        self.clip = (float(lo), float(hi))
+
+    @classmethod
+    def from_config(cls, pcfg, bos_id=None):
+        return cls(antithetic=pcfg.antithetic, bos_id=bos_id, clip=(pcfg.clip_min, pcfg.clip_max))
+
+    def terms(self, model, x0, process, t, generator, maskable=None, rows=None):
+        """t (B, n_blocks) -> per-token loss w(t_b) CE (B, L) at the masked positions (0 elsewhere), is_masked."""
+        from dlm.processes.block import block_logits, per_position
+
+        B, L = x0.shape
+        xt, is_masked = corrupt(process.q_sample, x0, t, _gen_for(x0, generator), maskable, rows)
+        ce = token_ce(block_logits(model, xt, x0, process.block_size), x0)  # (B, L)
+        w = per_position(process.schedule.weight(t.to(x0.device)), L, process.block_size)  # (B, L)
+        return ce * w * is_masked, is_masked
+
+    def block_times(self, B, L, process, generator, rows=None):
+        from dlm.processes.block import n_blocks
+
+        u = draw_block_t(B, n_blocks(L, process.block_size), self.antithetic, generator, rows)  # (B, n_blocks)
+        lo, hi = self.clip
+        return lo + (hi - lo) * u
+
+    def __call__(self, model, x0, process, maskable=None, generator=None, rows=None):
+        B, L = x0.shape
+        t = self.block_times(B, L, process, generator, rows).to(x0.device)
+        per_token, is_masked = self.terms(model, x0, process, t, generator, maskable, rows)
+        n_tokens = maskable.sum().clamp_min(1) if maskable is not None else torch.tensor(B * L)
+        loss = per_token.sum() / n_tokens
+        return LossOutput(loss=loss, nll=loss.detach(), mask=is_masked)
+
+    def per_block_loss(self, model, x0, process, generator=None):
+        """(B, n_blocks): the mean per-token loss of each block, as BD3LM's clipping search collects it."""
+        from dlm.processes.block import n_blocks
+
+        B, L = x0.shape
+        t = self.block_times(B, L, process, generator).to(x0.device)
+        per_token, _ = self.terms(model, x0, process, t, generator)
+        nb, bs = n_blocks(L, process.block_size), process.block_size
+        padded = torch.zeros(B, nb * bs, dtype=per_token.dtype, device=per_token.device)
+        padded[:, :L] = per_token
+        counts = torch.full((nb,), bs, dtype=per_token.dtype, device=per_token.device)
+        counts[-1] = L - (nb - 1) * bs
+        return padded.view(B, nb, bs).sum(-1) / counts
+
+    @torch.no_grad()
+    def sequence_nll(self, model, x0, process, u, generator=None):
+        """(B,) float64: one unclipped estimate of -ELBO(x0) in nats per sequence; u (B,) stratified offsets
+        give each row's blocks the times (u + b / n_blocks) mod 1. Block size 1: every block masked at weight 1,
+        the exact NLL (BD3LM evaluates its block-1 model so)."""
+        from dlm.processes.block import block_logits, n_blocks, per_position
+
+        B, L = x0.shape
+        bs = process.block_size
+        if bs == 1:
+            xt = torch.full_like(x0, process.mask_id)
+            return token_ce(block_logits(model, xt, x0, 1), x0).double().sum(1)
+        nb = n_blocks(L, bs)
+        t = ((u.double().cpu()[:, None] + torch.arange(nb, dtype=torch.float64) / nb) % 1.0).float().to(x0.device)
+        xt, is_masked = process.q_sample(x0, t, generator=_gen_for(x0, generator))
+        ce = token_ce(block_logits(model, xt, x0, bs), x0).double()
+        w = per_position(process.schedule.weight(t.double()), L, bs)
+        return (ce * w * is_masked).sum(1)
 
 
 class GraphLoss(Loss):

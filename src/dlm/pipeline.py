@@ -96,9 +96,12 @@ class DiffusionLM:
         (a dlm Tokenizer, a transformers tokenizer, or a path to tokenizer files): a folder with weights and
         config but no tokenizer files loads with a warning, for token-id calls only, until one is given.
         """
-        torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-        if not isinstance(torch_dtype, torch.dtype):
-            raise CheckpointError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        from dlm.precision import resolve_dtype
+
+        try:  # dtype="auto": bfloat16 where the device computes it natively, else float32 (dlm.precision)
+            torch_dtype = resolve_dtype(dtype, device)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         path = resolve_model_path(name_or_path, allow_pickle)
         model, cfg, tok = load_pretrained(path, map_location=device, dtype=torch_dtype, allow_pickle=allow_pickle)
         if tokenizer is not None:

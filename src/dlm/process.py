@@ -116,3 +116,4 @@ def span_infill_example(x0: torch.Tensor, pad_id: int, max_span: int, generator:
 
 # SEDD's graphs and D3PM's processes subclass ForwardProcess and register in PROCESSES when imported.
 from dlm import d3pm, graphs  # noqa: E402, F401
+from dlm.processes import block  # noqa: E402, F401  (BD3LM)

@@ -171,8 +171,6 @@ def _finetune(sft: SFTConfig, tcfg: TrainConfig, model: str, lora: LoRAConfig | 
     validate_train(tcfg)
     if tcfg.random_length_prob > 0:
         raise ConfigError("random_length_prob is a pretraining option: it would cut responses")
-    if tcfg.threads > 0:
-        torch.set_num_threads(tcfg.threads)
     chats = load_chats(sft.data)[:sft.max_examples]  # every line checked before the (maybe large) model loads
     net, cfg, tok = load_pretrained(resolve_model_path(model), map_location="cpu")
     check_sft_model(cfg)

@@ -6,7 +6,7 @@ A family (masked, sedd-absorbing, sedd-uniform, d3pm-absorbing, d3pm-uniform) is
 dlm.process with its defaults: `process_config(name)` gives its schedule, loss and eps, and its sampler is saved as
 the run's default GenerationConfig, so `dlm generate --model RUN` samples it with its own sampler.
 
-    train(TrainConfig(data="shakespeare", out="runs/x", max_steps=2000, bf16=True), ModelConfig.preset("small"))
+    train(TrainConfig(data="shakespeare", out="runs/x", max_steps=2000), ModelConfig.preset("small"))  # precision auto
     train(tcfg, ModelConfig.preset("small", arch="dit"), process_config("sedd-uniform"))
 
 Under torchrun (`torchrun --nproc-per-node 2 -m dlm.train --data shakespeare --out runs/x`) every rank runs this
@@ -106,8 +106,6 @@ def _train(tcfg: TrainConfig, model_cfg: ModelConfig | None, pcfg: ProcessConfig
     out = Path(tcfg.out)
     model_cfg = model_cfg or ModelConfig.preset("small")
     pcfg = pcfg or ProcessConfig()
-    if tcfg.threads > 0:
-        torch.set_num_threads(tcfg.threads)
 
     docs = load_corpus(tcfg.data)
     train_docs, val_docs = split_documents(docs, tcfg.val_fraction)

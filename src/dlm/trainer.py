@@ -52,6 +52,7 @@ from dlm.distributed import (
 )
 from dlm.eval.elbo import elbo_bits
 from dlm.losses import Loss, Rows
+from dlm.precision import autocast, resolve_precision, set_threads
 from dlm.process import ForwardProcess, span_infill_example
 from dlm.tokenizer import Tokenizer
 
@@ -80,6 +81,7 @@ class Trainer:
             raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of ranks x grad_accum = "
                               f"{self.dist.world_size} x {cfg.grad_accum}")
         self.device = torch.device(self.dist.device)
+        self.precision = resolve_precision(cfg.precision, self.device)  # auto: bf16 where native (dlm.precision)
         self.model = self.dist.wrap(model.to(self.device), fsdp=cfg.fsdp)  # what forward and backward go through
         self.raw = unwrap(self.model)  # the network itself (FSDP2 shards it in place)
         self.loss_fn = loss_fn
@@ -210,7 +212,7 @@ class Trainer:
         windows = self.val_data.windows(self.cfg.eval_batches * self.cfg.batch_size)
         with self.ema_weights():
             r = elbo_bits(self.raw, windows, self.tokenizer.mask_id, self.tokenizer.bos_id, n_samples=1,
-                          batch_size=self.cfg.batch_size, seed=self.cfg.seed, autocast=self.cfg.bf16,
+                          batch_size=self.cfg.batch_size, seed=self.cfg.seed, autocast=self.precision == "bf16",
                           loss_fn=self.loss_fn, process=self.process)
         return {"val_bits_per_token": r.bits_per_token, "val_bits_per_char": r.bits_per_token * self.chars_per_token,
                 "val_stderr": r.stderr_bits_per_token}
@@ -241,7 +243,7 @@ class Trainer:
             g = torch.Generator().manual_seed(_mix(cfg.seed + 1, step))
             where = {"rows": rows} if rows is not None else {}
             with gradient_sync(self.model, enabled=j == cfg.grad_accum - 1):
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                with autocast(self.device, self.precision):
                     out = self.loss_fn(self.model, x0, self.process, maskable=maskable, generator=g, **where)
                 (out.loss / cfg.grad_accum).backward()  # DDP / FSDP average the ranks' gradients
             sums += torch.tensor([float(out.loss.detach()), float(out.nll)], dtype=torch.float64) / cfg.grad_accum
@@ -260,8 +262,7 @@ class Trainer:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         cfg = self.cfg
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads)
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = self.maybe_resume()
         if self.dist.is_main:

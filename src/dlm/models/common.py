@@ -1,4 +1,12 @@
-"""Building blocks shared by every network: RMSNorm, rotary embeddings, SDPA attention, SwiGLU, a KV cache.
+"""Building blocks shared by every network: RMSNorm, rotary embeddings, SDPA attention, SwiGLU, KV caches, and
+the attention modes.
+
+Attention modes (`ATTENTION_MODES`, an argument of every network's forward): "full" (bidirectional: LLaDA, MDLM),
+"causal" (AR), "block" (block-causal, BD3LM / Fast-dLLM v2 / SDAR: a query in block i = pos // block_size sees
+every key of blocks <= i, so attention is causal across blocks and full inside one). A boolean tensor (Lq, Lk)
+or (B, Lq, Lk), True = may attend, is taken as it is (BD3LM's x_t + x_0 training mask, dlm.processes.block).
+`attention_rule` builds them as boolean SDPA masks; `BlockCache` is the append-only KV cache that is exact under
+block-causal attention (earlier blocks never change, so their keys and values are computed once).
 
 Shapes: B batch, L length, D width, H heads, hd = D / H; n the length of a slice [start, start + n) of a canvas.
 """
@@ -97,6 +105,60 @@ class KVCache:
                 torch.cat([cv[:, :, :a], v, cv[:, :, b:]], dim=2))  # (B, H, L, hd)
 
 
+class BlockCache:
+    """Append-only keys and values (B, H_kv, T, hd) of every layer for the complete blocks of a block model.
+
+    Under block-causal attention a finished block never changes and nothing before it attends to what follows,
+    so its K/V, computed once, are exactly what a full forward would recompute: the cache is exact (Fast-dLLM
+    v2's block cache, SDAR's `store_kv`). A forward with `cache=c` runs its input (B, n) at positions
+    [c.length, c.length + n) against the stored K/V and leaves them as they are; with `cache=c.extend()` the
+    input's K/V are appended (a finished block, or the prompt's complete blocks).
+
+        cache = BlockCache(); net(prompt, cache=cache.extend(), block_size=bs)     # prefill: T = len(prompt)
+        logits = net(block, cache=cache, block_size=bs)                            # (B, bs, V), cache unchanged
+        net(block, cache=cache.extend(), block_size=bs)                            # T += bs
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.appending = False
+
+    @property
+    def length(self) -> int:
+        """T, the number of cached positions (0 while empty)."""
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def extend(self) -> BlockCache:
+        """The next forward appends its input's keys and values."""
+        self.appending = True
+        return self
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (B,) bool or (B',) indices: rows that stopped leave the batch."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, H_kv, n, hd) of the current input -> the keys and values (B, H_kv, T + n, hd) it attends over."""
+        if layer < len(self.keys):
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        elif layer != len(self.keys) or not self.appending:
+            raise RuntimeError(f"BlockCache holds {len(self.keys)} layers; fill it with cache.extend() first")
+        if self.appending:
+            if layer < len(self.keys):
+                self.keys[layer], self.values[layer] = k, v
+            else:
+                self.keys.append(k)
+                self.values.append(v)
+        return k, v
+
+    def done(self) -> None:
+        """Called by the network after a forward: the next one reads again unless extend() is called."""
+        self.appending = False
+
+
 class Attention(nn.Module):
     """Multi-head (or grouped-query, H_kv < H) attention with RoPE; projection names as in LLaMA / Qwen2."""
 
@@ -111,8 +173,11 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        """x (B, n, D); cos, sin (n, hd) of the true positions of x. With a cache the keys span the whole canvas."""
+                attn_mask: torch.Tensor | None = None, cache: KVCache | BlockCache | None = None, layer: int = 0,
+                causal: bool | None = None) -> torch.Tensor:
+        """x (B, n, D); cos, sin (n, hd) of the true positions of x. With a cache the keys span the whole canvas.
+
+        `causal` overrides the module's own mode for this call (used only when attn_mask is None)."""
         B, L, D = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, H, L, hd)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, -1).transpose(1, 2)  # (B, H_kv, L, hd)
@@ -124,7 +189,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, L, hd)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=self.causal and attn_mask is None,
+            q, k, v, attn_mask=attn_mask, is_causal=(self.causal if causal is None else causal) and attn_mask is None,
             dropout_p=self.dropout if self.training else 0.0,
         )  # (B, H, L, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
@@ -158,6 +223,64 @@ def padding_attn_mask(attention_mask: torch.Tensor | None, causal: bool, L: int,
         mask = mask & (k_pos <= q_pos)
     # A padded query row that sees no key would give NaN: let it see itself.
     return mask | (k_pos == q_pos)
+
+
+ATTENTION_MODES = ("full", "causal", "block")
+
+
+def attention_rule(attention: str | torch.Tensor | None, attention_mask: torch.Tensor | None, L: int,
+                   start: int = 0, n: int | None = None, block_size: int | None = None, default: str = "full",
+                   device: torch.device | None = None) -> tuple[torch.Tensor | None, bool]:
+    """The SDPA mask of one forward -> (mask (B | 1, 1, n, L) bool or None, is_causal).
+
+    attention: a mode of ATTENTION_MODES (None: `default`, or "block" when block_size is given), or a boolean
+    (n, L) / (B, n, L) tensor, True = may attend. The queries are the positions [start, start + n) of a
+    sequence of L keys (a slice against a cache: the keys before `start` are cached). attention_mask: (B, L)
+    padding, 1 = real token (every query ignores the pads), or a (B, L, L) query x key mask. A query that would
+    see no key sees itself, as `padding_attn_mask`. None and is_causal=True is SDPA's fast path.
+    """
+    n = L - start if n is None else n
+    if isinstance(attention, torch.Tensor):
+        rule = attention.bool()
+        if rule.shape[-2:] != (n, L):
+            raise ValueError(f"an attention mask must be (n, L) = ({n}, {L}) queries x keys, got {tuple(rule.shape)}")
+        rule = rule[:, None] if rule.dim() == 3 else rule[None, None]  # (B | 1, 1, n, L)
+    else:
+        mode = attention if attention is not None else ("block" if block_size else default)
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)} or a boolean mask, got {mode!r}")
+        if mode == "block" and (block_size is None or block_size < 1):
+            raise ValueError(f"block-causal attention needs block_size >= 1, got {block_size}")
+        if mode == "full":  # the padding alone (a slice against a cache sees every key)
+            return padding_attn_mask(attention_mask, False, L, start, n), False
+        if attention_mask is None and start == 0 and n == L and mode == "causal":
+            return None, True
+        device = attention_mask.device if attention_mask is not None else (device or torch.device("cpu"))
+        q_pos = torch.arange(start, start + n, device=device)[:, None]  # (n, 1)
+        k_pos = torch.arange(L, device=device)[None, :]  # (1, L)
+        if mode == "causal":
+            rule = (k_pos <= q_pos)[None, None]
+        else:
+            rule = (k_pos // block_size <= q_pos // block_size)[None, None]  # (1, 1, n, L)
+    if attention_mask is not None:
+        rule = rule.to(attention_mask.device)
+        if attention_mask.dim() == 3:
+            rule = rule & attention_mask.bool()[:, None, start:start + n]
+        else:
+            rule = rule & attention_mask.bool()[:, None, None, :]
+    diag = torch.zeros(n, L, dtype=torch.bool, device=rule.device)
+    idx = torch.arange(n, device=rule.device)
+    diag[idx, idx + start] = True
+    return rule | diag, False
+
+
+def explicit_attention(attention: str | torch.Tensor | None, attention_mask: torch.Tensor | None, L: int,
+                       block_size: int | None, device: torch.device) -> torch.Tensor | None:
+    """`attention_rule` for networks that call SDPA without is_causal (DiT, DDiT): causal as an explicit mask."""
+    mask, is_causal = attention_rule(attention, attention_mask, L, block_size=block_size, device=device)
+    if is_causal:
+        mask = torch.ones(L, L, dtype=torch.bool, device=device).tril()[None, None]
+    return mask
 
 
 def init_weights(module: nn.Module, n_layers: int) -> None:

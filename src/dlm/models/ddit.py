@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlm.config import ModelConfig
-from dlm.models.common import Rotary, apply_rotary, padding_attn_mask
+from dlm.models.common import Rotary, apply_rotary, explicit_attention
 
 
 def sigma_embedding(sigma: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -155,8 +155,10 @@ class DDiT(nn.Module):
         return -torch.log1p(-(1 - self.cfg.sigma_eps) * t.float())
 
     def forward(self, xt: torch.Tensor, t: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                sigma: torch.Tensor | None = None) -> torch.Tensor:
-        """xt (B, L), t (B,) in [0, 1] (or sigma (B,) directly) -> logits (B, L, V)."""
+                sigma: torch.Tensor | None = None, attention: str | torch.Tensor | None = None,
+                block_size: int | None = None) -> torch.Tensor:
+        """xt (B, L), t (B,) in [0, 1] (or sigma (B,) directly) -> logits (B, L, V). `attention` / `block_size`:
+        the attention mode (bidirectional by default; models/common.py `attention_rule`)."""
         B, L = xt.shape
         if sigma is None:
             if t is None and self.cfg.time_conditioning:
@@ -167,7 +169,7 @@ class DDiT(nn.Module):
         sigma = sigma.expand(B) if sigma.dim() == 0 or sigma.shape[0] == 1 else sigma
         c = F.silu(self.sigma_map(sigma))  # (B, cond_dim)
         cos, sin = self.rotary_emb.cos_sin(L, xt.device)
-        mask = padding_attn_mask(attention_mask, False, L)
+        mask = explicit_attention(attention, attention_mask, L, block_size, xt.device)
         x = self.vocab_embed(xt)
         for block in self.blocks:
             x = block(x, c, cos, sin, mask)

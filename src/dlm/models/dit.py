@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dlm.config import ModelConfig
-from dlm.models.common import Attention, RMSNorm, Rotary, SwiGLU, init_weights, padding_attn_mask
+from dlm.models.common import Attention, RMSNorm, Rotary, SwiGLU, explicit_attention, init_weights
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -68,8 +68,10 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_ada.bias)
 
     def forward(self, xt: torch.Tensor, t: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """xt: (B, L), t: (B,) in [0, 1] (required) -> logits (B, L, V)."""
+                attention_mask: torch.Tensor | None = None, attention: str | torch.Tensor | None = None,
+                block_size: int | None = None) -> torch.Tensor:
+        """xt: (B, L), t: (B,) in [0, 1] (required) -> logits (B, L, V). `attention` / `block_size`: the
+        attention mode (full by default; models/common.py `attention_rule`)."""
         if t is None:
             raise ValueError("DiT needs the diffusion time t (B,); samplers pass the current t")
         B, L = xt.shape
@@ -77,7 +79,7 @@ class DiT(nn.Module):
         c = self.time_mlp(timestep_embedding(t, self.cfg.time_dim).to(self.wte.weight.dtype))  # (B, D)
         c = nn.functional.silu(c)
         cos, sin = self.rotary.cos_sin(L, xt.device)
-        mask = padding_attn_mask(attention_mask, False, L)
+        mask = explicit_attention(attention, attention_mask, L, block_size, xt.device)
         x = self.wte(xt)
         for block in self.blocks:
             x = block(x, c, cos, sin, mask)
