@@ -104,7 +104,7 @@ def part_a(lm: DiffusionLM, name: str, prompt_ids: torch.Tensor, gen_lengths: li
     rows = []
     tok = lm.tokenizer
     banned = [tok.mask_id, tok.bos_id, tok.pad_id]
-    model_fn = lm._model_fn(None)
+    model_fn = lm.model_fn()
     for n in gen_lengths:
         if prompt_ids.shape[1] + n > lm.max_len:
             continue

@@ -235,7 +235,7 @@ def test_chat_without_a_template_uses_the_sft_format(saved, capsys):
     opts = dict(max_new_tokens=8, steps=8, block_length=8, seed=0)
     answer = lm.chat(messages, **opts)
     ids = torch.tensor([chat_prompt(lm.tokenizer, messages)])
-    assert answer == lm._decode_new(lm.generate(ids, **opts)[0, ids.shape[1]:].tolist())
+    assert answer == lm.decode_new(lm.generate(ids, **opts)[0, ids.shape[1]:].tolist())
     main(["chat", "hi", "--model", str(folder), "--max-new-tokens", "8", "--steps", "8", "--block-length", "8"])
     assert isinstance(capsys.readouterr().out, str)
 

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from dlm.sampling.generate import ModelFn  # declares accepts_time: the loop passes the sampler's t
+
 V, MASK = 4, 1  # [MASK] sits between the real tokens 0, 2, 3
 TOKENS = [0, 2, 3]
 
@@ -49,7 +51,7 @@ def unique_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes[:, None] // place % V, inverse
 
 
-class ExactScore:
+class ExactScore(ModelFn):
     """model_fn(x (B, L), t) -> raw (B, L, V) whose log score on `graph` is exact."""
 
     accepts_time = True
@@ -81,7 +83,7 @@ class ExactScore:
         return ls.float()
 
 
-class ExactX0:
+class ExactX0(ModelFn):
     """model_fn(x (B, L), t = k / T) -> logits (B, L, V) of the exact p(x0_i | x_k) on a D3PM chain."""
 
     accepts_time = True

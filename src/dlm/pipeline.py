@@ -21,7 +21,8 @@ import torch
 from dlm.checkpoint import CheckpointError, load_pretrained
 from dlm.config import OPTION_ALIASES, CheckpointConfig, ConfigError, GenerationConfig
 from dlm.sampling import SAMPLERS, SamplingError, StepEvent, denoise_cached_steps, denoise_steps
-from dlm.sampling.generate import fit_steps
+from dlm.sampling.block import BlockSampler, block_steps
+from dlm.sampling.generate import ModelFn, fit_steps
 from dlm.sampling.guidance import classifier_free_guidance
 from dlm.sampling.processors import BannedTokens, build_processors
 from dlm.tokenizer import Tokenizer, tokenizer_like
@@ -134,16 +135,26 @@ class DiffusionLM:
 
     # ----- the network ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """ids (B, L) -> logits (B, L, V) float32. Time-conditioned models get t = process.model_time(ids)."""
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               block_size: int | None = None) -> torch.Tensor:
+        """ids (B, L) -> logits (B, L, V) float32. Time-conditioned models get t = process.model_time(ids).
+
+        A block model (bd3lm) runs under its own block-causal attention; `block_size=n` runs any model under
+        block-causal attention with blocks of n (1: causal)."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         if ids.dim() == 1:
             ids = ids[None]
-        return self._model_fn(attention_mask)(ids)
+        return self.model_fn(attention_mask, block_size=block_size or self.block_size)(ids)
+
+    @property
+    def block_size(self) -> int | None:
+        """The block size of a block-diffusion checkpoint (its process's), else None."""
+        return getattr(self.process, "block_size", None)
 
     # ----- generation ---------------------------------------------------------------------------------------
-    def _options(self, config: GenerationConfig | None = None, **kw: Any) -> GenerationConfig:
-        """The checkpoint's defaults, then `config`, then keyword overrides (None means: keep)."""
+    def options(self, config: GenerationConfig | None = None, **kw: Any) -> GenerationConfig:
+        """The options of a call, validated: the checkpoint's defaults, then `config`, then keyword overrides
+        (None means: keep; other libraries' names such as num_steps are accepted). Raises SamplingError."""
         given = {k: v for k, v in kw.items() if v is not None}
         for alias in [k for k in given if k in OPTION_ALIASES]:  # other libraries' names (num_steps, gen_length)
             name = OPTION_ALIASES[alias]
@@ -199,11 +210,11 @@ class DiffusionLM:
                 attention_mask = None
         return ids, attention_mask, "ids"
 
-    def _model_fn(self, attention_mask: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    def model_fn(self, attention_mask: torch.Tensor | None = None, block_size: int | None = None) -> ModelFn:
         """(B, L) canvas -> float32 logits, with the padding mask and (for DiT) t = process.model_time(canvas).
 
-        A sampler that knows its time (SEDD, D3PM: `model_time`) passes it as `t` (a float or (B,)); the loop
-        does so only for a model_fn marked `accepts_time`, and every other sampler leaves t to the canvas."""
+        A sampler that knows its time (SEDD, D3PM: `model_time`) passes it as `t` (a float or (B,)); every other
+        sampler leaves t to the process's reading of the canvas."""
         needs_time = getattr(self.model, "needs_time", False)
         process = self.process if needs_time else None
 
@@ -217,16 +228,19 @@ class DiffusionLM:
             else:  # the process's one definition of the time a canvas shows (dlm.process.model_time)
                 t = process.model_time(x, attention_mask)
             kwargs = {"logits_window": window} if window is not None else {}
+            if block_size is not None:  # block-causal attention (models/common.py attention_rule)
+                kwargs["block_size"] = block_size
             with torch.no_grad():
                 return self.model(x, t, attention_mask=attention_mask, **kwargs).float()
 
-        fn.supports_window = windowed  # type: ignore[attr-defined]
-        fn.accepts_time = True  # type: ignore[attr-defined]
-        return fn
+        return ModelFn(fn, supports_window=windowed, accepts_time=True)
 
-    def _events(self, canvas: torch.Tensor, start: int, opts: GenerationConfig, attention_mask: torch.Tensor | None,
-                processors: list, prompt_mask: torch.Tensor | None) -> Iterator[StepEvent]:
-        """The denoising events of one call (no caches: a generator; with caches: the cached driver)."""
+    def denoise(self, canvas: torch.Tensor, start: int, opts: GenerationConfig,
+                attention_mask: torch.Tensor | None = None, processors: list | tuple = (),
+                prompt_mask: torch.Tensor | None = None) -> Iterator[StepEvent]:
+        """The public canvas primitive: the denoising events of a canvas (B, L) whose [start, L) is generated
+        block by block (masks before `start` are filled with the first block), under `opts` (from `options()`),
+        the logits processors and, for guidance, the prompt mask (B, L). Uses the KV caches when opts.cache asks."""
         g = torch.Generator(device=self.device)
         g.manual_seed(opts.seed if opts.seed is not None else torch.seed() % 2**63)
         tok = self.tokenizer
@@ -234,9 +248,12 @@ class DiffusionLM:
         self._check_family(sampler, opts.sampler)
         canvas = canvas.to(self.device)
         am = attention_mask.to(self.device) if attention_mask is not None else None
+        if isinstance(sampler, BlockSampler):  # block by block with an exact cache: no canvas to denoise
+            yield from self._block_events(canvas, start, opts, am, processors, sampler, g)
+            return
         guided = opts.cfg_scale > 0 and prompt_mask is not None
         # With guidance the network sees 2B rows (conditional + unconditional), so the padding mask doubles.
-        model_fn = self._model_fn(torch.cat([am, am]) if am is not None and guided else am)
+        model_fn = self.model_fn(torch.cat([am, am]) if am is not None and guided else am)
         if guided:
             if opts.cache != "none":
                 raise SamplingError("cfg_scale > 0 needs cache='none' (the KV caches hold one copy of each row)")
@@ -248,17 +265,26 @@ class DiffusionLM:
             return
         yield from denoise_steps(model_fn, canvas, start, opts.steps, opts.block_length, sampler, g, processors, eos)
 
+    def _block_events(self, canvas: torch.Tensor, start: int, opts: GenerationConfig, am: torch.Tensor | None,
+                      processors: list | tuple, sampler: BlockSampler, g: torch.Generator) -> Iterator[StepEvent]:
+        """The block sampler's events (dlm.sampling.block): after the prompt canvas[:, :start], block by block."""
+        tok = self.tokenizer
+        if opts.cfg_scale > 0:
+            raise SamplingError("the block sampler does not do classifier-free guidance (cfg_scale > 0)")
+        if bool((canvas[:, :start] == tok.mask_id).any()):
+            raise SamplingError("the block sampler writes after the prompt only; gaps inside the text (infilling) "
+                                "need the future of the gap: use a full-attention model and sampler='llada'")
+        bs = self.block_size or opts.block_length or canvas.shape[1] - start
+        yield from block_steps(self.model, canvas[:, :start], am[:, :start] if am is not None else None, sampler, g,
+                               processors, block_size=bs, max_new_tokens=canvas.shape[1] - start, steps=opts.steps,
+                               eos_id=tok.eos_id, sub_block=opts.sub_block)
+
     def _check_family(self, sampler: Any, name: str) -> None:
         """A SEDD / D3PM checkpoint samples with its family's samplers, which take its process (graph, schedule)."""
-        own = getattr(self.process, "sampling", {}).get("sampler")
-        if hasattr(sampler, "use_process"):
-            try:
-                sampler.use_process(self.process)
-            except ValueError as e:
-                raise SamplingError(str(e)) from e
-        elif own is not None:
-            raise SamplingError(f"sampler {name!r} samples masked diffusion, but this checkpoint is a "
-                                f"{self.config.process.process!r} model: use sampler={own!r}")
+        try:
+            sampler.use_process(self.process)
+        except ValueError as e:
+            raise SamplingError(str(e)) from e
 
     def _prepare(self, prompt: Any, attention_mask: torch.Tensor | None, opts: GenerationConfig):
         if self.is_causal:
@@ -285,7 +311,7 @@ class DiffusionLM:
         prompt_mask = torch.zeros((B, L), dtype=torch.bool)
         prompt_mask[:, :P] = True if am is None else am.bool()
         filters = opts
-        if getattr(SAMPLERS.get(opts.sampler), "applies_top_k_top_p", False):
+        if SAMPLERS.get(opts.sampler).applies_top_k_top_p:
             filters = opts.replace(top_k=None, top_p=None)  # the sampler filters itself, in its reference's order
         processors = build_processors(filters, self.tokenizer)
         return canvas, P, full_am, processors, prompt_mask, kind
@@ -324,7 +350,7 @@ class DiffusionLM:
                 raise SamplingError(f"max_length={max_length} leaves no room after the {n_prompt}-token prompt; "
                                     "it counts the prompt too (or give max_new_tokens)")
             max_new_tokens = max_length - n_prompt
-        opts = self._options(config, max_new_tokens=max_new_tokens, steps=steps, block_length=block_length,
+        opts = self.options(config, max_new_tokens=max_new_tokens, steps=steps, block_length=block_length,
                              temperature=temperature, remasking=remasking, seed=seed, sampler=sampler, **options)
         if self.is_causal:
             if callback is not None:
@@ -335,10 +361,10 @@ class DiffusionLM:
             P = ids.shape[1]
         else:
             canvas, P, am, processors, prompt_mask, kind = self._prepare(prompt, attention_mask, opts)
-            out = _final_canvas(canvas, self._events(canvas, P, opts, am, processors, prompt_mask), callback)
+            out = _final_canvas(canvas, self.denoise(canvas, P, opts, am, processors, prompt_mask), callback)
         if kind == "ids":
             return out[0].tolist() if plain_ids and out.shape[0] == 1 else out
-        texts = [self._decode_new(row[P:].tolist()) for row in out]
+        texts = [self.decode_new(row[P:].tolist()) for row in out]
         n = opts.num_samples
         grouped = [texts[i: i + n] for i in range(0, len(texts), n)] if n > 1 else texts
         return grouped[0] if kind == "text" else grouped
@@ -419,11 +445,12 @@ class DiffusionLM:
     def stream(self, prompt: str | list[str] | torch.Tensor, config: GenerationConfig | None = None,
                attention_mask: torch.Tensor | None = None, **options: Any) -> Iterator[StepEvent]:
         """Yield every denoising step (canvas, newly committed positions, their confidences) as it happens."""
-        opts = self._options(config, **options)
+        opts = self.options(config, **options)
         canvas, P, am, processors, prompt_mask, _ = self._prepare(prompt, attention_mask, opts)
-        yield from self._events(canvas, P, opts, am, processors, prompt_mask)
+        yield from self.denoise(canvas, P, opts, am, processors, prompt_mask)
 
-    def _decode_new(self, new: list[int]) -> str:
+    def decode_new(self, new: list[int]) -> str:
+        """Generated ids -> text: cut at the first stop id ([EOS], end of turn), [PAD] removed."""
         tok = self.tokenizer
         stops = tok.stop_ids
         end = next((i for i, t in enumerate(new) if t in stops), len(new))
@@ -442,7 +469,16 @@ class DiffusionLM:
             raise SamplingError(str(e)) from e
         prompt = torch.tensor([ids], dtype=torch.long)
         out = self.generate(prompt, config=config, **options)
-        return self._decode_new(out[0, prompt.shape[1]:].tolist())
+        return self.decode_new(out[0, prompt.shape[1]:].tolist())
+
+    def fill(self, canvas: torch.Tensor, processors: list | tuple = (), steps: int | None = None,
+             callback: Callable[[StepEvent], None] | None = None, **options: Any) -> torch.Tensor:
+        """Fill every [MASK] of a canvas (B, L) as one block (each gap sees the whole canvas at every step),
+        under extra logits `processors` (constraint masks): -> the final canvas. `steps` defaults to one commit
+        per step. What infill, documents, constrained code and JSON build on (dlm.control.canvas)."""
+        from dlm.control.canvas import fill_canvas
+
+        return fill_canvas(self, canvas, list(processors), steps=steps, callback=callback, **options)
 
     # ----- infilling ------------------------------------------------------------------------------------------
     def parse_gaps(self, text: str, max_span: int) -> tuple[list[int], list[Gap], list[str]]:
@@ -478,7 +514,7 @@ class DiffusionLM:
         if self.is_causal:
             raise SamplingError("this checkpoint is an autoregressive baseline; it cannot infill")
         given = dict(temperature=temperature, remasking=remasking, seed=seed, max_span=max_span, **options)
-        opts = self._options(None, **given)  # checked before any parsing or model call
+        opts = self.options(None, **given)  # checked before any parsing or model call
         ids, gaps, pieces = self.parse_gaps(text, opts.max_span)
         if not gaps:
             raise SamplingError("no gap in the text: mark each gap with [MASK] (unknown length) or [MASK:n]")

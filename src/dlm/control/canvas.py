@@ -55,15 +55,16 @@ def fill_canvas(lm: DiffusionLM, canvas: torch.Tensor, processors: Sequence[Logi
     if canvas.shape[1] > lm.max_len:
         raise SamplingError(f"the canvas needs {canvas.shape[1]} tokens but the model's context is {lm.max_len}")
     options.setdefault("defer_eos", True)
-    opts = lm._options(None, **options)
-    opts = opts.replace(steps=steps or n_masks, block_length=0, max_new_tokens=1, num_samples=1, cache="none")
+    opts = lm.options(None, steps=steps, **options)  # a given steps is checked with the rest (0 is refused)
+    opts = opts.replace(steps=n_masks if steps is None else steps, block_length=0, max_new_tokens=1, num_samples=1,
+                        cache="none")
     procs = build_processors(opts, tok, allow_pad=True, extra=list(processors))
     prompt_mask = canvas != tok.mask_id  # guidance (cfg_scale > 0) masks the known text, as LLaDA
     # Masked models fill with LLaDA's sampler; a SEDD / D3PM checkpoint with its own (its process names it).
     own = getattr(getattr(lm, "process", None), "sampling", {})
     sampler = opts.sampler if "sampler" in own else "llada"
     final = canvas
-    for event in lm._events(canvas, 0, opts.replace(sampler=sampler), None, procs, prompt_mask):
+    for event in lm.denoise(canvas, 0, opts.replace(sampler=sampler), None, procs, prompt_mask):
         if callback is not None:
             callback(event)
         final = event.output.xt

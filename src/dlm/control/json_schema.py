@@ -103,12 +103,56 @@ class Choice:
 
 Part = Text | Gap | Choice
 
+MAX_DEPTH = 64  # nesting of objects and arrays; deeper schemas are refused (a layout that deep fits no context)
+MAX_LAYOUT = 1 << 17  # canvas positions of any layout: the longest contexts (128k tokens) hold no more
+
+
+class _Parts(list):
+    """The parts of a layout as they are compiled, with a running lower bound on the canvas tokens they need: one
+    per Gap slot and Choice, and a Text's characters over the most characters any token holds. Going past `stop`
+    ends the compilation at once, so minLength / minItems of 1e9 fail in microseconds; a layout that is merely too
+    long for the context is built (cheaply) and refused with its exact length by generate_json_text."""
+
+    def __init__(self, stop: int, chars_per_token: int, context: int | None) -> None:
+        super().__init__()
+        self.stop, self.chars_per_token, self.context = stop, max(1, chars_per_token), context
+        self.positions, self.chars = 0, 0
+
+    def tokens(self) -> float:
+        return self.positions + self.chars / self.chars_per_token
+
+    def need(self, n: int, path: str) -> None:
+        """Refuse before building `n` more positions at `path` when they cannot fit."""
+        if self.tokens() + n > self.stop:
+            where = f"but the model's context is {self.context}" if self.context else "(the most a layout holds)"
+            raise SchemaError(f"{path}: the JSON layout needs more than {self.stop} tokens {where}; lower "
+                              "minLength / maxLength / minItems / maxItems or the layout's string_tokens / array_items")
+
+    def append(self, p: Part) -> None:  # type: ignore[override]
+        if isinstance(p, Text):
+            self.chars += len(p.text)
+        else:
+            self.positions += len(p.slots) if isinstance(p, Gap) else 1
+        self.need(0, getattr(p, "path", "$"))
+        super().append(p)
+
+    def __iadd__(self, parts):  # type: ignore[override]
+        for p in parts:
+            self.append(p)
+        return self
+
 
 # ----- schema -> layout -----------------------------------------------------------------------------------------
 
-def compile_schema(schema: Any, layout: JsonLayout | None = None) -> list[Part]:
-    """A JSON schema -> the parts of its layout (pinned text merged). Raises SchemaError naming the path."""
-    parts: list[Part] = []
+def compile_schema(schema: Any, layout: JsonLayout | None = None, max_tokens: int | None = None,
+                   chars_per_token: int = 1) -> list[Part]:
+    """A JSON schema -> the parts of its layout (pinned text merged). Raises SchemaError naming the path.
+
+    `max_tokens` (the model's context) bounds the layout while it is built (at 16 times it, so a layout only a little
+    too long still gets its exact length); `chars_per_token`, the most characters of any token, makes the count of
+    pinned text a lower bound for that tokenizer."""
+    parts = _Parts(MAX_LAYOUT, 1, None) if max_tokens is None else \
+        _Parts(min(MAX_LAYOUT, 16 * max_tokens), chars_per_token, max_tokens)
     _compile(schema, "$", layout or JsonLayout(), parts)
     merged: list[Part] = []
     for p in parts:
@@ -146,7 +190,9 @@ def _check_keywords(s: Any, path: str) -> str | None:
     return kind
 
 
-def _compile(s: Any, path: str, layout: JsonLayout, out: list[Part]) -> None:
+def _compile(s: Any, path: str, layout: JsonLayout, out: _Parts, depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        raise SchemaError(f"{path[:60]}...: the schema nests deeper than {MAX_DEPTH} levels, which no layout fits")
     kind = _check_keywords(s, path)
     if "const" in s or "enum" in s:
         values = [s["const"]] if "const" in s else s["enum"]
@@ -162,7 +208,7 @@ def _compile(s: Any, path: str, layout: JsonLayout, out: list[Part]) -> None:
                 raise SchemaError(f"{path}: enum / const value {_dumps(v)} does not match the rest of the schema")
         out.append(Text(literals[0]) if len(literals) == 1 else Choice(path, literals))
     elif kind == "object":
-        _object(s, path, layout, out)
+        _object(s, path, layout, out, depth)
     elif kind == "array":
         items = s.get("items")
         if not isinstance(items, dict):
@@ -174,10 +220,10 @@ def _compile(s: Any, path: str, layout: JsonLayout, out: list[Part]) -> None:
         out.append(Text("["))
         for i in range(n):
             out.append(Text(", " if i else ""))
-            _compile(items, f"{path}[{i}]", layout, out)
+            _compile(items, f"{path}[{i}]", layout, out, depth + 1)
         out.append(Text("]"))
     elif kind == "string":
-        out += [Text('"'), *_string(s, path, layout), Text('"')]
+        out += [Text('"'), *_string(s, path, layout, out), Text('"')]
     elif kind in ("integer", "number"):
         out += _number(s, path, layout, integer=kind == "integer")
     elif kind == "boolean":
@@ -186,7 +232,7 @@ def _compile(s: Any, path: str, layout: JsonLayout, out: list[Part]) -> None:
         out.append(Text("null"))
 
 
-def _object(s: dict, path: str, layout: JsonLayout, out: list[Part]) -> None:
+def _object(s: dict, path: str, layout: JsonLayout, out: _Parts, depth: int) -> None:
     props = s.get("properties", {})
     if not isinstance(props, dict):
         raise SchemaError(f"{path}: properties must be an object of schemas")
@@ -205,15 +251,16 @@ def _object(s: dict, path: str, layout: JsonLayout, out: list[Part]) -> None:
     out.append(Text("{"))
     for i, (key, sub) in enumerate(props.items()):
         out.append(Text((", " if i else "") + _dumps(key) + ": "))
-        _compile(sub, f"{path}.{key}", layout, out)
+        _compile(sub, f"{path}.{key}", layout, out, depth + 1)
     out.append(Text("}"))
 
 
-def _string(s: dict, path: str, layout: JsonLayout) -> list[Part]:
+def _string(s: dict, path: str, layout: JsonLayout, out: _Parts) -> list[Part]:
     lo, hi = _count(s, "minLength", path, 0), _count(s, "maxLength", path)
     if hi is not None and hi < lo:
         raise SchemaError(f"{path}: maxLength {hi} < minLength {lo}")
     n = max(lo, layout.string_tokens if hi is None else min(hi, layout.string_tokens))
+    out.need(n, path)  # before n slots are built
     if n == 0:
         return []
     width = None if hi is None else hi // n  # n tokens of <= width chars each stay within maxLength
@@ -419,9 +466,10 @@ def _choose(lm: DiffusionLM, parts: list[Part], temperature: float, generator: t
 def generate_json_text(lm: DiffusionLM, schema: dict, layout: JsonLayout | None = None, **options: Any) -> str:
     """The JSON text of a value generated to `schema` (every GenerationConfig option is accepted, e.g. seed,
     temperature, steps). The text always parses with json.loads and validates against the schema."""
-    parts = compile_schema(schema, layout)
     tok = lm.tokenizer
-    sets = TokenSets(token_texts(tok), tok.pad_id)
+    texts = token_texts(tok)
+    parts = compile_schema(schema, layout, max_tokens=lm.max_len, chars_per_token=max(map(len, texts), default=1))
+    sets = TokenSets(texts, tok.pad_id)
     for p in parts:  # a tokenizer without the tokens a slot needs: an error before any model call
         for slot in p.slots if isinstance(p, Gap) else ():
             sets.ids(slot)
@@ -433,7 +481,7 @@ def generate_json_text(lm: DiffusionLM, schema: dict, layout: JsonLayout | None 
         raise SchemaError("this checkpoint is an autoregressive baseline; it cannot fill a JSON layout")
     chosen: dict[int, str] = {}
     if any(isinstance(p, Choice) for p in parts):
-        opts = lm._options(None, **{k: v for k, v in options.items() if k in ("temperature", "seed")})
+        opts = lm.options(None, **{k: v for k, v in options.items() if k in ("temperature", "seed")})
         generator = torch.Generator()
         if opts.seed is not None:
             generator.manual_seed(opts.seed)

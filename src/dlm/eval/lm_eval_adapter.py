@@ -115,7 +115,7 @@ class DLMEvalLM(LM):
             prompt = self.lm.tokenizer.encode(context)
             new = complete(self.lm, prompt, min(n, self.lm.max_len - 1), steps=self.steps, temperature=temperature,
                            seed=self.seed, **options)
-            text = self.lm._decode_new(new)  # cut at the first stop id, [PAD] removed
+            text = self.lm.decode_new(new)  # cut at the first stop id, [PAD] removed
             for stop in until:
                 text = text.split(stop)[0] if stop else text
             out.append(text)

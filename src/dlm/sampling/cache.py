@@ -33,14 +33,14 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from dlm.models.common import KVCache
-from dlm.sampling.generate import SamplingError, StepEvent, denoise_steps
+from dlm.sampling.generate import ModelFn, SamplingError, StepEvent, denoise_steps
 from dlm.sampling.processors import LogitsProcessor
 from dlm.sampling.sampler import Sampler
 
 MODES = ("none", "prefix", "dual")
 
 
-class CachedForward:
+class CachedForward(ModelFn):
     """A model_fn for `denoise_steps` that keeps a KV cache across the steps of a block.
 
     `begin_block(a, lo, hi)` is called by the loop at each block's start: the next call refreshes the cache with a
@@ -51,6 +51,7 @@ class CachedForward:
     def __init__(self, model: torch.nn.Module, mode: str, attention_mask: torch.Tensor | None = None,
                  time_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.model, self.mode, self.attention_mask, self.time_fn = model, mode, attention_mask, time_fn
+        self.cached = mode != "none"
         self.cache = KVCache()
         self.block_first: torch.Tensor | None = None  # logits (B, L, V) of the block's full forward
         self.a = self.end = 0
@@ -65,7 +66,7 @@ class CachedForward:
         self.a = a
         self.end = hi if self.mode == "dual" else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, window: tuple[int, int] | None = None, t=None) -> torch.Tensor:
         if self.mode == "none":
             return self._forward(x, x, None)
         if self.block_first is None:  # the block's first step refreshes the cache: exactly the uncached step

@@ -43,7 +43,7 @@ class D3PMSampler(GraphSampler):
     def model_time(self) -> float:
         return float(self.ks[self.step_index]) / self.process.T
 
-    def step(self, logits, xt, lo, hi, generator=None):
+    def step(self, logits, xt, lo, hi, generator=None, offset=0):
         """logits (B, L, V): x0 logits; xt (B, L). Changes free positions before `hi` only."""
         i = self.step_index
         k, s = int(self.ks[i]), int(self.ks[i + 1])

@@ -155,7 +155,7 @@ class DreamSampler(Sampler):
         """(B,) exact for confidence rules; for `origin` an upper bound (the masks left), 0 when all are done."""
         return self.remaining if self.origin else super().commits_planned
 
-    def step(self, logits, xt, lo, hi, generator=None):
+    def step(self, logits, xt, lo, hi, generator=None, offset=0):
         """logits (B, L, V) aligned with xt (B, L); commits at masked positions < hi only."""
         B, L = xt.shape
         i = self.step_index

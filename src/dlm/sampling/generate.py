@@ -22,6 +22,36 @@ class SamplingError(ValueError):
     """Sampling options that cannot work together; the message says how to fix them."""
 
 
+class ModelFn:
+    """What the loops call: canvas (B, L) -> float logits (B, L, V), with its capabilities declared.
+
+    supports_window: may compute the logits of [w0, hi) only, `fn(x, window=(w0, hi))` -> (B, hi - w0, V).
+    accepts_time: takes a sampler's own time, `fn(x, t=t)` (SEDD, D3PM); otherwise the network's t is the
+    process's reading of the canvas. cached: a KV-cached forward, told where each block starts by `begin_block`.
+    A plain callable is wrapped with every capability off (`as_model_fn`).
+    """
+
+    supports_window = False
+    accepts_time = False
+    cached = False
+
+    def __init__(self, fn: Callable[..., torch.Tensor], supports_window: bool = False,
+                 accepts_time: bool = False) -> None:
+        self.fn = fn
+        self.supports_window, self.accepts_time = supports_window, accepts_time
+
+    def __call__(self, x: torch.Tensor, window: tuple[int, int] | None = None, t=None) -> torch.Tensor:
+        kwargs = {k: v for k, v in (("window", window), ("t", t)) if v is not None}
+        return self.fn(x, **kwargs)
+
+    def begin_block(self, a: int, lo: int, hi: int) -> None:
+        """A block [lo, hi) starts (its first gap at a): a cached forward refreshes there; others ignore it."""
+
+
+def as_model_fn(fn: Callable[..., torch.Tensor]) -> ModelFn:
+    return fn if isinstance(fn, ModelFn) else ModelFn(fn)
+
+
 @dataclass
 class StepEvent:
     block: int
@@ -61,19 +91,14 @@ def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
                   processors: Sequence[LogitsProcessor] = (), eos_id: int | None = None) -> Iterator[StepEvent]:
     """The denoising loop as a generator of StepEvents; the final canvas is the last event's `output.xt`.
 
-    model_fn: (B, L) -> float logits (B, L, V); one with a `begin_block(a, lo, hi)` method (a KV-cached forward,
-    sampling/cache.py) is told where each block starts. x: (B, L) canvas whose [start, L) is generated block by block.
-    Sampler attributes the loop honours:
-      `fixed_plan`: the sampler's `commits_planned` is exact, so a step that commits nothing skips its forward.
-      `variable_steps`: keep stepping until the block has no mask (threshold decoding), not a fixed count.
-      `reuse_logits_when_unchanged`: reuse the last logits when the canvas did not change (MDLM's cache).
-      `begin(x, region, generator) -> x`: called once a block is planned (a uniform graph draws its prior there).
-      `pending(x, region) -> bool`: whether the block needs another step (default: it still holds a mask).
-      `model_time`: the time t of the next forward, passed as `t=` to a model_fn marked `accepts_time`
-      (SEDD, D3PM); samplers without it leave a time-conditioned network's t to the model_fn.
+    model_fn: (B, L) -> float logits (B, L, V), a `ModelFn` (or a plain callable, wrapped with no capabilities).
+    x: (B, L) canvas whose [start, L) is generated block by block. The sampler's declared hooks (dlm.sampling.
+    sampler.Sampler: `fixed_plan`, `variable_steps`, `windowed`, `reuse_logits_when_unchanged`, `begin`, `pending`,
+    `model_time`, `skip_step`) are what the loop uses; it probes nothing.
     With `eos_id` (variable length), a row whose finished block holds [EOS] has the rest of its canvas filled with
     [EOS] and takes no further commits; the loop ends when every row has stopped.
     """
+    model_fn = as_model_fn(model_fn)
     x = x.clone()
     B, L = x.shape
     block_length, n_blocks, steps_per_block = plan_blocks(L - start, steps, block_length)
@@ -82,9 +107,10 @@ def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     last_logits: torch.Tensor | None = None
     global_step = 0
     # Windowed steps: the sampler can take logits of [w0, hi) only, the model_fn can compute just those, and no
-    # processor looks at positions (a `where` mask) or at the rest of the canvas (repetition penalty).
-    window = (getattr(sampler, "windowed", False) and getattr(model_fn, "supports_window", False)
-              and not hasattr(model_fn, "begin_block") and all(getattr(p, "window_safe", False) for p in processors))
+    # processor looks at positions (a `where` mask) or at the rest of the canvas (repetition penalty). A plain
+    # callable given as a processor is not known to be window-safe.
+    window = (sampler.windowed and model_fn.supports_window and not model_fn.cached
+              and all(getattr(p, "window_safe", False) for p in processors))
     with torch.no_grad():
         for b in range(n_blocks):
             lo, hi = start + b * block_length, min(start + (b + 1) * block_length, L)  # the last may be shorter
@@ -94,29 +120,27 @@ def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
             if not region_masked.any():
                 continue
             sampler.set_timesteps(steps_per_block, region_masked)
-            if hasattr(sampler, "begin"):
-                x = sampler.begin(x, region, generator)
-            if hasattr(model_fn, "begin_block"):  # a cached forward: the slice starts at the block or first gap
-                first_gap = int(region_masked.any(0).nonzero()[0]) + region.start
-                model_fn.begin_block(min(lo, first_gap), lo, hi)
-                last_x = None  # reuse logits only within a block
-            budget = steps_per_block if not getattr(sampler, "variable_steps", False) else L + steps_per_block
-            timed = getattr(model_fn, "accepts_time", False) and hasattr(type(sampler), "model_time")
+            x = sampler.begin(x, region, generator)
+            first_gap = int(region_masked.any(0).nonzero()[0]) + region.start
+            model_fn.begin_block(min(lo, first_gap), lo, hi)  # a cached forward: the slice starts at the first gap
+            if model_fn.cached:
+                last_x = None  # a cached forward's logits are reused only within a block
+            budget = steps_per_block if not sampler.variable_steps else L + steps_per_block
             for _ in range(budget):
-                if not (sampler.pending(x, region) if hasattr(sampler, "pending") else (x[:, region] == mask_id).any()):
+                if not sampler.pending(x, region):
                     break
-                if getattr(sampler, "fixed_plan", False) and int(sampler.commits_planned.max()) == 0:
-                    sampler.step_index += 1  # nothing to commit: skip the forward pass, the result is identical
+                if sampler.fixed_plan and int(sampler.commits_planned.max()) == 0:
+                    sampler.skip_step()  # nothing to commit: skip the forward pass, the result is identical
                     global_step += 1
                     continue
                 seen, kwargs = x, {}
-                t_kw = {"t": sampler.model_time} if timed else {}
+                t = sampler.model_time if model_fn.accepts_time else None
+                t_kw = {"t": t} if t is not None else {}
                 if window:
                     # Only [w0, hi) can be committed: the head, the processors and the sampler see just that.
                     w0 = min(lo, int((x[:, :hi] == mask_id).any(0).nonzero()[0]))
                     raw, seen, kwargs = model_fn(x, window=(w0, hi), **t_kw), x[:, w0:hi], {"offset": w0}
-                elif getattr(sampler, "reuse_logits_when_unchanged", False) and last_x is not None and \
-                        torch.equal(last_x, x):
+                elif sampler.reuse_logits_when_unchanged and last_x is not None and torch.equal(last_x, x):
                     raw = last_logits
                 else:
                     raw = model_fn(x, **t_kw)

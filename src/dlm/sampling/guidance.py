@@ -18,10 +18,12 @@ from collections.abc import Callable
 
 import torch
 
+from dlm.sampling.generate import ModelFn as LoopModelFn
+
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-class ClassifierFreeGuidance:
+class ClassifierFreeGuidance(LoopModelFn):
     """A model_fn that runs `model_fn` on [xt; xt with the prompt masked] and mixes the two halves.
 
     prompt_mask: bool (B, L) or (1, L), True at the prompt (conditioning) positions. LLaDA takes it once, from
@@ -39,7 +41,7 @@ class ClassifierFreeGuidance:
         self.scale = float(scale)
         self.mask_id = int(mask_id)
 
-    def __call__(self, xt: torch.Tensor) -> torch.Tensor:
+    def __call__(self, xt: torch.Tensor, window: tuple[int, int] | None = None, t=None) -> torch.Tensor:
         B, L = xt.shape
         if self.prompt_mask.shape[1] != L or self.prompt_mask.shape[0] not in (1, B):
             raise ValueError(f"prompt_mask has shape {tuple(self.prompt_mask.shape)} but the canvas is ({B}, {L})")

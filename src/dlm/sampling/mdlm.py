@@ -51,7 +51,7 @@ class MDLMSampler(Sampler):
         alpha_t, alpha_s = self.schedule.alpha(self.timesteps[i: i + 2])
         return float((alpha_s - alpha_t) / (1 - alpha_t))
 
-    def step(self, logits, xt, lo, hi, generator=None):
+    def step(self, logits, xt, lo, hi, generator=None, offset=0):
         """logits (B, L, V), xt (B, L); commits at masked positions < hi only."""
         B, L = xt.shape
         i = self.step_index

@@ -54,7 +54,43 @@ class Sampler:
 
     Subclasses implement `set_timesteps` (plan a block) and `step` (one forward pass -> one update). The base
     plans LLaDA's even split; `commits_planned` is what the next step commits when the rule fixes a count.
+
+    The contract: every hook a denoising loop may use is declared here with its default, as diffusers' schedulers
+    do, so loops never probe for attributes; tests/test_sampler_contract.py checks every registered sampler.
     """
+
+    # ----- what the loop may rely on (class-level defaults; a subclass overrides what differs) -----------------
+    fixed_plan: bool = False  # `commits_planned` is exact: a step planned to commit nothing may skip its forward
+    variable_steps: bool = False  # step until the block holds no mask (threshold decoding), not a fixed count
+    windowed: bool = False  # `step(..., offset=w0)` accepts the logits of [w0, hi) only
+    reuse_logits_when_unchanged: bool = False  # an unchanged canvas may reuse the last logits (MDLM's cache)
+    applies_top_k_top_p: bool = False  # filters top-k / top-p itself, in its reference's order (not processors)
+
+    @property
+    def model_time(self) -> float | None:
+        """The time t of the next forward when the sampler owns its time (SEDD, D3PM); None leaves a
+        time-conditioned network's t to the process (`ForwardProcess.model_time` of the canvas)."""
+        return None
+
+    def use_process(self, process: Any) -> None:
+        """Take the forward process of the checkpoint; a masked-diffusion sampler refuses a family that has its
+        own samplers (SEDD, D3PM: `process.sampling["sampler"]`), with the name to use."""
+        own = getattr(process, "sampling", {}).get("sampler")
+        if own is not None:
+            raise ValueError(f"this sampler samples masked diffusion, but the checkpoint is a "
+                             f"{type(process).__name__} model: use sampler={own!r}")
+
+    def begin(self, x: torch.Tensor, region: slice, generator: torch.Generator | None) -> torch.Tensor:
+        """Called once a block is planned, before its first step -> the canvas (a uniform graph draws its prior)."""
+        return x
+
+    def pending(self, x: torch.Tensor, region: slice) -> bool:
+        """Whether the block needs another step: by default, while it holds a [MASK]."""
+        return bool((x[:, region] == self.mask_id).any())
+
+    def skip_step(self) -> None:
+        """Advance past a step that commits nothing (`fixed_plan`), whose forward the loop skipped."""
+        self.step_index += 1
 
     def __init__(self, mask_id: int, config: GenerationConfig | None = None, eos_id: int | None = None,
                  pad_id: int | None = None, **overrides: Any) -> None:
@@ -88,7 +124,8 @@ class Sampler:
         return self.plan[:, self.step_index]
 
     def step(self, logits: torch.Tensor, xt: torch.Tensor, lo: int, hi: int,
-             generator: torch.Generator | None = None) -> SamplerOutput:
+             generator: torch.Generator | None = None, offset: int = 0) -> SamplerOutput:
+        """logits (B, L, V) (windowed: (B, hi - offset, V)), xt (B, L) -> SamplerOutput; commits before `hi`."""
         raise NotImplementedError
 
 

@@ -129,7 +129,7 @@ class SEDDSampler(GraphSampler):
         """score (N, V), x (N,) -> the distribution (N, V) of x at ts[i + 1], before the last step."""
         raise NotImplementedError
 
-    def step(self, logits, xt, lo, hi, generator=None):
+    def step(self, logits, xt, lo, hi, generator=None, offset=0):
         """logits (B, L, V): raw network output; xt (B, L). Changes free positions before `hi` only."""
         i = self.step_index
         last = i == self.n_steps - 1
