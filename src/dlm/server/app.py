@@ -2,8 +2,10 @@
 `DiffusionLM` (the options are GenerationConfig's, the errors the library's).
 
 One worker thread owns the model (batching.py); the routes validate a request, queue it and wait for its result
-or stream its steps. Three ASGI middlewares wrap the routes: metrics (outermost, so it counts every answer),
-auth (`Authorization: Bearer KEY` with `hmac.compare_digest`), and the body-size limit (413 before parsing).
+or stream its steps, and withdraw it when its client goes away. Three ASGI middlewares wrap the routes: metrics
+(outermost, so it counts every answer; a client that left before its answer counts as status 499), auth
+(`Authorization: Bearer KEY` with `hmac.compare_digest`), and the body reader (413 over the size limit, 408 when
+the body is slower than --body-timeout, one log line when the client leaves mid-body).
 
     app = create_app(DiffusionLM.from_pretrained("default"), "default", ServerSettings(api_key="secret"))
     uvicorn.run(app, host="127.0.0.1", port=8000)                     # what `dlm serve` does
@@ -23,10 +25,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dlm.pipeline import DiffusionLM
@@ -45,6 +48,7 @@ from dlm.server.protocol import (
     InfillRequest,
     PrefixDelta,
     check_infill,
+    check_openai_fields,
     check_prompts,
     describe_validation,
     error_body,
@@ -52,6 +56,7 @@ from dlm.server.protocol import (
     new_id,
     now,
     parse_body,
+    prompt_texts,
     render_chat,
     resolve_options,
     sampling_overrides,
@@ -63,9 +68,15 @@ log = logging.getLogger("dlm.server")
 
 STATIC = Path(__file__).parent / "static"
 PLACEHOLDER = "<!doctype html><title>dlm</title><p>dlm is serving; the API is described in docs/http-api.md.</p>"
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/infill",
-          "/v1/generate")
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/models/{model}", "/v1/completions",
+          "/v1/chat/completions", "/v1/infill", "/v1/generate")
 TIMEOUTS = (TimeoutError, asyncio.TimeoutError)  # distinct classes before Python 3.11
+CLIENT_GONE = 499  # the status counted for a client that left before its answer (nginx's "client closed request")
+ARRIVAL = "dlm.arrival"  # scope key: time.monotonic() when the request arrived (--timeout counts from it)
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
 
 
 def sse(obj: Any) -> bytes:
@@ -86,27 +97,36 @@ class MetricsMiddleware:
     def route(path: str) -> str:
         if path in ROUTES:
             return path
+        if path.startswith("/v1/models/"):
+            return "/v1/models/{model}"
         return "/static" if path.startswith("/static/") else "other"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start, status = time.perf_counter(), [500]  # an exception escaping the app is answered 500 outside
+        start, status, gone = time.perf_counter(), [0], [False]
 
         async def send_status(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
 
+        async def receive_watched() -> Message:
+            message = await receive()
+            gone[0] = gone[0] or message["type"] == "http.disconnect"
+            return message
+
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive_watched, send_status)
         finally:
-            self.metrics.observe(self.route(scope["path"]), status[0], time.perf_counter() - start)
+            # No answer: the client left first (499), or an exception escaped the app (answered 500 outside).
+            code = status[0] or (CLIENT_GONE if gone[0] else 500)
+            self.metrics.observe(self.route(scope["path"]), code, time.perf_counter() - start)
 
 
 class AuthMiddleware:
-    """With a key, every route but GET /health, GET / and the playground's GET /static/* needs `Bearer KEY`."""
+    """With a key, every route but GET (and HEAD) /health, / and the playground's /static/* needs `Bearer KEY`."""
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app, self.key = app, api_key.encode() if api_key else None
@@ -114,7 +134,7 @@ class AuthMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.key is not None:
             path, method = scope["path"], scope["method"]
-            public = method == "GET" and (path in ("/", "/health") or path.startswith("/static/"))
+            public = method in ("GET", "HEAD") and (path in ("/", "/health") or path.startswith("/static/"))
             scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
             if not public and not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
                                                                                      self.key)):
@@ -126,37 +146,49 @@ class AuthMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Reads the body (at most `limit` bytes, else 413) before the app parses it, then replays it."""
+    """Reads the body (at most `limit` bytes, else 413; within `timeout` seconds of arrival, else 408) before the
+    app parses it, then replays it. A client that leaves mid-body gets one log line, and the app never runs."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, timeout: float) -> None:
+        self.app, self.limit, self.timeout = app, limit, timeout
 
-    async def too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = error_body(f"the request body exceeds {self.limit} bytes (--max-body-bytes)", code="body_too_large")
-        await JSONResponse(body, 413, headers={"Connection": "close"})(scope, receive, send)
+    async def refuse(self, scope: Scope, receive: Receive, send: Send, status: int, message: str,
+                     code: str) -> None:
+        await JSONResponse(error_body(message, code=code), status, headers={"Connection": "close"})(
+            scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        arrival = scope[ARRIVAL] = time.monotonic()
+        too_large = f"the request body exceeds {self.limit} bytes (--max-body-bytes)"
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.limit:
-            await self.too_large(scope, receive, send)
+            await self.refuse(scope, receive, send, 413, too_large, "body_too_large")
             return
-        chunks, size, first = [], 0, None
+        chunks, size = [], 0
         while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                first = message  # the client went away: let the app see it
-                break
+            try:
+                message = await asyncio.wait_for(receive(), arrival + self.timeout - time.monotonic())
+            except TIMEOUTS:
+                log.info("%s %s: the body did not arrive within %g s (%d bytes came); answered 408",
+                         scope["method"], scope["path"], self.timeout, size)
+                await self.refuse(scope, receive, send, 408, f"the request body did not arrive within "
+                                  f"{self.timeout:g} s (--body-timeout)", "body_timeout")
+                return
+            if message["type"] != "http.request":  # http.disconnect: nobody is left to answer
+                log.info("%s %s: the client disconnected mid-body (after %d bytes)", scope["method"],
+                         scope["path"], size)
+                return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                await self.too_large(scope, receive, send)
+                await self.refuse(scope, receive, send, 413, too_large, "body_too_large")
                 return
             if not message.get("more_body", False):
                 break
-        pending = [first or {"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
         async def replay() -> Message:
             return pending.pop() if pending else await receive()
@@ -183,6 +215,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = describe_validation(list(exc.errors()))
         return JSONResponse(error_body(message, param=param, code="invalid_request"), 400)
+
+    @app.exception_handler(ClientGone)
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        log.info("%s %s: the client disconnected before its answer; its request was withdrawn", request.method,
+                 request.url.path)
+        return Response(status_code=CLIENT_GONE)  # nobody reads it: it sets the status the metrics count
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -218,7 +257,8 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
     app = FastAPI(title="dlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lm, app.state.settings, app.state.batcher, app.state.metrics = lm, settings, batcher, metrics
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes,
+                       timeout=min(settings.body_timeout, settings.timeout))
     app.add_middleware(AuthMiddleware, api_key=settings.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: the outermost of the three
 
@@ -228,8 +268,9 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
             raise ApiError(404, f"model {name!r} not found; this server serves {model_name!r}", param="model",
                            code="model_not_found")
 
-    def submit(kind: str, prompts: list[str], options: Any, stream: bool) -> Job:
-        job = Job(kind, prompts, options, stream, settings.timeout)
+    def submit(request: Request, kind: str, prompts: list[str], options: Any, stream: bool) -> Job:
+        arrival = request.scope.get(ARRIVAL, time.monotonic())
+        job = Job(kind, prompts, options, stream, arrival + settings.timeout - time.monotonic())
         try:
             batcher.submit(job)
         except QueueFull as e:
@@ -242,10 +283,25 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
         return ApiError(504, f"the request took longer than {settings.timeout:g} s (--timeout)", "timeout_error",
                         code="timeout")
 
-    async def result(job: Job) -> JobResult:
+    async def disconnected(request: Request) -> None:
+        """Returns once the client has closed the connection (the body has been read: only that message is left)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def next_or_gone(job: Job, gone: asyncio.Future[None]) -> tuple[str, Any]:
+        """The job's next message; ClientGone if the client leaves first."""
+        message = asyncio.ensure_future(job.next())
+        await asyncio.wait({message, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if message.done():
+            return message.result()  # TimeoutError past the deadline
+        message.cancel()
+        raise ClientGone
+
+    async def result(request: Request, job: Job) -> JobResult:
+        gone = asyncio.ensure_future(disconnected(request))
         try:
             while True:
-                kind, payload = await job.next()
+                kind, payload = await next_or_gone(job, gone)
                 if kind == "done":
                     return payload
                 if kind == "error":
@@ -253,22 +309,27 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
         except TIMEOUTS as e:
             raise timed_out() from e
         finally:
-            job.cancel()  # a no-op once done; otherwise the worker drops or abandons the job
+            gone.cancel()
+            batcher.withdraw(job)  # a no-op once done; else the slot is freed and the worker drops the job
 
     Render = Callable[[str, Any], Iterator[Any]]
 
-    async def stream(job: Job, render: Render) -> StreamingResponse:
-        """Wait for the first message (so a refused or queued-too-long request still gets its status), then SSE."""
+    async def stream(request: Request, job: Job, render: Render) -> StreamingResponse:
+        """Wait for the first message (so a refused or queued-too-long request still gets its status), then SSE.
+        Once streaming, Starlette cancels `events` when the client leaves; before that, `next_or_gone` notices."""
+        gone = asyncio.ensure_future(disconnected(request))
         try:
-            first = await job.next()
+            first = await next_or_gone(job, gone)
         except TIMEOUTS as e:
-            job.cancel()
+            batcher.withdraw(job)
             raise timed_out() from e
         except BaseException:
-            job.cancel()
+            batcher.withdraw(job)
             raise
+        finally:
+            gone.cancel()
         if first[0] == "error":
-            job.cancel()
+            batcher.withdraw(job)
             raise job_error(first[1])
 
         async def events() -> AsyncIterator[bytes]:
@@ -287,7 +348,7 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
             except TIMEOUTS:
                 yield sse(timed_out().body())
             finally:
-                job.cancel()
+                batcher.withdraw(job)
             yield SSE_DONE
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -297,19 +358,24 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
         p, c = sum(prompt_tokens), sum(r.tokens)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    async def openai_route(body: CompletionRequest | ChatRequest, prompts: list[str], chat: bool) -> Any:
+    async def openai_route(request: Request, body: CompletionRequest | ChatRequest, prompts: list[str],
+                           chat: bool) -> Any:
         check_model(body.model)
+        check_openai_fields(body)
         opts = resolve_options(lm, sampling_overrides(body, OPENAI_NAMES), settings)
         stops = stop_list(body.stop)
         counts = check_prompts(lm, prompts, opts, settings)
-        job = submit("generate", prompts, opts, body.stream)
+        job = submit(request, "generate", prompts, opts, body.stream)
         cid, kind = new_id("chatcmpl" if chat else "cmpl"), "chat.completion" if chat else "text_completion"
         head = {"id": cid, "object": kind, "created": now(), "model": model_name}
+        # echo (completions): row i (prompts x n, prompt-major) starts with its prompt
+        echoed = [prompts[i // opts.num_samples] if getattr(body, "echo", False) else "" for i in range(job.rows)]
         if not body.stream:
-            r = await result(job)
+            r = await result(request, job)
             choices = []
             for i, (raw, eos) in enumerate(zip(r.texts, r.finished, strict=True)):
                 text, reason = finish_text(raw, eos, stops)
+                text = echoed[i] + text
                 content = {"message": {"role": "assistant", "content": text}} if chat else \
                     {"text": text, "logprobs": None}
                 choices.append({"index": i, **content, "finish_reason": reason})
@@ -318,6 +384,9 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
         deltas = [PrefixDelta(tok, stops) for _ in range(job.rows)]
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
         opened = [False] * job.rows
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        if include_usage:
+            head["usage"] = None  # as OpenAI: every chunk has the key; the last one (choices: []) the numbers
 
         def chunk(i: int, text: str | None, reason: str | None = None) -> dict[str, Any]:
             if chat:
@@ -327,6 +396,9 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
                     delta = {"role": "assistant", **delta}
                 choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
             else:
+                if not opened[i]:
+                    opened[i] = True
+                    text = echoed[i] + (text or "")
                 choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
             return {**head, "choices": [choice]}
 
@@ -343,8 +415,10 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
                 if text or (chat and not opened[i]):
                     yield chunk(i, text)
                 yield chunk(i, None, reason)
+            if include_usage:
+                yield {**head, "choices": [], "usage": usage(counts, payload)}
 
-        return await stream(job, render)
+        return await stream(request, job, render)
 
     def denoising(prompt: str, length: int) -> Render:
         view, started = CanvasView(tok), [False]
@@ -361,20 +435,26 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
         return render
 
     # ----- routes -------------------------------------------------------------------------------------------------
+    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "dlm"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "dlm"}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        check_model(model_id)
+        return model_card
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         body = parse_body(await request.body(), CompletionRequest)
-        return await openai_route(body, [body.prompt] if isinstance(body.prompt, str) else body.prompt, chat=False)
+        return await openai_route(request, body, prompt_texts(tok, body.prompt), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         body = parse_body(await request.body(), ChatRequest)
-        return await openai_route(body, [render_chat(tok, body.messages)], chat=True)
+        return await openai_route(request, body, [render_chat(tok, body.messages)], chat=True)
 
     @app.post("/v1/infill")
     async def infill(request: Request) -> Any:
@@ -382,10 +462,10 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
         check_model(body.model)
         overrides = sampling_overrides(body, INFILL_NAMES)
         length = check_infill(lm, body.text, overrides, settings)
-        job = submit("infill", [body.text], overrides, body.stream)
+        job = submit(request, "infill", [body.text], overrides, body.stream)
         if body.stream:
-            return await stream(job, denoising(body.text, length))
-        return {"text": (await result(job)).texts[0]}
+            return await stream(request, job, denoising(body.text, length))
+        return {"text": (await result(request, job)).texts[0]}
 
     @app.post("/v1/generate")
     async def generate(request: Request) -> Any:
@@ -396,13 +476,13 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
             raise ApiError(400, "/v1/generate decodes one sample; use /v1/completions with n for several",
                            param="num_samples")
         check_prompts(lm, [body.prompt], opts, settings)
-        job = submit("generate", [body.prompt], opts, body.stream)
+        job = submit(request, "generate", [body.prompt], opts, body.stream)
         if body.stream:
-            return await stream(job, denoising(body.prompt, opts.max_new_tokens))
-        r = await result(job)
+            return await stream(request, job, denoising(body.prompt, opts.max_new_tokens))
+        r = await result(request, job)
         return {"text": r.texts[0], "steps": r.steps, "nfe": r.nfe}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         alive = batcher.alive
         return JSONResponse({"status": "ok" if alive else "error", "model": model_name}, 200 if alive else 503)
@@ -422,7 +502,7 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
         ]
         return PlainTextResponse(metrics.render(extra), media_type=prom.CONTENT_TYPE)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> Any:
         page = STATIC / "index.html"
         return FileResponse(page) if page.is_file() else HTMLResponse(PLACEHOLDER)

@@ -159,6 +159,16 @@ class Batcher:
             self._pending.append(job)
             self._cond.notify()
 
+    def withdraw(self, job: Job) -> None:
+        """The request is over (answered, failed, or its client went away): cancel the job and free its queue
+        slot. A batch already decoding stops at its next step once every job in it is withdrawn."""
+        with self._cond:
+            job.cancel()
+            try:
+                self._pending.remove(job)
+            except ValueError:  # taken by the worker already, or never queued
+                pass
+
     def start(self) -> None:
         if self._thread is not None:
             return

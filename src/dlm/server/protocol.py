@@ -27,8 +27,9 @@ from dlm.tokenizer import Tokenizer
 
 MASK_GLYPH = "░"
 GENERATION_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationConfig))
-OPENAI_NAMES = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
-                "n": "num_samples", "seed": "seed"}  # request field -> GenerationConfig field
+OPENAI_NAMES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+                "temperature": "temperature", "top_p": "top_p", "n": "num_samples",
+                "seed": "seed"}  # request field -> GenerationConfig field (max_completion_tokens: chat's newer name)
 
 
 class ApiError(Exception):
@@ -57,17 +58,34 @@ class _Body(BaseModel):
     stream: bool = False
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False  # a last chunk with `choices: []` and the request's `usage`
+
+
 class _OpenAISampling(_Body):
     max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     n: int | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted and ignored (OpenAI uses it for abuse monitoring)
+    # Fields of the OpenAI API that a DLM cannot honour: accepted at their neutral value, else 400 (not_for_dlm).
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | int | None = None  # completions: an int; chat: a bool
+    top_logprobs: int | None = None
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(_OpenAISampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, texts, or token ids (one prompt or several)
+    echo: bool = False  # the prompt is sent back before each completion
+    suffix: str | None = None
 
 
 class TextPart(BaseModel):
@@ -124,12 +142,46 @@ def describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     return f"{'.'.join(loc)}: {e.get('msg', 'invalid')}{more}", loc[0]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_unicode(data: Any) -> None:
+    """ApiError 400 at the first string (value or field name) with a lone surrogate, e.g. from "a\\ud800".
+
+    JSON may escape half of a surrogate pair alone (and json.loads decodes bytes with surrogatepass); Python keeps
+    the code point, but no UTF-8 tokenizer can encode it. The walk is iterative (json.loads already bounded the
+    depth) and the message never echoes the bad string back.
+    """
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            m = _SURROGATE.search(value)
+            if m:
+                raise ApiError(400, f"{where or 'the body'}: the text holds a lone surrogate "
+                                    f"U+{ord(m.group()):04X} (an escape such as \\ud800) at character {m.start()}; "
+                                    "text must be valid Unicode (send a character outside the BMP as UTF-8 or as a "
+                                    "full surrogate pair)",
+                               param=where.split(".")[0] or None, code="invalid_unicode")
+        elif isinstance(value, dict):
+            for key in value:
+                m = _SURROGATE.search(key)
+                if m:
+                    raise ApiError(400, f"a field name {'in ' + where + ' ' if where else ''}holds a lone "
+                                        f"surrogate U+{ord(m.group()):04X}; field names must be valid "
+                                        "Unicode", param=where.split(".")[0] or None, code="invalid_unicode")
+            stack.extend((v, f"{where}.{k}" if where else k) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}.{i}") for i, v in reversed(list(enumerate(value))))
+
+
 def parse_body(raw: bytes, model: type[B]) -> B:
     """JSON bytes -> a request model. Any content type is read as JSON (`curl -d` sends form-urlencoded)."""
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, invalid UTF-8, absurd nesting
         raise ApiError(400, f"the body is not valid JSON: {e}"[:500], code="invalid_json") from e
+    check_unicode(data)  # json.loads passes "\\ud800" escapes, and UTF-8-encoded surrogates too (surrogatepass)
     if not isinstance(data, dict):
         raise ApiError(400, f"the body must be a JSON object, got {type(data).__name__}", code="invalid_request")
     try:
@@ -149,23 +201,83 @@ def sampling_overrides(body: _Body, names: dict[str, str]) -> dict[str, Any]:
         raise ApiError(400, f"unknown field(s) {unknown}: this route takes {declared} and any GenerationConfig "
                             f"option ({', '.join(sorted(GENERATION_FIELDS))})", param=unknown[0])
     out = {k: v for k, v in extras.items() if v is not None}  # null means: the model's default
+    given = {k: k for k in out}  # GenerationConfig field -> the request field that set it
     for name, target in names.items():
         value = getattr(body, name)
         if value is None:
             continue
         if target in out and out[target] != value:
-            raise ApiError(400, f"{name}={value!r} and {target}={out[target]!r} disagree; give one of them",
+            raise ApiError(400, f"{name}={value!r} and {given[target]}={out[target]!r} disagree; give one of them",
                            param=name)
-        out[target] = value
+        out[target], given[target] = value, name
     for k, v in out.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise ApiError(400, f"{k} must be a finite number, got {v}", param=k)
     return out
 
 
+NOT_FOR_DLM = "is not supported for diffusion models"
+
+
+def _not_for_dlm(field: str, why: str) -> ApiError:
+    return ApiError(400, f"{field} {NOT_FOR_DLM}: {why}", param=field, code="unsupported_parameter")
+
+
+def check_openai_fields(body: _OpenAISampling) -> None:
+    """The OpenAI fields that do not map onto a DLM: accepted at their neutral value, else one clear 400."""
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(body, name)
+        if value is not None and not -2 <= value <= 2:
+            raise ApiError(400, f"{name} must be in [-2, 2], got {value}", param=name)
+        if value:
+            raise _not_for_dlm(name, "it is accepted only at 0 (ignored); a DLM fills every position at once, so "
+                                     "use the dlm option repetition_penalty (> 1 discourages repeated tokens)")
+    wants_logprobs = body.logprobs is not None and body.logprobs is not False  # completions' 0 asks for some
+    if wants_logprobs or body.top_logprobs not in (None, 0):
+        raise _not_for_dlm("logprobs" if wants_logprobs else "top_logprobs",
+                           "tokens are committed in any order over many denoising steps, so there is no "
+                           "left-to-right log-probability per token (`dlm eval` scores a text by its ELBO)")
+    if body.best_of not in (None, 1) and body.best_of != body.n:
+        raise _not_for_dlm("best_of", "ranking samples needs their log-probabilities; use n for several samples")
+    if body.logit_bias:
+        raise _not_for_dlm("logit_bias", "this server has no per-token bias; the token controls it offers are the "
+                                         "dlm options ban_eos and suppress_special")
+    if isinstance(body, CompletionRequest) and body.suffix:
+        raise _not_for_dlm("suffix", "on /v1/completions; a DLM fills text between a prefix and a suffix with "
+                                     "/v1/infill: {\"text\": \"PREFIX[MASK]SUFFIX\"}")
+
+
+def prompt_texts(tokenizer: Tokenizer, prompt: str | list[str] | list[int] | list[list[int]]) -> list[str]:
+    """A completion's prompt -> its texts. Token ids are taken when they round-trip through the tokenizer (the
+    pipeline encodes text, so ids it would encode differently cannot be served exactly)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt or isinstance(prompt[0], str):
+        return list(prompt)  # type: ignore[arg-type]
+    rows: list[list[int]] = [prompt] if isinstance(prompt[0], int) else prompt  # type: ignore[list-item,assignment]
+    texts = []
+    for i, ids in enumerate(rows):
+        where = "the prompt" if len(rows) == 1 else f"prompt {i}"
+        if not ids:
+            raise ApiError(400, f"{where} is an empty list of token ids", param="prompt")
+        bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size or t in tokenizer.special_ids), None)
+        if bad is not None:
+            raise ApiError(400, f"{where}: token id {bad} is not a text token of this model's tokenizer (ids 0.."
+                                f"{tokenizer.vocab_size - 1}, special tokens excluded)", param="prompt")
+        text = tokenizer.decode(ids)
+        if tokenizer.encode(text) != ids:
+            raise ApiError(400, f"{where}: these token ids do not round-trip through the tokenizer (decoding then "
+                                "encoding them gives other ids, e.g. a split UTF-8 character); send the text",
+                           param="prompt")
+        texts.append(text)
+    return texts
+
+
 def _library_check(lm: DiffusionLM, overrides: dict[str, Any]) -> GenerationConfig:
     try:
-        opts = lm._options(None, **overrides)
+        opts = lm.options(None, **overrides)
         # Building the sampler checks the remasking rule the way that sampler reads it (dream takes "origin").
         SAMPLERS.build(opts.sampler, mask_id=lm.tokenizer.mask_id, config=opts)
     except ValueError as e:  # ConfigError (types, ranges, unknown names): the library's message says what works
