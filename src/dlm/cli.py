@@ -396,11 +396,22 @@ def _serve(args: argparse.Namespace) -> None:
         from dlm.server import ServerSettings, create_app
     except ImportError as e:
         raise ValueError(f"dlm serve needs the serve extra: pip install 'dlm[serve]' ({e})") from e
-    settings = ServerSettings(api_key=args.api_key or os.environ.get("DLM_API_KEY") or None,
-                              max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+    key = args.api_key if args.api_key is not None else os.environ.get("DLM_API_KEY")
+    if key is not None and not key.strip():  # `--api-key "$UNSET"` must not start a server without auth
+        where = "--api-key" if args.api_key is not None else "$DLM_API_KEY"
+        raise ValueError(f"{where} is empty (an unset variable?): give a key, or leave out --api-key and "
+                         "$DLM_API_KEY to serve without auth")
+    settings = ServerSettings(api_key=key, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                               max_steps=args.max_steps, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
-                              queue_size=args.queue_size, timeout=args.timeout, batch_size=args.batch_size,
-                              batch_wait_ms=args.batch_wait_ms)
+                              queue_size=args.queue_size, timeout=args.timeout, body_timeout=args.body_timeout,
+                              batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms)
+    import logging
+
+    handler = logging.StreamHandler()  # the server's own lines (disconnects, slow bodies, bugs), as uvicorn's
+    handler.setFormatter(logging.Formatter("%(levelname)s:     dlm: %(message)s"))
+    server_log = logging.getLogger("dlm.server")
+    server_log.addHandler(handler)
+    server_log.setLevel(args.log_level.upper())
     name = args.model_name or (Path(args.model).name if "/" in args.model else args.model)
     app = create_app(_load(args), name, settings)
     auth = "with an API key" if settings.api_key else "without auth"
@@ -585,14 +596,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-name", help="the name clients use (default: the --model name or folder name)")
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $DLM_API_KEY, else no auth)")
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $DLM_API_KEY, else no auth; "
+                   "an empty key is refused)")
     s.add_argument("--max-prompt-tokens", type=int, default=1024)
     s.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens and infill gaps")
     s.add_argument("--max-steps", type=int, default=1024)
     s.add_argument("--max-n", type=int, default=8, help="cap on n (and prompts x n) of one request")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
     s.add_argument("--queue-size", type=int, default=64, help="requests waiting; one more gets 429")
-    s.add_argument("--timeout", type=float, default=300.0, help="seconds per request; 504 after")
+    s.add_argument("--timeout", type=float, default=300.0, help="seconds per request, body upload included; "
+                   "504 after")
+    s.add_argument("--body-timeout", type=float, default=30.0, help="seconds to receive a request's body; 408 after")
     s.add_argument("--batch-size", type=int, default=8, help="rows decoded together; 1 disables batching")
     s.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long an idle worker waits for a batch")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
