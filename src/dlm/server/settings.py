@@ -12,7 +12,7 @@ from dlm.config import ConfigError
 
 @dataclass
 class ServerSettings:
-    api_key: str | None = None  # None: no auth; else every route but GET /health and GET / needs `Bearer KEY`
+    api_key: str | None = None  # None: no auth; else all but GET/HEAD of /health and / need `Bearer KEY`
     max_prompt_tokens: int = 1024  # per prompt (infill: the whole text); the model's context caps it too
     max_tokens: int = 512  # cap on max_tokens / max_new_tokens, and on the tokens of all infill gaps together
     max_steps: int = 1024  # cap on denoising steps (one forward pass each)
