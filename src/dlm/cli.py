@@ -170,7 +170,8 @@ def _train(args: argparse.Namespace) -> None:
     model_cfg = ModelConfig.preset(args.model, **overrides)
     loss = args.loss or ("ar" if model_cfg.arch == "ar" else family.defaults.get("loss", "masked_elbo"))
     given = {"schedule": args.schedule, "eps": args.eps, "sigma_min": args.sigma_min, "sigma_max": args.sigma_max,
-             "timesteps": args.timesteps, "hybrid_lambda": args.hybrid_lambda}
+             "timesteps": args.timesteps, "hybrid_lambda": args.hybrid_lambda, "block_size": args.block_size,
+             "clip_min": args.clip_min, "clip_max": args.clip_max}
     pcfg = process_config(args.process, loss=loss, infill_prob=args.infill_prob, max_span=args.max_span,
                           **{k: v for k, v in given.items() if v is not None})
     tcfg = _train_config(args, data=args.data, tokenizer=args.tokenizer, eval_every=args.eval_every,
@@ -517,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", choices=["llada", "dit", "ar"],
                    help="network (default: the process's: llada for masked, dit for SEDD and D3PM)")
     t.add_argument("--process", default="masked",
-                   help="masked, sedd-absorbing, sedd-uniform, d3pm-absorbing, d3pm-uniform (docs/families.md)")
+                   help="masked, bd3lm (block diffusion, docs/block.md), sedd-absorbing, sedd-uniform, "
+                        "d3pm-absorbing, d3pm-uniform (docs/families.md)")
     t.add_argument("--schedule", help="linear (LLaDA), loglinear (MDLM, SEDD absorbing), cosine, geometric (SEDD "
                                       "uniform); default: the process's")
     t.add_argument("--loss", help="masked_elbo (masked default), masked_unweighted, ar, score_entropy (SEDD), "
@@ -527,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sigma-max", type=float, help="geometric schedule: sigma(1) (default 20)")
     t.add_argument("--timesteps", type=int, help="D3PM: number T of discrete steps (default 1000)")
     t.add_argument("--hybrid-lambda", type=float, help="D3PM: weight of the x0 cross-entropy (default 0.01)")
+    t.add_argument("--block-size", type=int, help="bd3lm: tokens per block (default 16; 1 is AR, seq_len MDLM)")
+    t.add_argument("--clip-min", type=float, help="bd3lm: block times t ~ U[clip-min, clip-max] (default 1e-3)")
+    t.add_argument("--clip-max", type=float, help="bd3lm: upper end of the clipped schedule (default 1)")
     t.add_argument("--infill-prob", type=float, default=0.0, help="fraction of sequences on the infilling objective")
     t.add_argument("--max-span", type=int, default=64)
     t.add_argument("--tokenizer", default="byte", help="byte, or bpe:<vocab size>")

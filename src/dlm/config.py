@@ -204,6 +204,12 @@ class ProcessConfig(_Config):
     sigma_max: float = 20.0  # geometric schedule: sigma(1); exp(-20) of the data survives at t = 1
     timesteps: int = 1000  # D3PM: number T of discrete forward steps (Austin et al. use 1000)
     hybrid_lambda: float = 0.01  # D3PM hybrid loss: weight of the auxiliary x0 cross-entropy (0: the pure ELBO)
+    block_size: int = 0  # bd3lm: tokens per block (1: AR, seq_len: MDLM); 0 for processes without blocks
+    # bd3lm (BD3LM's clipped schedule): each block's time t ~ U[clip_min, clip_max] in training (the reported bound
+    # always uses [0, 1]); dlm.processes.block.search_clip finds the interval of least variance on held-out data
+    clip_min: float = 0.0
+    clip_max: float = 1.0
+
 
 
 @dataclass
@@ -325,6 +331,7 @@ class GenerationConfig(_Config):
     stop_at_eos: bool = False  # variable length: a row stops once its block holds [EOS]; the rest becomes [EOS]
     num_samples: int = 1  # n samples of each prompt in one batched call
     max_span: int = 64  # length of a bare [MASK] gap in infill
+    sub_block: int = 0  # block sampler: decode each block in sub-blocks of this many tokens (Fast-dLLM v2); 0: none
     seed: int | None = None
     # Ban [MASK] and [BOS] (and [PAD] outside infilling gaps) from every prediction. dlm's own models keep it on;
     # upstream folders (LLaDA, Dream, MDLM, SEDD) load with it off, so that greedy generation equals their reference
@@ -364,6 +371,8 @@ class GenerationConfig(_Config):
             bad(f"num_samples must be >= 1, got {self.num_samples}")
         if self.max_span < 1:
             bad(f"max_span must be >= 1, got {self.max_span}")
+        if self.sub_block < 0:
+            bad(f"sub_block must be >= 1 (or 0: no sub-blocks), got {self.sub_block}")
         if self.alg_temp is not None and self.alg_temp < 0:
             bad(f"alg_temp must be >= 0, got {self.alg_temp}")
         if self.seed is not None:

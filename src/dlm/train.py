@@ -67,6 +67,12 @@ def validate(model_cfg: ModelConfig, pcfg: ProcessConfig, tcfg: TrainConfig) -> 
         LOSSES.get(pcfg.loss).from_config(pcfg)
     except ValueError as e:
         raise ConfigError(f"process {pcfg.process!r} with schedule {pcfg.schedule!r}: {e}") from e
+    if pcfg.process == "bd3lm" and not getattr(MODELS.get(model_cfg.arch), "supports_attention_modes", False):
+        raise ConfigError(f"block diffusion (bd3lm) trains a network that takes an attention mask and positions: "
+                          f"use arch 'llada', not {model_cfg.arch!r}")
+    if pcfg.process == "bd3lm" and not 1 <= pcfg.block_size <= tcfg.seq_len:
+        raise ConfigError(f"block_size must be in [1, seq_len={tcfg.seq_len}] (1 is AR, seq_len is MDLM), "
+                          f"got {pcfg.block_size}")
     if causal_loss and pcfg.infill_prob > 0:
         raise ConfigError("the infilling objective needs a bidirectional model; set infill_prob=0 for ar")
     if tcfg.seq_len > model_cfg.max_len:
