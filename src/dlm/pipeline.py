@@ -271,7 +271,7 @@ class DiffusionLM:
         tok = self.tokenizer
         if opts.cfg_scale > 0:
             raise SamplingError("the block sampler does not do classifier-free guidance (cfg_scale > 0)")
-        if bool((canvas[:, :start] == tok.mask_id).any()):
+        if bool((canvas[:, :start] == tok.mask_id).any()) or bool((canvas[:, start:] != tok.mask_id).any()):
             raise SamplingError("the block sampler writes after the prompt only; gaps inside the text (infilling) "
                                 "need the future of the gap: use a full-attention model and sampler='llada'")
         bs = self.block_size or opts.block_length or canvas.shape[1] - start

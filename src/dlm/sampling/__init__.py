@@ -1,5 +1,6 @@
 """Sampling: samplers (set_timesteps / step), remasking rules, logits processors and the denoising loop."""
 
+from dlm.sampling.block import BlockSampler, block_steps  # registers "block"
 from dlm.sampling.cache import denoise_cached, denoise_cached_steps
 from dlm.sampling.d3pm import D3PMSampler  # registers "d3pm"
 from dlm.sampling.display import LiveCanvas, Trajectory
@@ -31,4 +32,4 @@ __all__ = ["SAMPLERS", "REMASKING", "Sampler", "LLaDASampler", "SamplerOutput", 
            "TopP",
            "build_processors", "DreamSampler", "MDLMSampler", "MDLMCacheSampler", "denoise_cached",
            "denoise_cached_steps", "FastDLLMSampler", "GraphSampler", "SEDDEulerSampler", "SEDDAnalyticSampler",
-           "D3PMSampler"]
+           "D3PMSampler", "BlockSampler", "block_steps"]

@@ -1,0 +1,207 @@
+"""Block diffusion sampling: block by block, each block denoised against an exact KV cache of the finished ones.
+
+BD3LM (Arriola et al. 2025; kuleshov-group/bd3lms `diffusion.py: _semi_ar_sampler`), Fast-dLLM v2 (Wu et al.
+2025, arXiv:2509.26328; the hub's `Fast_dLLM_QwenForCausalLM.generate`) and SDAR (JetAstra/SDAR `generate.py:
+block_diffusion_generate`) sample a block model the same way, which `block_steps` does:
+
+- The prompt's complete blocks are run once and their keys and values stored (`BlockCache`, models/common.py).
+- The next block starts as the prompt's tail (the tokens after its last complete block) followed by [MASK]; every
+  step runs the block alone against the cache (block-causal attention: it sees the cache and itself) and commits
+  some of its masks. Sub-blocks (Fast-dLLM v2's `small_block_size`, option `sub_block`) commit left to right: a
+  step's candidates lie in the first sub-block that still holds a mask.
+- A finished block is run once more and its K/V appended: under block-causal attention nothing earlier ever
+  changes, so the cache is exact and the cached loop gives the tokens of the uncached one (`cache=False` recomputes
+  the whole sequence at every step; tests/test_block_sampling.py checks they agree token for token).
+- A row stops when a finished block holds [EOS] (the rest of its output becomes [EOS]) and leaves the batch, so
+  rows of a ragged batch stop at different blocks; generation stops at `max_new_tokens` in any case. There is no
+  canvas of fixed length: the network only ever sees the cache and one block.
+
+Ragged prompts: row b's prompt is shifted right by a whole number of blocks so that every row's first open block
+lands on the same block of the batch. Block boundaries then fall where they fall for the row alone and RoPE
+depends on relative positions only, so each row gets the tokens it would get alone.
+
+The in-block rule (`BlockSampler`, registered as "block"): predictions as LLaDA (argmax, Gumbel-max in float64
+when temperature > 0, the remasking rule's confidence), then per step the planned count k (the block's masks spread
+over its steps, as LLaDA) by confidence, or with `threshold` tau every mask whose confidence exceeds tau and at
+least k (SDAR's `low_confidence_dynamic`; with one token per step planned, k = 1, this is Fast-dLLM v2's rule).
+`steps` keeps LLaDA's meaning, steps for `max_new_tokens`: a block of block_size tokens gets
+ceil(steps * block_size / max_new_tokens) of them (at most block_size).
+
+Streaming: each step yields a `StepEvent` whose `output.xt` is the (B, P + max_new_tokens) view of the prompt and
+the tokens so far ([MASK] where nothing is committed yet), as the other samplers' canvas is.
+
+    sampler = SAMPLERS.build("block", mask_id=tok.mask_id, config=GenerationConfig(threshold=0.9))
+    for event in block_steps(net, prompt, prompt_mask, sampler, block_size=16, max_new_tokens=256, steps=256,
+                             eos_id=tok.eos_id): ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from dlm.models.common import BlockCache
+from dlm.sampling.generate import SamplingError, StepEvent
+from dlm.sampling.processors import LogitsProcessor, apply_processors
+from dlm.sampling.sampler import SAMPLERS, LLaDASampler, SamplerOutput
+
+
+@SAMPLERS.register("block")
+class BlockSampler(LLaDASampler):
+    """k per step by confidence, or with `threshold` every mask above it and at least k (SDAR / Fast-dLLM v2)."""
+
+    variable_steps = True  # with a threshold a block may finish early; the loop steps while masks are left
+    fixed_plan = False
+    windowed = True
+
+    def use_process(self, process) -> None:
+        """Any absorbing (masked) process: the masked one, or block diffusion's; not SEDD / D3PM."""
+        own = getattr(process, "sampling", {}).get("sampler")
+        if own not in (None, "block"):
+            raise ValueError(f"the block sampler samples masked diffusion, but the checkpoint is a "
+                             f"{type(process).__name__} model: use sampler={own!r}")
+
+    def set_timesteps(self, steps: int, is_masked: torch.Tensor) -> None:
+        super().set_timesteps(steps, is_masked)
+        self.eligible: torch.Tensor | None = None  # (B, L) bool: positions that may be committed (None: all)
+
+    @property
+    def commits_planned(self) -> torch.Tensor:
+        """(B,) the planned count (at least one); with a threshold a lower bound."""
+        assert self.plan is not None, "call set_timesteps first"
+        if self.step_index >= self.plan.shape[1]:
+            return torch.ones_like(self.plan[:, 0])
+        return self.plan[:, self.step_index].clamp_min(1)
+
+    def step(self, logits, xt, lo, hi, generator=None, offset=0):
+        """logits (B, L, V) (or (B, hi - offset, V)), xt (B, L): commits masked positions before `hi` (and in
+        `eligible`, when the driver set it)."""
+        candidate, x0, confidence = self.predict(logits, xt, hi, generator, offset)
+        if self.eligible is not None:
+            candidate &= self.eligible
+            confidence = torch.where(candidate, confidence, -torch.inf)
+        n = self.commits_planned.to(xt.device)
+        if self.config.threshold is not None:
+            n = torch.maximum(n, (candidate & (confidence > self.config.threshold)).sum(1))
+        commit = self.remasking.select(confidence, candidate, torch.minimum(n, candidate.sum(1)))
+        self.step_index += 1
+        return SamplerOutput(xt=torch.where(commit, x0, xt), committed=commit & (x0 != self.mask_id), x0=x0,
+                             confidence=confidence)
+
+
+def steps_per_block(steps: int, block_size: int, max_new_tokens: int) -> int:
+    """LLaDA's `steps` for `max_new_tokens` tokens -> the steps of one block of `block_size` tokens."""
+    return max(1, min(block_size, -(-steps * block_size // max_new_tokens)))
+
+
+@torch.no_grad()
+def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch.Tensor | None, sampler: BlockSampler,
+                generator: torch.Generator | None = None, processors: Sequence[LogitsProcessor] = (), *,
+                block_size: int, max_new_tokens: int, steps: int, eos_id: int | None = None, sub_block: int = 0,
+                cache: bool = True) -> Iterator[StepEvent]:
+    """Sample after `prompt` (B, P) (left-padded; `prompt_mask` (B, P), 1 = real token) block by block.
+
+    model: a network with attention modes (`supports_attention_modes`: net(x, None, attention_mask=,
+    cache=BlockCache, block_size=)). Yields a StepEvent per step over the (B, P + max_new_tokens) view; the last
+    event's `output.xt` is the result (each row's tokens after its prompt, [EOS] after a stop).
+    """
+    if not getattr(model, "supports_attention_modes", False):
+        raise SamplingError(f"the block sampler needs a network with block-causal attention and a block cache; "
+                            f"{type(model).__name__} has none: use another sampler")
+    if block_size < 1 or max_new_tokens < 1 or steps < 1:
+        raise SamplingError(f"block_size, max_new_tokens and steps must be >= 1, got {block_size}, "
+                            f"{max_new_tokens}, {steps}")
+    bad = [type(p).__name__ for p in processors if not getattr(p, "window_safe", False)]
+    if bad:
+        raise SamplingError(f"the block sampler sees one block at a time; {', '.join(bad)} needs the whole canvas "
+                            "(drop repetition_penalty / positional constraints, or use another sampler)")
+    mask_id, bs, device = sampler.mask_id, block_size, prompt.device
+    B, P = prompt.shape
+    lengths = prompt_mask.long().sum(1) if prompt_mask is not None else torch.full((B,), P, device=device)
+    full_blocks = lengths // bs  # (B,) the prompt's complete blocks
+    K = int(full_blocks.max())  # every row's first open block is block K of the batch
+    shift = (K - full_blocks) * bs  # (B,) whole blocks of padding in front of each row
+    tail = lengths - full_blocks * bs  # (B,) prompt tokens in the first open block
+    seq = torch.full((B, (K + 1) * bs), mask_id, dtype=torch.long, device=device)  # the prefix + first open block
+    for b in range(B):
+        n_b = int(lengths[b])
+        seq[b, int(shift[b]):int(shift[b]) + n_b] = prompt[b, P - n_b:]
+    canvas = torch.cat([prompt, torch.full((B, max_new_tokens), mask_id, dtype=torch.long, device=device)], 1)
+    rows = torch.arange(B, device=device)  # the rows still generating
+    kv = BlockCache()
+
+    def key_mask(n_pos: int) -> torch.Tensor:  # (B', n_pos): 1 from each row's first real token on
+        return (torch.arange(n_pos, device=device)[None] >= shift[rows][:, None]).long()
+
+    def forward(block: torch.Tensor, append: bool) -> torch.Tensor:
+        nonlocal history
+        T = kv.length if cache else history.shape[1]
+        am = key_mask(T + block.shape[1])
+        if cache:
+            return model(block, None, attention_mask=am, cache=kv.extend() if append else kv, block_size=bs).float()
+        x = torch.cat([history, block], 1)
+        if append:
+            history = x
+        return model(x, None, attention_mask=am, block_size=bs).float()[:, T:]
+
+    history = seq[:, :K * bs]
+    if K > 0 and cache:
+        forward(history, append=True)
+    block = seq[:, K * bs:]
+    per_block = steps_per_block(steps, bs, max_new_tokens)
+    sub = sub_block if 0 < sub_block < bs else bs
+    global_step = 0
+    j = torch.arange(bs, device=device)
+    for k in range(K, K + 2 + -(-max_new_tokens // bs)):
+        g = (k - K) * bs + j[None] - tail[rows][:, None]  # (B', bs) index of each position among the new tokens
+        eligible = (g >= 0) & (g < max_new_tokens)
+        if not bool(eligible.any()):
+            break
+        for lo in range(0, bs, sub):
+            hi = min(lo + sub, bs)
+            region = eligible & (j[None] >= lo) & (j[None] < hi)
+            todo = region & (block == mask_id)
+            if not bool(todo.any()):
+                continue
+            sampler.set_timesteps(max(1, -(-per_block * (hi - lo) // bs)), todo)
+            sampler.eligible = region
+            while bool((region & (block == mask_id)).any()):
+                logits = apply_processors(processors, forward(block, append=False), block)  # (B', bs, V)
+                out = sampler.step(logits, block, lo, hi, generator)
+                block = out.xt
+                yield StepEvent(block=k - K, step=global_step, output=_view(canvas, out, rows, g, eligible, P))
+                global_step += 1
+        done = ((block == eos_id) & eligible).any(1) if eos_id is not None else torch.zeros_like(rows, dtype=torch.bool)
+        if bool(done.any()):
+            for r in done.nonzero()[:, 0].tolist():
+                cols = P + g[r][eligible[r]]
+                first = int(cols[(block[r][eligible[r]] == eos_id)].min())
+                canvas[rows[r], first:] = eos_id
+        keep = ~done
+        last = not bool(((g + bs < max_new_tokens) & keep[:, None]).any())
+        if last or not bool(keep.any()):
+            break
+        forward(block, append=True)  # the finished block's K/V, computed once
+        if not bool(keep.all()):
+            rows, block = rows[keep], block[keep]
+            if cache:
+                kv.select(keep)
+            else:
+                history = history[keep]
+        block = torch.full_like(block, mask_id)
+
+
+def _view(canvas: torch.Tensor, out: SamplerOutput, rows: torch.Tensor, g: torch.Tensor, eligible: torch.Tensor,
+          P: int) -> SamplerOutput:
+    """The step's block (B', bs) written into the (B, P + max_new_tokens) view -> a SamplerOutput over the view."""
+    r, c = eligible.nonzero(as_tuple=True)
+    cols = P + g[r, c]
+    canvas[rows[r], cols] = out.xt[r, c]
+    committed = torch.zeros_like(canvas, dtype=torch.bool)
+    committed[rows[r], cols] = out.committed[r, c]
+    x0 = canvas.clone()
+    x0[rows[r], cols] = out.x0[r, c]
+    confidence = torch.full(canvas.shape, -torch.inf, dtype=torch.float64, device=canvas.device)
+    confidence[rows[r], cols] = out.confidence[r, c]
+    return SamplerOutput(xt=canvas.clone(), committed=committed, x0=x0, confidence=confidence)
