@@ -144,8 +144,9 @@ class BlockCache:
         if layer < len(self.keys):
             k = torch.cat([self.keys[layer], k], dim=2)
             v = torch.cat([self.values[layer], v], dim=2)
-        elif layer != len(self.keys) or not self.appending:
-            raise RuntimeError(f"BlockCache holds {len(self.keys)} layers; fill it with cache.extend() first")
+        elif (self.appending and layer != len(self.keys)) or (not self.appending and self.keys):
+            raise RuntimeError(f"BlockCache holds {len(self.keys)} layers, not layer {layer}: a forward runs every "
+                               "layer in order")  # (an empty cache that is only read holds nothing: fine)
         if self.appending:
             if layer < len(self.keys):
                 self.keys[layer], self.values[layer] = k, v
