@@ -8,11 +8,17 @@ from __future__ import annotations
 import time
 
 import dlm
+from dlm.precision import set_threads
+from dlm.progress import Bar
+
+# The sections done so far, on the terminal's stderr (transient; nothing in a pipe or a log).
+BAR = Bar("demo", total=None)
 
 
 def show(title: str, text: str, seconds: float) -> None:
     print(f"\n=== {title} ({seconds:.1f} s) " + "=" * max(0, 60 - len(title)))
     print(text)
+    BAR.advance()
 
 
 def main() -> None:
@@ -50,4 +56,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    set_threads()  # one fewer than the CPUs: another busy process cannot stall torch's threads (dlm.precision)
+    with BAR:
+        main()
