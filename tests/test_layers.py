@@ -62,3 +62,45 @@ def test_no_private_diffusionlm_calls_outside_the_pipeline(path):
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
             owner = ast.unparse(node.value)
             assert owner not in ("lm", "self.lm"), f"{path.name}:{node.lineno} uses {owner}.{node.attr}"
+
+
+def _top_level_imports(path: Path, mods: set[str]) -> set[str]:
+    """The dlm modules a file imports at module level (not under TYPE_CHECKING or `__main__`, not in functions)."""
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dlm"):
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                out.add(full if full in mods else node.module)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("dlm")}
+    return {m for m in out if m in mods}
+
+
+def test_no_import_cycles_among_top_level_imports():
+    mods = {_module(p): p for p in FILES}
+    graph = {m: _top_level_imports(p, set(mods)) - {m} for m, p in mods.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(d):] + [m, d]))
+            if d not in state:
+                visit(d, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+
+
+def test_import_dlm_is_cheap():
+    import subprocess
+    import sys
+
+    code = ("import sys; import dlm; print(sum(m.startswith('dlm') for m in sys.modules), 'torch' in sys.modules);"
+            "dlm.GenerationConfig; print(dlm.__version__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "1" and out[1] == "False", out  # only the package itself; no torch until a name is used

@@ -18,13 +18,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dlm.errors import ConfigError  # noqa: F401  (re-exported: raised by every config)
+
 T = TypeVar("T", bound="_Config")
 
 FORMAT_VERSION = 2  # 2: separate q/k/v/o and gate/up/down projections (version 1 fused them; still loaded)
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message says which and what is allowed."""
 
 
 def _check_type(cls_name: str, name: str, value: Any, tp: Any) -> Any:
@@ -92,7 +91,7 @@ class _Config:
         return type(self).from_dict(merged)
 
     def save_json(self, path: str | Path) -> None:
-        from dlm.checkpoint import atomic_write_text
+        from dlm.io import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
@@ -209,7 +208,6 @@ class ProcessConfig(_Config):
     # always uses [0, 1]); dlm.processes.block.search_clip finds the interval of least variance on held-out data
     clip_min: float = 0.0
     clip_max: float = 1.0
-
 
 
 @dataclass
@@ -424,7 +422,7 @@ class CheckpointConfig(_Config):
         )
 
     def save(self, path: str | Path) -> None:
-        from dlm.checkpoint import atomic_write_text
+        from dlm.io import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 

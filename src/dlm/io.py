@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 METADATA_LIMIT = 256 << 20  # config, tokenizer and index files; the largest real tokenizer.json is about 35 MB
@@ -64,3 +65,35 @@ def read_text_file(path: str | Path, limit: int = METADATA_LIMIT, error: type[Ex
     except UnicodeDecodeError as e:
         raise error(f"{path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); is it the right "
                     "file?") from e
+
+
+# ----- atomic writes: a reader never sees a half-written file (write a temporary beside it, fsync, rename) -----
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save(save_fn, path: Path) -> None:
+    """Call save_fn(tmp_path) then rename tmp_path to path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

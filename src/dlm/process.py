@@ -26,7 +26,10 @@ if TYPE_CHECKING:
     from dlm.config import ProcessConfig
     from dlm.tokenizer import Tokenizer
 
-PROCESSES: Registry[type[ForwardProcess]] = Registry("forward process")
+# SEDD's graphs, D3PM's chains and BD3LM's blocks subclass ForwardProcess in their own modules and register when
+# the registry is first looked up (they import this module, so this one must not import them).
+PROCESSES: Registry[type[ForwardProcess]] = Registry("forward process",
+                                                     plugins=("dlm.graphs", "dlm.d3pm", "dlm.processes.block"))
 
 
 class ForwardProcess:
@@ -112,8 +115,3 @@ def span_infill_example(x0: torch.Tensor, pad_id: int, max_span: int, generator:
     gap = torch.zeros(L, dtype=torch.bool, device=x0.device)
     gap[a: a + G] = True
     return out, gap
-
-
-# SEDD's graphs and D3PM's processes subclass ForwardProcess and register in PROCESSES when imported.
-from dlm import d3pm, graphs  # noqa: E402, F401
-from dlm.processes import block  # noqa: E402, F401  (BD3LM)

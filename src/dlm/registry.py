@@ -4,6 +4,7 @@
     @SCHEDULES.register("linear")
     class Linear(NoiseSchedule): ...
     SCHEDULES.build("linear", eps=1e-3)
+    PROCESSES = Registry("forward process", plugins=("dlm.graphs",))   # imported on the first lookup
 """
 
 from __future__ import annotations
@@ -15,9 +16,22 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str) -> None:
+    """`plugins`: modules whose classes register here, imported on the first lookup (not at import time), so the
+    module that owns the registry never imports its plugins and no import cycle arises."""
+
+    def __init__(self, kind: str, plugins: tuple[str, ...] = ()) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._plugins = plugins
+        self._loaded = not plugins
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            import importlib
+
+            for module in self._plugins:
+                importlib.import_module(module)
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -29,6 +43,7 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
+        self._load()
         if name not in self._items:
             raise ValueError(f"unknown {self.kind} {name!r}; choose one of {sorted(self._items)}")
         return self._items[name]
@@ -37,7 +52,9 @@ class Registry(Generic[T]):
         return self.get(name)(*args, **kwargs)  # type: ignore[operator]
 
     def names(self) -> list[str]:
+        self._load()
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return name in self._items

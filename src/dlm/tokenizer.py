@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dlm.errors import TokenizerMissingError  # noqa: F401  (re-exported)
+
 SPECIALS = ("[PAD]", "[MASK]", "[EOS]", "[BOS]")
 
 
@@ -74,7 +76,7 @@ class Tokenizer:
         return plain_chat(messages, add_generation_prompt)
 
     def save(self, path: str | Path) -> None:
-        from dlm.checkpoint import atomic_write_text
+        from dlm.io import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_json()) + "\n")
 
@@ -223,8 +225,6 @@ class HFTokenizer(Tokenizer):
         self._tok.save_pretrained(str(Path(path).parent))
 
 
-class TokenizerMissingError(ValueError):
-    """Text was given to a model loaded without a tokenizer; the message says how to supply one."""
 
 
 class IdsOnlyTokenizer(Tokenizer):

@@ -17,25 +17,9 @@ import torch
 from torch import nn
 
 from dlm.config import CheckpointConfig
-from dlm.formats.base import CheckpointError
-from dlm.registry import Registry
+from dlm.formats.base import FORMATS, CheckpointError, Format, check_folder_files
+from dlm.io import read_text_file
 from dlm.tokenizer import Tokenizer
-
-
-class Format:
-    """How one family of checkpoint folders loads: `matches(config)` and `load(...)`."""
-
-    model_types: tuple[str, ...] = ()
-
-    def matches(self, config: dict[str, Any]) -> bool:
-        return str(config.get("model_type", "")).lower() in {m.lower() for m in self.model_types}
-
-    def load(self, folder: Path, config: dict[str, Any], dtype: torch.dtype, device: str | torch.device,
-             allow_pickle: bool) -> tuple[nn.Module, CheckpointConfig, Tokenizer]:
-        raise NotImplementedError
-
-
-FORMATS: Registry[type[Format]] = Registry("checkpoint format")
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -43,8 +27,8 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"{folder} has no config.json; is it a model folder?")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        config = json.loads(read_text_file(path, error=CheckpointError))
+    except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from e
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
@@ -67,11 +51,9 @@ def detect(config: dict[str, Any], folder: Path) -> Format:
 def load_folder(folder: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                 allow_pickle: bool = False) -> tuple[nn.Module, CheckpointConfig, Tokenizer]:
     """A model folder (ours or upstream) -> (network in eval mode, its CheckpointConfig, its tokenizer)."""
+    check_folder_files(folder)  # no device, FIFO or huge file behind any name a format or tokenizer reads
     config = read_config(folder)
     return detect(config, folder).load(folder, config, dtype, device, allow_pickle)
 
-
-# The formats register themselves (their matches never overlap: ours has no model_type).
-from dlm.formats import dream, llada, mdlm, native, sedd  # noqa: E402,F401
 
 __all__ = ["FORMATS", "Format", "CheckpointError", "load_folder", "read_config", "detect"]

@@ -22,11 +22,16 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from dlm.config import ModelConfig
+from dlm.config import CheckpointConfig, ModelConfig
+from dlm.errors import CheckpointError
+from dlm.io import METADATA_LIMIT, check_regular_file
+from dlm.registry import Registry
+from dlm.tokenizer import Tokenizer
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -34,8 +39,71 @@ PICKLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt or does not match its config; the message says which file."""
+class Format:
+    """How one family of checkpoint folders loads: `matches(config)` and `load(...)`."""
+
+    model_types: tuple[str, ...] = ()
+
+    def matches(self, config: dict[str, Any]) -> bool:
+        return str(config.get("model_type", "")).lower() in {m.lower() for m in self.model_types}
+
+    def load(self, folder: Path, config: dict[str, Any], dtype: torch.dtype, device: str | torch.device,
+             allow_pickle: bool) -> tuple[nn.Module, CheckpointConfig, Tokenizer]:
+        raise NotImplementedError
+
+
+# The formats register themselves in their own modules (their matches never overlap: ours has no model_type),
+# imported on the first lookup: the registry lives with its base class, and no format imports the package.
+FORMATS: Registry[type[Format]] = Registry("checkpoint format", plugins=tuple(
+    f"dlm.formats.{m}" for m in ("native", "llada", "dream", "mdlm", "sedd", "hf_causal")))
+
+
+# The small files any format or tokenizer may read; each must be a regular file under io.METADATA_LIMIT.
+METADATA_SUFFIXES = (".json", ".txt", ".model", ".jinja")
+MAX_LAYERS = 4096  # no released checkpoint comes near (LLaDA-8B: 32); a config beyond is corrupt or hostile
+
+
+def check_folder_files(folder: Path) -> None:
+    """Refuse a folder where a file a loader reads is a device, a FIFO, a folder or too large (symlinks followed):
+    /dev/zero behind config.json would be read until memory runs out, a FIFO would never return."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise CheckpointError(f"cannot list {folder}: {e.strerror or e}") from e
+    for entry in entries:
+        name = entry.name
+        if name.endswith(METADATA_SUFFIXES):
+            check_regular_file(Path(folder) / name, METADATA_LIMIT, CheckpointError)
+        elif name.endswith((".safetensors", ".bin")):
+            check_regular_file(Path(folder) / name, None, CheckpointError)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch.device of a name, or a one-line CheckpointError for an unknown or unavailable one."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps") from e
+    if d.type == "cpu" or d.type == "meta":
+        return d
+    if d.type == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, d.type, None)
+        available = bool(backend is not None and getattr(backend, "is_available", lambda: False)())
+        count = backend.device_count() if available and hasattr(backend, "device_count") else 1
+    if not available:
+        why = " (this torch is built without CUDA)" if d.type == "cuda" and torch.version.cuda is None else ""
+        raise CheckpointError(f"device {str(device)!r} is not available here{why}; use --device cpu")
+    if d.index is not None and d.index >= count:
+        raise CheckpointError(f"device {str(device)!r} does not exist: {count} {d.type} device(s) here")
+    return d
+
+
+def min_params(cfg: ModelConfig) -> int:
+    """A lower bound on the parameters of `cfg`'s network of any arch, from the config alone (nothing is built):
+    the token embedding (V x D) and, in every layer, at least the query and output projections (2 D^2)."""
+    return cfg.vocab_size * cfg.d_model + cfg.n_layers * 2 * cfg.d_model * cfg.d_model
 
 
 def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
@@ -175,8 +243,13 @@ def load_weights(folder: Path, cfg: ModelConfig, build: Callable[[ModelConfig], 
     a split one, none for a tensor the format knowingly drops (e.g. cached rotary tables). A name without a
     parameter is an error, as is a parameter never filled.
     """
-    device = torch.device(device)
+    device = check_device(device)
     files = weight_files(folder, allow_pickle)
+    if cfg.n_layers > MAX_LAYERS:
+        raise CheckpointError(f"{folder}/config.json: n_layers={cfg.n_layers} is over the {MAX_LAYERS} layers dlm "
+                              "builds; the config is corrupt")
+    # Before building: a config whose sizes cannot fit is refused in milliseconds, not after minutes on meta.
+    check_memory(min_params(cfg) * dtype.itemsize, device, dtype)
     with torch.device("meta"):
         net = build(cfg)
     check_memory(weights_nbytes(net, dtype), device, dtype)

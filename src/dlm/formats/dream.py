@@ -22,8 +22,7 @@ import re
 from typing import Any
 
 from dlm.config import CheckpointConfig, GenerationConfig, ModelConfig
-from dlm.formats import FORMATS, Format
-from dlm.formats.base import CheckpointError, load_weights, renamer
+from dlm.formats.base import FORMATS, CheckpointError, Format, load_weights, renamer
 from dlm.formats.llada import generation_ids
 from dlm.tokenizer import HFTokenizer, Tokenizer, missing_tokenizer
 

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dlm.config import CheckpointConfig, GenerationConfig, ModelConfig
-from dlm.formats import FORMATS, Format
-from dlm.formats.base import CheckpointError, load_weights, renamer
+from dlm.formats.base import FORMATS, CheckpointError, Format, load_weights, renamer
 from dlm.tokenizer import HFTokenizer, Tokenizer, missing_tokenizer
 
 _BLOCK = {"q_proj": "attn.q_proj", "k_proj": "attn.k_proj", "v_proj": "attn.v_proj", "attn_out": "attn.o_proj",

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dlm.config import CheckpointConfig, GenerationConfig, ModelConfig
-from dlm.formats import FORMATS, Format
-from dlm.formats.base import CheckpointError, load_weights, renamer
+from dlm.formats.base import FORMATS, CheckpointError, Format, load_weights, renamer
 from dlm.tokenizer import HFTokenizer, Tokenizer, missing_tokenizer
 
 GPT2_FILES = "tokenizer.json (or vocab.json and merges.txt)"

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from dlm.config import CheckpointConfig, ConfigError, GenerationConfig
-from dlm.formats import FORMATS, Format
-from dlm.formats.base import CheckpointError, load_weights
-from dlm.tokenizer import HFTokenizer, Tokenizer
+from dlm.formats.base import FORMATS, CheckpointError, Format, load_weights
+from dlm.io import read_text_file
+from dlm.tokenizer import HFTokenizer, Tokenizer, missing_tokenizer
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -44,8 +44,16 @@ def upgrade_v1(cfg: CheckpointConfig):
 
 def load_tokenizer(folder: Path, cfg: CheckpointConfig) -> Tokenizer:
     path = folder / "tokenizer.json"
+    ids = cfg.extra.get("tokenizer", {})
+    if not path.exists() and "mask_id" in ids:  # the special ids are recorded: load for token-id calls
+        return missing_tokenizer(folder, vocab_size=cfg.model.vocab_size, mask_id=ids["mask_id"],
+                                 eos_id=ids["eos_id"], pad_id=ids.get("pad_id"), bos_id=ids.get("bos_id"),
+                                 stop_ids=ids.get("stop_ids", ()))
+    if not path.exists():
+        raise CheckpointError(f"{folder} has no tokenizer.json and its config records no special ids; copy the "
+                              "tokenizer.json of the run that trained it into the folder")
     try:
-        is_dlm = "dlm_tokenizer" in json.loads(path.read_text())
+        is_dlm = "dlm_tokenizer" in json.loads(read_text_file(path, error=CheckpointError))
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read tokenizer {path}: {e}") from e
     if is_dlm:

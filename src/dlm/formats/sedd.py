@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dlm.config import CheckpointConfig, ModelConfig
-from dlm.formats import FORMATS, Format
-from dlm.formats.base import CheckpointError, load_weights, renamer
+from dlm.formats.base import FORMATS, CheckpointError, Format, load_weights, renamer
 from dlm.formats.mdlm import absorbing_sampling, gpt2_tokenizer
 
 

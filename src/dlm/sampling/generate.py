@@ -14,12 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from dlm.errors import SamplingError  # re-exported: dlm.sampling.SamplingError
 from dlm.sampling.processors import LogitsProcessor, apply_processors
 from dlm.sampling.sampler import Sampler, SamplerOutput
-
-
-class SamplingError(ValueError):
-    """Sampling options that cannot work together; the message says how to fix them."""
 
 
 class ModelFn:
