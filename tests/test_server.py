@@ -209,6 +209,14 @@ def test_prefix_delta_holds_back_what_may_change():
 
 
 # ----- errors and limits ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("max_tokens", [1, 7, 12, 13])
+def test_any_max_tokens_works_on_the_openai_routes(client, max_tokens):
+    # Not a multiple of block_length: the last block is shorter, and the default steps are fitted to the blocks.
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": max_tokens})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= max_tokens
+
+
 @pytest.mark.parametrize("path, body, status, fragment", [
     ("/v1/completions", {"prompt": "x", "frobnicate": 1}, 400, "unknown field"),
     ("/v1/completions", {"prompt": 3}, 400, "prompt"),
@@ -216,7 +224,7 @@ def test_prefix_delta_holds_back_what_may_change():
     ("/v1/completions", {"prompt": "x", "steps": True}, 400, "steps must be int"),
     ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_new_tokens must be >= 1"),
     ("/v1/completions", {"prompt": "x", "steps": 3}, 400, "multiple of the number of blocks"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 12}, 400, "multiple of block_length"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 12, "steps": 7}, 400, "multiple of the number of blocks"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "not found"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 128, "block_length": 0}, 400, "--max-tokens"),
     ("/v1/completions", {"prompt": "x", "steps": 128}, 400, "--max-steps"),

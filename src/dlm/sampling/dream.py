@@ -104,21 +104,18 @@ class DreamSampler(Sampler):
     applies_top_k_top_p = True  # top-k / top-p are applied here, in Dream's order; do not add them as processors
 
     def __init__(self, mask_id: int, config: GenerationConfig | None = None, **kwargs: Any) -> None:
-        config = config or GenerationConfig()
-        origin = kwargs.get("remasking", config.remasking) == ORIGIN
-        if origin:  # `origin` is not a REMASKING rule: build the base with a stand-in, then drop the rule
-            kwargs["remasking"] = "random"
         super().__init__(mask_id, config, **kwargs)
-        if origin:
-            self.config = self.config.replace(remasking=ORIGIN)
-            self.remasking = None
-        self.origin = origin
-        self.fixed_plan = not origin
+        self.origin = self.config.remasking == ORIGIN
+        self.fixed_plan = not self.origin  # origin's counts are random
         if self.config.alg_temp is not None and self.config.alg_temp < 0:
             raise ConfigError(f"alg_temp must be >= 0 (0 or None: commit the most confident), "
                               f"got {self.config.alg_temp}")
         self.timesteps = torch.empty(0)
         self.remaining = torch.empty(0, dtype=torch.long)
+
+    def remasking_rule(self, name: str) -> Any:
+        """`origin` ranks nothing (each mask moves with probability 1 - s/t), so it has no REMASKING rule."""
+        return None if name == ORIGIN else super().remasking_rule(name)
 
     def set_timesteps(self, steps: int, is_masked: torch.Tensor) -> None:
         """is_masked: (B, Lr) masks of the region about to be denoised. Plans Dream's commit count of each step."""

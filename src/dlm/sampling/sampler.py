@@ -88,6 +88,11 @@ class Sampler:
         """Whether the block needs another step: by default, while it holds a [MASK]."""
         return bool((x[:, region] == self.mask_id).any())
 
+    def remasking_rule(self, name: str) -> Any:
+        """The rule that ranks positions to commit (dlm.sampling.remasking), by name; a sampler with a rule of its
+        own (Dream's `origin`, which ranks nothing) overrides this."""
+        return REMASKING.build(name)
+
     def skip_step(self) -> None:
         """Advance past a step that commits nothing (`fixed_plan`), whose forward the loop skipped."""
         self.step_index += 1
@@ -100,7 +105,7 @@ class Sampler:
         # The end-of-text markers that `defer_eos` commits last: [EOS], and [PAD] that closes an infilling gap.
         self.end_ids = torch.tensor([i for i in (eos_id, pad_id) if i is not None], dtype=torch.long)
         self.temperature = self.config.temperature
-        self.remasking = REMASKING.build(self.config.remasking)
+        self.remasking = self.remasking_rule(self.config.remasking)
         self.plan: torch.Tensor | None = None  # (B, steps)
         self.step_index = 0
 
