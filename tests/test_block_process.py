@@ -236,3 +236,36 @@ def test_dlm_train_bd3lm_saves_and_reloads(tmp_path, text_file):
     with pytest.raises(SystemExit):
         main(["train", "--data", str(text_file), "--model", "tiny", "--process", "bd3lm", "--block-size", "64",
               "--seq-len", "32", "--out", str(tmp_path / "bad"), "--quiet"])
+
+
+def test_sft_and_eval_of_a_block_model(tmp_path, capsys):
+    """`dlm sft` on a block checkpoint trains with the bd3lm_sft loss (only the response masked, per block; the
+    loss falls) and keeps it a block model; `dlm eval` scores it with the block bound."""
+    from dlm.checkpoint import load_pretrained, save_pretrained
+    from dlm.cli import main
+    from dlm.config import CheckpointConfig, GenerationConfig
+    from dlm.losses import BlockSFTLoss
+    from dlm.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    pcfg = ProcessConfig(process="bd3lm", loss="bd3lm", schedule="loglinear", eps=0.0, block_size=4)
+    cfg = CheckpointConfig(model=ModelConfig(d_model=32, n_layers=2, n_heads=2, max_len=64), process=pcfg,
+                           sampling=GenerationConfig(sampler="block"))
+    save_pretrained(tmp_path / "base", build_model(cfg.model), cfg, ByteTokenizer())
+    chats = [[{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi there"}],
+             [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "one two three"}]]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats * 4))
+    main(["sft", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "chats.jsonl"), "--out",
+          str(tmp_path / "run"), "--max-steps", "30", "--batch-size", "4", "--seq-len", "64", "--lr", "1e-2",
+          "--warmup", "2", "--log-every", "1", "--ckpt-every", "30", "--threads", "1", "--quiet"])
+    losses = [json.loads(ln)["loss"] for ln in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    _, saved, _ = load_pretrained(tmp_path / "run")
+    assert saved.process.process == "bd3lm" and saved.process.block_size == 4
+    with pytest.raises(ValueError, match="maskable"):
+        BlockSFTLoss()(_model(), _x0(), _process(4))
+    capsys.readouterr()
+    (tmp_path / "text.txt").write_text("hi there, one two three. " * 20)
+    main(["eval", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "text.txt"), "--json"])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < r["bits_per_char"] < 9

@@ -246,6 +246,22 @@ class BlockDiffusionELBO(Loss):
         return (ce * w * is_masked).sum(1)
 
 
+@LOSSES.register("bd3lm_sft")
+class BlockSFTLoss(BlockDiffusionELBO):
+    """Instruction tuning of a block model: only the response (`maskable`) is masked, a time per block as in
+    pretraining; each row's loss over its answer length, then the mean over rows (LLaDA's SFT normalisation). A
+    block that holds the end of the prompt keeps those tokens clean, as the block sampler's first block does."""
+
+    def __call__(self, model, x0, process, maskable=None, generator=None, rows=None):
+        if maskable is None:
+            raise ValueError("the bd3lm_sft loss needs the response positions (maskable); build batches with dlm.sft")
+        B, L = x0.shape
+        t = self.block_times(B, L, process, generator, rows).to(x0.device)
+        per_token, is_masked = self.terms(model, x0, process, t, generator, maskable, rows)
+        loss = (per_token.sum(1) / maskable.sum(1).clamp_min(1)).mean()
+        return LossOutput(loss=loss, nll=loss.detach(), mask=is_masked)
+
+
 class GraphLoss(Loss):
     """A loss whose per-position negative-ELBO integrand is computed at given times: `terms` (B, L) in nats."""
 

@@ -141,7 +141,7 @@ class ChatData:
 
 # ----- the recipe ---------------------------------------------------------------------------------------------
 def check_sft_model(cfg: CheckpointConfig) -> None:
-    if cfg.process.process != "masked" or cfg.model.arch == "ar":
+    if cfg.process.process not in ("masked", "bd3lm") or cfg.model.arch == "ar":
         raise ConfigError(f"SFT follows LLaDA's recipe for masked diffusion models; this checkpoint is "
                           f"{cfg.process.process!r} / arch {cfg.model.arch!r}")
 
@@ -189,6 +189,10 @@ def _finetune(sft: SFTConfig, tcfg: TrainConfig, model: str, lora: LoRAConfig | 
         net = apply_lora(net, lora)
         export = lambda state: merged_weights(state, lora)  # noqa: E731 (checkpoints hold the merged model)
     loss_fn = SFTLoss(antithetic=cfg.process.antithetic)
+    if cfg.process.process == "bd3lm":  # a block model: the response masked per block, the prompt clean before it
+        from dlm.losses import BlockSFTLoss
+
+        loss_fn = BlockSFTLoss.from_config(cfg.process)
     process = build_process(cfg.process, tok, cfg.model.vocab_size)
     trainer = Trainer(net, loss_fn, process, data, None, tcfg, cfg, tok, show_progress=show_progress, dist=env,
                       export=export)
