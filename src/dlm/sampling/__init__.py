@@ -8,6 +8,7 @@ from dlm.sampling.dream import DreamSampler  # registers "dream" and maskgit_plu
 from dlm.sampling.fast_dllm import FastDLLMSampler  # registers "fast_dllm"
 from dlm.sampling.generate import SamplingError, StepEvent, denoise, denoise_steps, plan_blocks
 from dlm.sampling.guidance import ClassifierFreeGuidance, classifier_free_guidance
+from dlm.sampling.llada import LLaDASampler  # registers "llada"
 from dlm.sampling.mdlm import MDLMCacheSampler, MDLMSampler  # registers "mdlm", "mdlm_cache"
 from dlm.sampling.processors import (
     AllowedTokens,
@@ -22,7 +23,7 @@ from dlm.sampling.processors import (
     build_processors,
 )
 from dlm.sampling.remasking import REMASKING, Remasking
-from dlm.sampling.sampler import SAMPLERS, LLaDASampler, Sampler, SamplerOutput, num_transfer_tokens
+from dlm.sampling.sampler import SAMPLERS, Sampler, SamplerOutput, num_transfer_tokens
 from dlm.sampling.sedd import GraphSampler, SEDDAnalyticSampler, SEDDEulerSampler  # registers "sedd_*"
 
 __all__ = ["SAMPLERS", "REMASKING", "Sampler", "LLaDASampler", "SamplerOutput", "Remasking", "LogitsProcessor",

@@ -4,14 +4,17 @@ BD3LM (Arriola et al. 2025; kuleshov-group/bd3lms `diffusion.py: _semi_ar_sample
 2025, arXiv:2509.26328; the hub's `Fast_dLLM_QwenForCausalLM.generate`) and SDAR (JetAstra/SDAR `generate.py:
 block_diffusion_generate`) sample a block model the same way, which `block_steps` does:
 
-- The prompt's complete blocks are run once and their keys and values stored (`BlockCache`, models/common.py).
+- The prompt's complete blocks are run once (with the first step) and their keys and values stored
+  (`BlockCache`, models/common.py).
 - The next block starts as the prompt's tail (the tokens after its last complete block) followed by [MASK]; every
   step runs the block alone against the cache (block-causal attention: it sees the cache and itself) and commits
   some of its masks. Sub-blocks (Fast-dLLM v2's `small_block_size`, option `sub_block`) commit left to right: a
   step's candidates lie in the first sub-block that still holds a mask.
-- A finished block is run once more and its K/V appended: under block-causal attention nothing earlier ever
-  changes, so the cache is exact and the cached loop gives the tokens of the uncached one (`cache=False` recomputes
-  the whole sequence at every step; tests/test_block_sampling.py checks they agree token for token).
+- A finished block's K/V are appended once, computed in the same forward as the next block's first step (the
+  two blocks side by side: block-causal attention keeps the finished one from seeing the new one), so a step is
+  one forward. Under block-causal attention nothing earlier ever changes, so the cache is exact and the cached
+  loop gives the tokens of the uncached one (`cache=False` recomputes the whole sequence at every step;
+  tests/test_block_sampling.py checks they agree token for token).
 - A row stops when a finished block holds [EOS] (the rest of its output becomes [EOS]) and leaves the batch, so
   rows of a ragged batch stop at different blocks; generation stops at `max_new_tokens` in any case. There is no
   canvas of fixed length: the network only ever sees the cache and one block.
@@ -43,8 +46,9 @@ import torch
 
 from dlm.models.common import BlockCache
 from dlm.sampling.generate import SamplingError, StepEvent
+from dlm.sampling.llada import LLaDASampler
 from dlm.sampling.processors import LogitsProcessor, apply_processors
-from dlm.sampling.sampler import SAMPLERS, LLaDASampler, SamplerOutput
+from dlm.sampling.sampler import SAMPLERS, SamplerOutput
 
 
 @SAMPLERS.register("block")
@@ -134,20 +138,26 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
     def key_mask(n_pos: int) -> torch.Tensor:  # (B', n_pos): 1 from each row's first real token on
         return (torch.arange(n_pos, device=device)[None] >= shift[rows][:, None]).long()
 
-    def forward(block: torch.Tensor, append: bool) -> torch.Tensor:
-        nonlocal history
+    def forward(block: torch.Tensor) -> torch.Tensor:
+        """The logits (B', n, V) of `block` against the cache. A finished block waiting to be appended (`pending`)
+        runs in the same forward, in front of it (block-causal: it does not see `block`), and its K/V are kept."""
+        nonlocal history, pending
+        x, keep = block, 0
+        if pending is not None:
+            x, keep, pending = torch.cat([pending, block], 1), pending.shape[1], None
         T = kv.length if cache else history.shape[1]
-        am = key_mask(T + block.shape[1])
+        am = key_mask(T + x.shape[1])
         if cache:
-            return model(block, None, attention_mask=am, cache=kv.extend() if append else kv, block_size=bs).float()
-        x = torch.cat([history, block], 1)
-        if append:
-            history = x
-        return model(x, None, attention_mask=am, block_size=bs).float()[:, T:]
+            out = model(x, None, attention_mask=am, cache=kv.extend(keep) if keep else kv, block_size=bs)
+        else:
+            out = model(torch.cat([history, x], 1), None, attention_mask=am, block_size=bs)[:, T:]
+            history = torch.cat([history, x[:, :keep]], 1)
+        return out[:, keep:].float()
 
-    history = seq[:, :K * bs]
-    if K > 0 and cache:
-        forward(history, append=True)
+    # The prompt's complete blocks (and later each finished block) are `pending`: their K/V go in with the next
+    # block's first forward. `history` is what the uncached reference recomputes at every step.
+    pending: torch.Tensor | None = seq[:, :K * bs] if K > 0 else None
+    history = seq[:, :0]
     block = seq[:, K * bs:]
     per_block = steps_per_block(steps, bs, max_new_tokens)
     sub = sub_block if 0 < sub_block < bs else bs
@@ -167,7 +177,7 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
             sampler.set_timesteps(max(1, -(-per_block * (hi - lo) // bs)), todo)
             sampler.eligible = region
             while bool((region & (block == mask_id)).any()):
-                logits = apply_processors(processors, forward(block, append=False), block)  # (B', bs, V)
+                logits = apply_processors(processors, forward(block), block)  # (B', bs, V)
                 out = sampler.step(logits, block, lo, hi, generator)
                 block = out.xt
                 yield StepEvent(block=k - K, step=global_step, output=_view(canvas, out, rows, g, eligible, P))
@@ -182,14 +192,14 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
         last = not bool(((g + bs < max_new_tokens) & keep[:, None]).any())
         if last or not bool(keep.any()):
             break
-        forward(block, append=True)  # the finished block's K/V, computed once
+        pending = block  # its K/V, computed once, go in with the next block's first forward
         if not bool(keep.all()):
-            rows, block = rows[keep], block[keep]
+            rows, pending = rows[keep], pending[keep]
             if cache:
                 kv.select(keep)
             else:
                 history = history[keep]
-        block = torch.full_like(block, mask_id)
+        block = torch.full_like(pending, mask_id)
 
 
 def _view(canvas: torch.Tensor, out: SamplerOutput, rows: torch.Tensor, g: torch.Tensor, eligible: torch.Tensor,

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from dlm.sampling.sampler import SAMPLERS, LLaDASampler, SamplerOutput
+from dlm.sampling.llada import LLaDASampler
+from dlm.sampling.sampler import SAMPLERS, SamplerOutput
 
 
 def threshold_count(confidence: torch.Tensor, eligible: torch.Tensor, threshold: float) -> torch.Tensor:
