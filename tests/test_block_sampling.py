@@ -82,6 +82,24 @@ def test_cached_equals_uncached_token_for_token():
     assert not bool((cached[:, ids.shape[1]:] == MASK).any())
 
 
+def test_one_forward_per_step():
+    """The prompt's complete blocks and each finished block go into the cache within the next block's first step:
+    the network runs exactly once per step, on at most two blocks."""
+    net = _net()
+    ids, mask = _ragged()
+    calls: list[int] = []
+    inner = net.forward
+
+    def counting(x, *a, **k):
+        calls.append(x.shape[1])
+        return inner(x, *a, **k)
+
+    net.forward = counting
+    _, events = _run(net, ids, mask)
+    assert len(calls) == len(events)
+    assert calls[0] == ids.shape[1] // BS * BS + BS and max(calls[1:]) == 2 * BS
+
+
 def test_each_row_of_a_ragged_batch_as_alone():
     """Prompts of 3, 9, 8 and 17 tokens: each row's new tokens are those it gets alone."""
     net = _net()

@@ -123,15 +123,17 @@ class BlockCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.appending = False
+        self.keep: int | None = None
 
     @property
     def length(self) -> int:
         """T, the number of cached positions (0 while empty)."""
         return self.keys[0].shape[2] if self.keys else 0
 
-    def extend(self) -> BlockCache:
-        """The next forward appends its input's keys and values."""
-        self.appending = True
+    def extend(self, keep: int | None = None) -> BlockCache:
+        """The next forward appends its input's keys and values: all of them, or its first `keep` positions (a
+        finished block run together with the next block, whose K/V are not final yet)."""
+        self.appending, self.keep = True, keep
         return self
 
     def select(self, rows: torch.Tensor) -> None:
@@ -141,6 +143,7 @@ class BlockCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, H_kv, n, hd) of the current input -> the keys and values (B, H_kv, T + n, hd) it attends over."""
+        n = k.shape[2]
         if layer < len(self.keys):
             k = torch.cat([self.keys[layer], k], dim=2)
             v = torch.cat([self.values[layer], v], dim=2)
@@ -148,11 +151,12 @@ class BlockCache:
             raise RuntimeError(f"BlockCache holds {len(self.keys)} layers, not layer {layer}: a forward runs every "
                                "layer in order")  # (an empty cache that is only read holds nothing: fine)
         if self.appending:
+            cut = k.shape[2] - n + (n if self.keep is None else self.keep)  # cached + kept positions
             if layer < len(self.keys):
-                self.keys[layer], self.values[layer] = k, v
+                self.keys[layer], self.values[layer] = k[:, :, :cut], v[:, :, :cut]
             else:
-                self.keys.append(k)
-                self.values.append(v)
+                self.keys.append(k[:, :, :cut])
+                self.values.append(v[:, :, :cut])
         return k, v
 
     def done(self) -> None:
