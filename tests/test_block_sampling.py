@@ -242,3 +242,26 @@ def test_dlm_generate_uses_the_block_sampler(tmp_path, capsys):
     main(["generate", "ROMEO:", "--model", str(tmp_path / "bd"), "--max-new-tokens", "8", "--seed", "0"])
     printed = capsys.readouterr().out
     assert lm.generate("ROMEO:", max_new_tokens=8, seed=0) in printed
+
+
+def test_server_streams_a_block_model():
+    """The OpenAI completion stream of a block model sends the text as blocks complete, equal to the whole answer."""
+    import json
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from dlm.server import ServerSettings, create_app
+
+    lm = _lm()
+    body = {"prompt": ["ROMEO:", "JULIET: O"], "max_tokens": 12, "seed": 0, "temperature": 0.0}
+    with TestClient(create_app(lm, "bd", ServerSettings())) as c:
+        whole = c.post("/v1/completions", json=body).json()["choices"]
+        text = c.post("/v1/completions", json={**body, "stream": True}).text
+    chunks = [json.loads(b[len("data: "):]) for b in text.strip().split("\n\n") if b != "data: [DONE]"]
+    got = ["", ""]
+    for ch in chunks:
+        for choice in ch["choices"]:
+            got[choice["index"]] += choice["text"]
+    assert got == [w["text"] for w in whole] and len(chunks) > 2
+    assert whole[0]["text"] == lm.generate("ROMEO:", max_new_tokens=12, seed=0, temperature=0.0)
