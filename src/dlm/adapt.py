@@ -21,8 +21,9 @@ Mode "block" (the Fast-dLLM v2 / SDAR route, Wu et al. 2025; Cheng et al. 2025):
 diffusion model (BD3LM, dlm/processes/block.py): block-causal attention from the first step (no annealing), a time
 per block, each noisy block predicted from itself and the clean blocks before it in one x_t + x_0 pass (the bd3lm
 loss), sampled block by block against an exact KV cache (the "block" sampler). It is trained without the logit
-shift: position i predicts its own token, as dlm's bd3lm networks do (Fast-dLLM v2 keeps the shift and adds
-complementary masks; neither is done here).
+shift: position i predicts its own token, as dlm's bd3lm networks do (Fast-dLLM v2 keeps the shift). With
+`complementary` each row is also trained under the complement of its mask (Fast-dLLM v2's complementary masks:
+every token of the row is scored once, at time t or at 1 - t).
 
     summary = adapt("~/.cache/dlm/judge/SmolLM2-135M-Instruct", AdaptConfig(mode="shift", anneal_steps=50),
                     TrainConfig(data="shakespeare", out="runs/a2d", max_steps=200, batch_size=8, seq_len=128))
@@ -56,6 +57,7 @@ class AdaptConfig(_Config):
     mode: str = "shift"  # shift: Dream / DiffuGPT logit shift, full attention; block: BD3LM block diffusion
     anneal_steps: int | None = None  # shift: causal -> full attention over the first N steps; None: max_steps / 10
     block_size: int = 4  # block: tokens per block (Fast-dLLM v2 trains 32, SDAR 4)
+    complementary: bool = False  # block: each row also under the complement of its mask (Fast-dLLM v2)
 
     def validate(self) -> AdaptConfig:
         if self.mode not in MODES:
@@ -64,6 +66,8 @@ class AdaptConfig(_Config):
             raise ConfigError(f"anneal_steps must be >= 0 (0: full attention from the start), got {self.anneal_steps}")
         if self.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+        if self.complementary and self.mode != "block":
+            raise ConfigError("complementary masks are a block-mode option (Fast-dLLM v2): add --mode block")
         return self
 
     def anneal_for(self, max_steps: int) -> int:
@@ -144,6 +148,49 @@ class ShiftedMaskedLoss(Loss):
         ce = token_ce(logits, x0)  # (B, L)
         n_tokens = maskable.sum().clamp_min(1) if maskable is not None else torch.tensor(B * L)
         loss = (ce * weight[:, None] * is_masked).sum() / n_tokens
+        return LossOutput(loss=loss, nll=loss.detach(), mask=is_masked)
+
+
+class ComplementaryBlockLoss(Loss):
+    """Fast-dLLM v2's complementary masks on the bd3lm objective: with block times t (B, n_blocks) a row is masked
+    once with chance t_b per token of block b (weight w(t_b) = 1 / t_b) and once with the complement of that mask,
+    the maskable tokens the first left clean (chance 1 - t_b, weight 1 / (1 - t_b)); both in one batch of 2B rows.
+    Each half is an unbiased estimate of the bd3lm bound (1 - t is uniform when t is); the loss is their mean.
+    Needs move_chance(t) = t (BD3LM's log-linear schedule with eps 0, as dlm.adapt builds it)."""
+
+    def __init__(self, antithetic: bool = True, clip: tuple[float, float] = (1e-3, 1.0 - 1e-3)) -> None:
+        super().__init__(antithetic=antithetic)
+        from dlm.losses import BlockDiffusionELBO
+
+        lo, hi = clip  # both weights finite: t and 1 - t stay in (0, 1)
+        self.times = BlockDiffusionELBO(antithetic, clip=(max(lo, 1e-3), min(hi, 1.0 - 1e-3)))
+
+    def terms(self, model, x0, process, t, generator, maskable=None, rows=None):
+        """t (B, n_blocks) -> per-token loss (B, L) of both halves summed, is_masked, its complement (B, L)."""
+        from dlm.processes.block import block_logits, per_position
+
+        B, L = x0.shape
+        bs = process.block_size
+        probe = torch.tensor([0.25, 0.5])
+        if not torch.allclose(process.schedule.move_chance(probe), probe):
+            raise ConfigError("complementary masks need move_chance(t) = t (the loglinear schedule with eps 0)")
+        gen = generator if x0.device.type == "cpu" else None
+        xt, is_masked = corrupt(process.q_sample, x0, t, gen, maskable, rows)
+        keep = maskable if maskable is not None else torch.ones_like(x0, dtype=torch.bool)
+        comp = keep & ~is_masked  # (B, L)
+        xc = torch.where(comp, torch.full_like(x0, process.mask_id), x0)
+        ce = token_ce(block_logits(model, torch.cat([xt, xc]), torch.cat([x0, x0]), bs), torch.cat([x0, x0]))
+        w = per_position(process.schedule.weight(t.to(x0.device)), L, bs)  # (B, L): 1 / t_b
+        wc = per_position(process.schedule.weight((1.0 - t).to(x0.device)), L, bs)  # 1 / (1 - t_b)
+        per_token = torch.where(is_masked, ce[:B] * w, 0.0) + torch.where(comp, ce[B:] * wc, 0.0)
+        return per_token, is_masked, comp
+
+    def __call__(self, model, x0, process, maskable=None, generator=None, rows: Rows | None = None):
+        B, L = x0.shape
+        t = self.times.block_times(B, L, process, generator, rows).to(x0.device)  # (B, n_blocks)
+        per_token, is_masked, _ = self.terms(model, x0, process, t, generator, maskable, rows)
+        n_tokens = maskable.sum().clamp_min(1) if maskable is not None else torch.tensor(B * L)
+        loss = per_token.sum() / (2 * n_tokens)
         return LossOutput(loss=loss, nll=loss.detach(), mask=is_masked)
 
 
@@ -249,7 +296,7 @@ def _adapt(model: str | Path, acfg: AdaptConfig, tcfg: TrainConfig, lora: LoRACo
     from dlm.checkpoint import load_pretrained
     from dlm.data import load_corpus, split_documents, tokenize_documents
     from dlm.pipeline import resolve_model_path
-    from dlm.process import build_process
+    from dlm.processes.masked import build_process
     from dlm.trainer import Trainer
 
     tcfg.validate()
@@ -280,7 +327,8 @@ def _adapt(model: str | Path, acfg: AdaptConfig, tcfg: TrainConfig, lora: LoRACo
     if acfg.mode == "block":
         from dlm.losses import LOSSES
 
-        loss_fn: Loss = LOSSES.get("bd3lm").from_config(cfg.process)
+        loss_fn: Loss = (ComplementaryBlockLoss(cfg.process.antithetic, (cfg.process.clip_min, cfg.process.clip_max))
+                         if acfg.complementary else LOSSES.get("bd3lm").from_config(cfg.process))
     else:
         loss_fn = ShiftedMaskedLoss(anneal, clock, antithetic=cfg.process.antithetic)
     process = build_process(cfg.process, tok, cfg.model.vocab_size)

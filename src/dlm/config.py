@@ -192,7 +192,7 @@ class ProcessConfig(_Config):
     sedd-uniform, d3pm-absorbing, d3pm-uniform.
     """
 
-    process: str = "masked"  # registry name in dlm.process
+    process: str = "masked"  # registry name in dlm.processes (PROCESSES)
     schedule: str = "linear"  # registry name in dlm.schedules
     eps: float = 1e-3  # LLaDA: p_mask = (1 - eps) t + eps, so no step has a zero mask rate
     loss: str = "masked_elbo"  # registry name in dlm.losses: masked_elbo, masked_unweighted, ar, score_entropy, ...

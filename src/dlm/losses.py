@@ -6,7 +6,7 @@
 - `masked_unweighted`: the same cross-entropy averaged over masked tokens, no 1/t weight (MaskGIT style).
 - `ar`: next-token cross-entropy for the autoregressive baseline.
 - `score_entropy`: SEDD (Lou, Meng, Ermon 2024; louaaron/Score-Entropy-Discrete-Diffusion `losses.py`). The
-  denoising score entropy of each position (dlm/graphs.py, with its constant so every term is >= 0) weighted by
+  denoising score entropy of each position (processes/sedd.py, with its constant so every term is >= 0) weighted by
   dsigma(t), averaged over the tokens (SEDD sums them): an unbiased estimate of the negative ELBO per token.
 - `d3pm_hybrid`: D3PM (Austin et al. 2021). With k ~ U{1..T}, T * KL(q(x_{k-1} | x_k, x0) || p(x_{k-1} | x_k))
   per token estimates L_vb; the loss adds hybrid_lambda times the cross-entropy of the x0 prediction.
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from dlm.process import ForwardProcess
+from dlm.processes.masked import ForwardProcess
 from dlm.registry import Registry
 from dlm.schedules import sample_t
 

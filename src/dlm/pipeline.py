@@ -128,7 +128,7 @@ class DiffusionLM:
     def process(self):
         """The forward process (and schedule) the checkpoint was trained with: its graph samplers need it."""
         if getattr(self, "_process", None) is None:
-            from dlm.process import build_process
+            from dlm.processes.masked import build_process
 
             self._process = build_process(self.config.process, self.tokenizer, self.config.model.vocab_size)
         return self._process
@@ -225,7 +225,7 @@ class DiffusionLM:
                 t = None
             elif t is not None:
                 t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])
-            else:  # the process's one definition of the time a canvas shows (dlm.process.model_time)
+            else:  # the process's one definition of the time a canvas shows (dlm.processes.masked: model_time)
                 t = process.model_time(x, attention_mask)
             kwargs = {"logits_window": window} if window is not None else {}
             if block_size is not None:  # block-causal attention (models/common.py attention_rule)

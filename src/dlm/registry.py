@@ -4,7 +4,7 @@
     @SCHEDULES.register("linear")
     class Linear(NoiseSchedule): ...
     SCHEDULES.build("linear", eps=1e-3)
-    PROCESSES = Registry("forward process", plugins=("dlm.graphs",))   # imported on the first lookup
+    PROCESSES = Registry("forward process", plugins=("dlm.processes.sedd",))   # imported on the first lookup
 """
 
 from __future__ import annotations

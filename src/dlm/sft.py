@@ -164,7 +164,7 @@ def _finetune(sft: SFTConfig, tcfg: TrainConfig, model: str, lora: LoRAConfig | 
     from dlm.checkpoint import load_pretrained
     from dlm.losses import SFTLoss
     from dlm.pipeline import resolve_model_path
-    from dlm.process import build_process
+    from dlm.processes.masked import build_process
     from dlm.train import validate_train
     from dlm.trainer import Trainer
 

@@ -71,10 +71,10 @@ class SEDDFormat(Format):
     def load(self, folder, config, dtype, device, allow_pickle):
         from dlm.config import GenerationConfig, ProcessConfig
         from dlm.models import build_model
-        from dlm.process import PROCESSES
+        from dlm.processes.masked import PROCESSES
 
         scaled = bool(config["model"].get("scale_by_sigma", True))
-        if scaled:  # SEDD's own graph, score and samplers (dlm.graphs, dlm.sampling.sedd)
+        if scaled:  # SEDD's own graph, score and samplers (dlm.processes.sedd, dlm.sampling.sedd)
             family = PROCESSES.get("sedd-absorbing")
             process = ProcessConfig(process="sedd-absorbing", **family.defaults)
             sampling = GenerationConfig(max_new_tokens=128, steps=128, suppress_special=False, **family.sampling)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dlm.process import PROCESSES, ForwardProcess
+from dlm.processes.masked import PROCESSES, ForwardProcess
 from dlm.schedules import SCHEDULES, NoiseSchedule
 
 if TYPE_CHECKING:

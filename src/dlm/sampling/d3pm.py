@@ -3,7 +3,7 @@
 D3PM (Austin et al. 2021; google-research/d3pm `text/diffusion.py`, `p_sample`), the x0-parameterisation: the
 network predicts p~(x0 | x_k) (its [MASK] logit removed, `temperature` applied to it: softmax(logits / T), the
 argmax at 0) and p(x_s | x_k) is proportional to (x_k Q_{s->k}^T) * (p~ Qbar_s), with the explicit matrices of
-dlm/d3pm.py in float64. Steps k = round(linspace(T, 0, steps + 1)) skip ahead of the T-step chain where
+dlm/processes/d3pm.py in float64. Steps k = round(linspace(T, 0, steps + 1)) skip ahead of the T-step chain where
 steps < T (the chain from s to k is Q_{s+1} ... Q_k, which is exact for the forward process); the last step lands
 on k = 0, where an absorbing chain has no [MASK] left. The network sees t = k / T.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from dlm.d3pm import D3PM, D3PMAbsorbing
+from dlm.processes.d3pm import D3PM, D3PMAbsorbing
 from dlm.sampling.sampler import SAMPLERS, gumbel_argmax
 from dlm.sampling.sedd import GraphSampler
 from dlm.schedules import Linear

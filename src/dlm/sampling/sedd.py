@@ -2,7 +2,7 @@
 
 Score Entropy Discrete Diffusion (Lou, Meng, Ermon 2024; louaaron/Score-Entropy-Discrete-Diffusion `sampling.py`:
 `EulerPredictor`, `AnalyticPredictor`, `Denoiser`; `catsample.py`). Time runs over linspace(1, 0, steps + 1); the
-network sees t = ts[i] and its output becomes log scores through the graph (dlm/graphs.py). From t to s = ts[i + 1]:
+network sees t = ts[i] and its output becomes log scores through the graph (processes/sedd.py). From t to s = ts[i + 1]:
 
   sedd_euler:     p(x_s = y) = 1[y = x] + dsigma(t) (t - s) s(x)_y R[y, x], the reverse rates over the interval;
   sedd_analytic:  p(x_s = z) = [s(x)^T exp(-d R)]_z exp(d R)[z, x] with d = sigma(t) - sigma(s) (Tweedie
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from dlm.graphs import AbsorbingGraph, Graph, uniform_tokens
+from dlm.processes.sedd import AbsorbingGraph, Graph, uniform_tokens
 from dlm.sampling.generate import SamplingError
 from dlm.sampling.sampler import SAMPLERS, Sampler, SamplerOutput, gumbel_argmax
 from dlm.schedules import LogLinear
