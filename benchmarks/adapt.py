@@ -74,8 +74,14 @@ def samples(lm: DiffusionLM, prompts: list[str], new_tokens: int) -> list[dict[s
     out = []
     for p in prompts:
         t0 = time.perf_counter()
-        text = lm.generate(p, max_new_tokens=new_tokens, **({} if lm.is_causal else {"steps": new_tokens}),
-                           temperature=0.0, seed=0)
+        if lm.is_causal:  # decodes after [BOS] itself
+            text = lm.generate(p, max_new_tokens=new_tokens, temperature=0.0, seed=0)
+        else:  # after [BOS], as the model was adapted
+            ids = [lm.tokenizer.bos_id, *lm.tokenizer.encode(p)]
+            out = lm.generate(ids, max_new_tokens=new_tokens, steps=new_tokens, temperature=0.0, seed=0)
+            new = out[len(ids):]
+            end = next((i for i, t in enumerate(new) if t in lm.tokenizer.stop_ids), len(new))
+            text = lm.tokenizer.decode(new[:end])  # cut at the first end token, as generate(str) does
         out.append({"prompt": p, "text": text, "distinct_2": distinct_n([text], 2),
                     "seconds": round(time.perf_counter() - t0, 1)})
     return out

@@ -227,39 +227,71 @@ def test_adapt_resumes_exactly(tmp_path):
         assert torch.equal(p, q), name
 
 
-def test_block_loss_equals_hand_computed_blockwise_cross_entropy(tmp_path):
-    """Mode block: with fixed block times and masks, the bd3lm loss of the adapted network equals the weighted
-    cross-entropy computed block by block: block b run after the clean blocks before it, block-causal."""
-    from dlm.losses import LOSSES
+def _blockwise_ce(net, x0: torch.Tensor, xt: torch.Tensor, bs: int) -> torch.Tensor:
+    """(B, L) cross-entropy of x0 at every position of xt, block by block: block b run after the clean blocks before
+    it under block-causal attention (the loop the x_t + x_0 pass stands for)."""
+    B, L = x0.shape
+    out = torch.zeros(B, L)
+    with torch.no_grad():
+        for b in range(B):
+            for lo in range(0, L, bs):
+                hi = min(L, lo + bs)
+                logits = net(torch.cat([x0[b, :lo], xt[b, lo:hi]])[None], None, block_size=bs)[:, lo:hi]
+                out[b, lo:hi] = token_ce(logits, x0[b:b + 1, lo:hi])[0]
+    return out
+
+
+def _block_setup(tmp_path, bs: int = 3):
     from dlm.process import build_process
 
     write_causal(tmp_path / "llama", "llama")
     net0, cfg0, tok0 = load_pretrained(tmp_path / "llama")
-    bs = 3
     net, cfg, tok = to_diffusion(net0, cfg0, tok0, "block", block_size=bs)
     assert not cfg.model.logits_shift and cfg.process.process == "bd3lm" and cfg.process.block_size == bs
-    process = build_process(cfg.process, tok, cfg.model.vocab_size)
-    loss_fn = LOSSES.get("bd3lm").from_config(cfg.process)
     B, L = 2, 8  # blocks [0, 3), [3, 6), [6, 8)
     x0 = torch.randint(0, 300, (B, L), generator=torch.Generator().manual_seed(4))
     x0[:, 0] = tok.bos_id
     maskable = torch.ones(B, L, dtype=torch.bool)
     maskable[:, 0] = False
-    t = torch.tensor([[0.3, 0.7, 0.5], [0.9, 0.2, 0.6]])
+    t = torch.tensor([[0.3, 0.7, 0.5], [0.9, 0.2, 0.6]])  # (B, n_blocks)
+    t_pos = t.repeat_interleave(bs, dim=1)[:, :L]  # (B, L): each position's block time
+    return net, cfg, build_process(cfg.process, tok, cfg.model.vocab_size), x0, maskable, t, t_pos
+
+
+# float32, 2 layers: the x_t + x_0 pass attends over more (zero-weight) keys, in another order, than the loop
+BLOCK_REL = 1e-4
+
+
+def test_block_loss_equals_hand_computed_blockwise_cross_entropy(tmp_path):
+    """Mode block: at fixed block times and masks, the bd3lm loss of the adapted network equals the weighted
+    cross-entropy computed block by block (loglinear schedule, eps 0: w = 1 / t_b)."""
+    from dlm.losses import LOSSES
+
+    net, cfg, process, x0, maskable, t, t_pos = _block_setup(tmp_path)
+    loss_fn = LOSSES.get("bd3lm").from_config(cfg.process)
     per_token, is_masked = loss_fn.terms(net, x0, process, t, torch.Generator().manual_seed(5), maskable)
     xt, again = process.q_sample(x0, t, generator=torch.Generator().manual_seed(5), maskable=maskable)
     assert torch.equal(again, is_masked) and bool(is_masked.any())
-    want = 0.0
-    with torch.no_grad():
-        for b in range(B):
-            for k, lo in enumerate(range(0, L, bs)):
-                hi = min(L, lo + bs)
-                logits = net(torch.cat([x0[b, :lo], xt[b, lo:hi]])[None], None, block_size=bs)[:, lo:hi]
-                ce = token_ce(logits, x0[b:b + 1, lo:hi])[0]
-                want += float((ce * is_masked[b, lo:hi]).sum()) / float(t[b, k])  # loglinear, eps 0: w = 1 / t
-    # float32, 2 layers: the x_t + x_0 pass attends over more (zero-weight) keys in another order than the loop
-    assert float(per_token.sum().detach()) / int(maskable.sum()) == pytest.approx(want / int(maskable.sum()),
-                                                                                rel=1e-4)
+    want = float((_blockwise_ce(net, x0, xt, 3) * is_masked / t_pos).sum())
+    assert float(per_token.sum().detach()) == pytest.approx(want, rel=BLOCK_REL)
+
+
+def test_complementary_block_loss_scores_every_token_once(tmp_path):
+    """Fast-dLLM v2's complementary masks: the second half masks exactly the maskable tokens the first left clean,
+    at weight 1 / (1 - t_b); the loss is the mean of the two hand-computed blockwise estimates."""
+    from dlm.adapt import ComplementaryBlockLoss
+
+    net, cfg, process, x0, maskable, t, t_pos = _block_setup(tmp_path)
+    loss_fn = ComplementaryBlockLoss()
+    per_token, is_masked, comp = loss_fn.terms(net, x0, process, t, torch.Generator().manual_seed(5), maskable)
+    xt, _ = process.q_sample(x0, t, generator=torch.Generator().manual_seed(5), maskable=maskable)
+    assert torch.equal(is_masked ^ comp, maskable) and not bool((is_masked & comp).any())
+    xc = torch.where(comp, torch.full_like(x0, process.mask_id), x0)
+    want = float((_blockwise_ce(net, x0, xt, 3) * is_masked / t_pos).sum()
+                 + (_blockwise_ce(net, x0, xc, 3) * comp / (1 - t_pos)).sum())
+    assert float(per_token.sum().detach()) == pytest.approx(want, rel=BLOCK_REL)
+    out = loss_fn(net, x0, process, maskable=maskable, generator=torch.Generator().manual_seed(6))
+    assert math.isfinite(float(out.loss.detach()))
 
 
 def test_block_mode_adapts_reloads_and_generates(tmp_path):
@@ -269,7 +301,7 @@ def test_block_mode_adapts_reloads_and_generates(tmp_path):
     data.write_text(TEXT)
     tcfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), max_steps=3, batch_size=4, seq_len=24, lr=3e-3,
                        warmup_steps=0, ckpt_every=3, log_every=1, threads=1)
-    summary = adapt(folder, AdaptConfig(mode="block", block_size=4), tcfg, show_progress=False)
+    summary = adapt(folder, AdaptConfig(mode="block", block_size=4, complementary=True), tcfg, show_progress=False)
     assert summary["mode"] == "block" and summary["anneal_steps"] == 0 and math.isfinite(summary["final_loss"])
     lm = DiffusionLM.from_pretrained(tmp_path / "run")
     assert lm.block_size == 4 and lm.config.sampling.sampler == "block" and not lm.config.model.logits_shift
@@ -282,6 +314,8 @@ def test_bad_input_is_refused(tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="adapt mode must be one of"):
         AdaptConfig(mode="blocks").validate()
+    with pytest.raises(ConfigError, match="block-mode option"):
+        AdaptConfig(mode="shift", complementary=True).validate()
     folder = tmp_path / "llama"
     write_causal(folder, "llama")
     data = tmp_path / "text.txt"

@@ -156,7 +156,8 @@ def _adapt(args: argparse.Namespace) -> None:
         from dlm.lora import LoRAConfig
 
         lora = LoRAConfig(r=args.r, alpha=args.alpha)
-    acfg = AdaptConfig(mode=args.mode, anneal_steps=args.anneal_steps, block_size=args.block_size).validate()
+    acfg = AdaptConfig(mode=args.mode, anneal_steps=args.anneal_steps, block_size=args.block_size,
+                       complementary=args.complementary).validate()
     summary = adapt(args.model, acfg, _train_config(args, data=args.data), lora=lora, device=args.device,
                     show_progress=not args.quiet)
     _print_summary(summary)
@@ -581,6 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--anneal-steps", type=int, help="causal -> full attention over the first N steps "
                                                      "(DiffuLLaMA; default: a tenth of --max-steps)")
     ad.add_argument("--block-size", type=int, default=4, help="--mode block: tokens per block")
+    ad.add_argument("--complementary", action="store_true",
+                    help="--mode block: train each row under its mask and its complement (Fast-dLLM v2)")
     ad.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
     ad.add_argument("--r", type=int, default=8, help="LoRA rank")
     ad.add_argument("--alpha", type=float, default=16.0, help="LoRA: the update is scaled by alpha / r")
