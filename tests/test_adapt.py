@@ -326,6 +326,13 @@ def test_bad_input_is_refused(tmp_path, capsys):
     main(["adapt", str(folder), "--out", str(tmp_path / "run"), "--data", str(data), "--max-steps", "2",
           "--batch-size", "2", "--seq-len", "16", "--ckpt-every", "2", "--threads", "1", "--quiet"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2
+    bare = tmp_path / "bare"
+    write_causal(bare, "llama")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bare / name).unlink()
+    with pytest.warns(UserWarning, match="no tokenizer files"), pytest.raises(SystemExit):
+        main(["adapt", str(bare), "--out", str(tmp_path / "bare-run"), "--data", str(data)])
+    assert "has no tokenizer files, and adaptation reads text" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # an adapted model is no longer autoregressive
         main(["adapt", str(tmp_path / "run"), "--out", str(tmp_path / "again"), "--data", str(data)])
     assert "already a diffusion model" in capsys.readouterr().err

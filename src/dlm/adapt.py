@@ -17,7 +17,7 @@ The objective is LLaDA's masked ELBO (1 / p_mask weighted cross-entropy over mas
 Full fine-tuning or LoRA (dlm/lora.py), the same Trainer (resumable: re-run the same command), and every checkpoint
 is a dlm folder that every sampler loads: `DiffusionLM.from_pretrained(out)`.
 
-Mode "block" (the Fast-dLLM v2 / SDAR route, Wu et al. 2025; Cheng et al. 2025): the network becomes a block
+Mode "block" (the route of Fast-dLLM v2, Wu et al. 2025, and SDAR): the network becomes a block
 diffusion model (BD3LM, dlm/processes/block.py): block-causal attention from the first step (no annealing), a time
 per block, each noisy block predicted from itself and the clean blocks before it in one x_t + x_0 pass (the bd3lm
 loss), sampled block by block against an exact KV cache (the "block" sampler). It is trained without the logit
@@ -43,7 +43,7 @@ from torch import nn
 from dlm.config import CheckpointConfig, ConfigError, GenerationConfig, ProcessConfig, TrainConfig, _Config
 from dlm.data import Batch, TokenStream
 from dlm.losses import Loss, LossOutput, Rows, corrupt, draw_t, token_ce
-from dlm.tokenizer import HFTokenizer, Tokenizer
+from dlm.tokenizer import HFTokenizer, IdsOnlyTokenizer, Tokenizer
 
 if TYPE_CHECKING:
     from dlm.distributed import DistEnv
@@ -56,7 +56,7 @@ MODES = ("shift", "block")
 class AdaptConfig(_Config):
     mode: str = "shift"  # shift: Dream / DiffuGPT logit shift, full attention; block: BD3LM block diffusion
     anneal_steps: int | None = None  # shift: causal -> full attention over the first N steps; None: max_steps / 10
-    block_size: int = 4  # block: tokens per block (Fast-dLLM v2 trains 32, SDAR 4)
+    block_size: int = 4  # block: tokens per block (1 is AR; the longer, the more tokens decoded in parallel)
     complementary: bool = False  # block: each row also under the complement of its mask (Fast-dLLM v2)
 
     def validate(self) -> AdaptConfig:
@@ -206,8 +206,9 @@ def to_diffusion(net: nn.Module, cfg: CheckpointConfig, tok: Tokenizer, mode: st
     if m.arch != "ar":
         raise ConfigError(f"dlm adapt converts an autoregressive model (a Hugging Face causal-LM folder or a dlm AR "
                           f"baseline); this one is arch {m.arch!r}, already a diffusion model")
-    if not isinstance(tok, HFTokenizer) and not hasattr(tok, "to_json"):
-        raise ConfigError("adaptation needs the model's tokenizer files (the data is text)")
+    if isinstance(tok, IdsOnlyTokenizer):
+        raise ConfigError(f"{tok.source} has no tokenizer files, and adaptation reads text: copy the model's "
+                          "tokenizer files into the folder")
     V = max(m.vocab_size, tok.mask_id + 1)
     new_cfg = m.replace(arch="llada", logits_shift=mode == "shift", vocab_size=V)
     sd = {k: v.detach() for k, v in net.state_dict().items()}
