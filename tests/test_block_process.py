@@ -157,7 +157,7 @@ def test_block_size_one_is_the_ar_loss():
     nll = torch.zeros(3, L)
     for b in range(L):
         ids = torch.cat([x0[:, :b], torch.full((3, 1), MASK)], 1)
-        nll[:, b] = token_ce(net(ids, attention="causal")[:, -1:], x0[:, b:b + 1])[:, 0]
+        nll[:, b] = token_ce(net(ids, attention="causal")[:, -1:], x0[:, b:b + 1])[:, 0].detach()
     tol = _tol(net, net(x0)) * 4  # a cross-entropy moves by at most 2x its logits' error; 2x headroom
     assert abs(float(out.loss.detach()) - float(nll.mean())) < tol
     seq = BlockDiffusionELBO().sequence_nll(net, x0, _process(1), torch.rand(3))
