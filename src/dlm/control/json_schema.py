@@ -463,12 +463,16 @@ def _choose(lm: DiffusionLM, parts: list[Part], temperature: float, generator: t
     return chosen
 
 
-def generate_json_text(lm: DiffusionLM, schema: dict, layout: JsonLayout | None = None, **options: Any) -> str:
+def generate_json_text(lm: DiffusionLM, schema: dict, layout: JsonLayout | None = None, prompt: str = "",
+                       **options: Any) -> str:
     """The JSON text of a value generated to `schema` (every GenerationConfig option is accepted, e.g. seed,
-    temperature, steps). The text always parses with json.loads and validates against the schema."""
+    temperature, steps). The text always parses with json.loads and validates against the schema. `prompt`: fixed
+    text before the value on the canvas (the model conditions on it; it is not part of the result)."""
     tok = lm.tokenizer
     texts = token_texts(tok)
     parts = compile_schema(schema, layout, max_tokens=lm.max_len, chars_per_token=max(map(len, texts), default=1))
+    if prompt:
+        parts = [Text(prompt), *parts]  # its own part (encoded alone), dropped from the rendered result below
     sets = TokenSets(texts, tok.pad_id)
     for p in parts:  # a tokenizer without the tokens a slot needs: an error before any model call
         for slot in p.slots if isinstance(p, Gap) else ():
@@ -497,7 +501,7 @@ def generate_json_text(lm: DiffusionLM, schema: dict, layout: JsonLayout | None 
                 where.setdefault(slot, torch.zeros(1, len(ids), dtype=torch.bool))[0, start + i] = True
         processors = [AllowedTokens(sets.ids(slot), where=w) for slot, w in where.items()]
         canvas = fill_canvas(lm, canvas, processors=processors, **options)
-    text = render(parts, starts, canvas[0].tolist(), chosen, sets)
+    text = render(parts, starts, canvas[0].tolist(), chosen, sets)[len(prompt):]
     errors = validate(json.loads(text), schema)
     if errors:  # cannot happen for a supported schema: every fill of the layout validates
         raise RuntimeError(f"generated JSON breaks the schema ({'; '.join(errors)}): {text}")
@@ -517,7 +521,8 @@ def render(parts: list[Part], starts: list[int], ids: list[int], chosen: dict[in
     return "".join(out)
 
 
-def generate_json(lm: DiffusionLM, schema: dict, layout: JsonLayout | None = None, **options: Any) -> Any:
-    """A value generated to `schema` (a dict for an object schema); it always validates against the schema.
-    `generate_json_text` gives the text itself."""
-    return json.loads(generate_json_text(lm, schema, layout, **options))
+def generate_json(lm: DiffusionLM, schema: dict, layout: JsonLayout | None = None, prompt: str = "",
+                  **options: Any) -> Any:
+    """A value generated to `schema` (a dict for an object schema) after `prompt`; it always validates against the
+    schema. `generate_json_text` gives the text itself."""
+    return json.loads(generate_json_text(lm, schema, layout, prompt, **options))

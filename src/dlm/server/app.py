@@ -32,20 +32,28 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dlm.control.code import check_constraints
+from dlm.control.constraints import compile_slots
+from dlm.control.documents import generate_markdown
 from dlm.pipeline import DiffusionLM
 from dlm.server import metrics as prom
 from dlm.server.batching import Batcher, Job, JobResult, QueueFull, ServerClosing
 from dlm.server.protocol import (
+    CONTROL_NAMES,
     GENERATE_NAMES,
     INFILL_NAMES,
     MASK_GLYPH,
     OPENAI_NAMES,
     ApiError,
+    AugmentRequest,
     CanvasView,
     ChatRequest,
+    CodeRequest,
     CompletionRequest,
+    DocumentRequest,
     GenerateRequest,
     InfillRequest,
+    PatternRequest,
     PrefixDelta,
     check_infill,
     check_openai_fields,
@@ -53,6 +61,7 @@ from dlm.server.protocol import (
     describe_validation,
     error_body,
     finish_text,
+    library_check,
     new_id,
     now,
     parse_body,
@@ -63,13 +72,15 @@ from dlm.server.protocol import (
     stop_list,
 )
 from dlm.server.settings import ServerSettings
+from dlm.server.structured import Answer, Plan, Structurer, tools_prompt
 
 log = logging.getLogger("dlm.server")
 
 STATIC = Path(__file__).parent / "static"
 PLACEHOLDER = "<!doctype html><title>dlm</title><p>dlm is serving; the API is described in docs/http-api.md.</p>"
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/models/{model}", "/v1/completions",
-          "/v1/chat/completions", "/v1/infill", "/v1/generate")
+          "/v1/chat/completions", "/v1/infill", "/v1/generate", "/v1/code", "/v1/documents", "/v1/augment",
+          "/v1/patterns")
 TIMEOUTS = (TimeoutError, asyncio.TimeoutError)  # distinct classes before Python 3.11
 CLIENT_GONE = 499  # the status counted for a client that left before its answer (nginx's "client closed request")
 ARRIVAL = "dlm.arrival"  # scope key: time.monotonic() when the request arrived (--timeout counts from it)
@@ -244,6 +255,7 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
     metrics = prom.Metrics()
     batcher = Batcher(lm, settings.batch_size, settings.batch_wait_ms, settings.queue_size)
     tok = lm.tokenizer
+    structurer = Structurer(lm, settings)
     created = now()
 
     @asynccontextmanager
@@ -362,8 +374,12 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
                            chat: bool) -> Any:
         check_model(body.model)
         check_openai_fields(body)
-        opts = resolve_options(lm, sampling_overrides(body, OPENAI_NAMES), settings)
+        overrides = sampling_overrides(body, OPENAI_NAMES)
+        opts = resolve_options(lm, overrides, settings)
         stops = stop_list(body.stop)
+        plan = structurer.plan(body, prompts, overrides, opts)
+        if plan is not None:
+            return await structured_route(request, body, prompts, opts, plan, chat)
         counts = check_prompts(lm, prompts, opts, settings)
         job = submit(request, "generate", prompts, opts, body.stream)
         cid, kind = new_id("chatcmpl" if chat else "cmpl"), "chat.completion" if chat else "text_completion"
@@ -420,6 +436,94 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
 
         return await stream(request, job, render)
 
+    async def structured_route(request: Request, body: CompletionRequest | ChatRequest, prompts: list[str],
+                               opts: Any, plan: Plan, chat: bool) -> Any:
+        """response_format / tools / guided_*: one call job (structured.py); streamed as whole answers."""
+        counts = check_prompts(lm, prompts, opts if plan.mode == "tools" else opts.replace(max_new_tokens=1),
+                               settings)
+        job = submit(request, "call", prompts, plan.fn, body.stream)
+        cid, kind = new_id("chatcmpl" if chat else "cmpl"), "chat.completion" if chat else "text_completion"
+        head = {"id": cid, "object": kind, "created": now(), "model": model_name}
+        echo = getattr(body, "echo", False)
+
+        def used(answers: list[Answer]) -> dict[str, int]:
+            p = sum(counts) * opts.num_samples
+            c = sum(len(tok.encode(a.content if a.call is None else a.call[1])) for a in answers)
+            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+        def text_of(i: int, a: Answer) -> str:
+            return (prompts[i // opts.num_samples] if echo else "") + (a.content or "")
+
+        if not body.stream:
+            answers: list[Answer] = (await result(request, job)).value
+            choices = []
+            for i, a in enumerate(answers):
+                if chat:
+                    message: dict[str, Any] = {"role": "assistant", "content": a.content}
+                    if a.call is not None:
+                        message["tool_calls"] = a.tool_calls()
+                    choices.append({"index": i, "message": message, "finish_reason": a.finish_reason})
+                else:
+                    choices.append({"index": i, "text": text_of(i, a), "logprobs": None,
+                                    "finish_reason": a.finish_reason})
+            return {**head, "choices": choices, "usage": used(answers)}
+
+        head["object"] = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        if include_usage:
+            head["usage"] = None
+
+        def render(kind: str, payload: Any) -> Iterator[dict[str, Any]]:
+            if kind != "done":
+                return
+            answers: list[Answer] = payload.value
+            for i, a in enumerate(answers):
+                if chat:
+                    delta: dict[str, Any] = {"role": "assistant", "content": a.content}
+                    if a.call is not None:
+                        delta["tool_calls"] = [{"index": 0, **c} for c in a.tool_calls()]
+                    yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": None,
+                                                "finish_reason": None}]}
+                    yield {**head, "choices": [{"index": i, "delta": {}, "logprobs": None,
+                                                "finish_reason": a.finish_reason}]}
+                else:
+                    yield {**head, "choices": [{"index": i, "text": text_of(i, a), "logprobs": None,
+                                                "finish_reason": a.finish_reason}]}
+            if include_usage:
+                yield {**head, "choices": [], "usage": used(answers)}
+
+        return await stream(request, job, render)
+
+    def control_options(body: Any, names: dict[str, str]) -> dict[str, Any]:
+        """A control request's options, checked by the library and capped (--max-steps); stream refused."""
+        check_model(body.model)
+        if body.stream:
+            raise ApiError(400, f"{request_path(body)} is not streamed: send stream false (or leave it out)",
+                           param="stream")
+        overrides = sampling_overrides(body, names)
+        library_check(lm, overrides)
+        if "steps" in overrides:
+            _cap_steps(overrides["steps"])
+        return overrides
+
+    def request_path(body: Any) -> str:
+        return {CodeRequest: "/v1/code", DocumentRequest: "/v1/documents", AugmentRequest: "/v1/augment",
+                PatternRequest: "/v1/patterns"}.get(type(body), "this route")
+
+    def _cap_steps(steps: int) -> None:
+        if steps > settings.max_steps:
+            raise ApiError(400, f"steps={steps} exceeds this server's limit of {settings.max_steps} (--max-steps)",
+                           param="steps")
+
+    def check_text(text: str, what: str, param: str) -> None:
+        n = len(tok.encode(text)) if text else 0
+        if n > settings.max_prompt_tokens:
+            raise ApiError(400, f"{what} has {n} tokens; this server takes at most {settings.max_prompt_tokens} "
+                                "(--max-prompt-tokens)", param=param)
+
+    async def run_call(request: Request, fn: Callable[[DiffusionLM, Callable[..., None]], Any]) -> Any:
+        return (await result(request, submit(request, "call", [""], fn, False))).value
+
     def denoising(prompt: str, length: int) -> Render:
         view, started = CanvasView(tok), [False]
 
@@ -454,7 +558,8 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         body = parse_body(await request.body(), ChatRequest)
-        return await openai_route(request, body, [render_chat(tok, body.messages)], chat=True)
+        system = tools_prompt(body.tools) if body.tools and body.tool_choice != "none" else None
+        return await openai_route(request, body, [render_chat(tok, body.messages, system)], chat=True)
 
     @app.post("/v1/infill")
     async def infill(request: Request) -> Any:
@@ -481,6 +586,95 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
             return await stream(request, job, denoising(body.prompt, opts.max_new_tokens))
         r = await result(request, job)
         return {"text": r.texts[0], "steps": r.steps, "nfe": r.nfe}
+
+    @app.post("/v1/code")
+    async def code(request: Request) -> Any:
+        body = parse_body(await request.body(), CodeRequest)
+        options = control_options(body, CONTROL_NAMES)
+        check_text(body.prompt, "the prompt", "prompt")
+        try:
+            check_constraints(body.constraints)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="constraints") from e
+        extra = {k: getattr(body, k) for k in ("line_tokens", "docstring_tokens", "repair_rounds")
+                 if getattr(body, k) is not None}
+
+        def fn(lm: DiffusionLM, check: Callable[..., None]) -> Any:
+            return lm.generate_with_constraints(body.prompt, body.constraints, callback=check, **extra, **options)
+
+        r = await run_call(request, fn)
+        report = r.report
+        return {"code": str(r), "checks": r.checks, "valid_before_repair": r.valid_before_repair,
+                "repair_rounds": r.repair_rounds, "fallback": r.fallback, "note": r.note,
+                "repair": {"valid_before": report.valid_before, "valid_after": report.valid_after,
+                           "rounds": report.rounds, "failures": report.failures}}
+
+    @app.post("/v1/documents")
+    async def documents(request: Request) -> Any:
+        body = parse_body(await request.body(), DocumentRequest)
+        options = control_options(body, {**CONTROL_NAMES, "max_span": "max_span"})
+        if (body.template is None) == (body.constraints is None):
+            raise ApiError(400, 'give a template, or a prompt with constraints {"format": "markdown", '
+                                '"sections": [...]} (one of the two)', param="template")
+        if body.template is not None:
+            if body.prompt is not None:
+                raise ApiError(400, "prompt goes with constraints; a template carries its own text",
+                               param="prompt")
+            check_text(body.template, "the template", "template")
+            template, data, budgets = body.template, body.data, body.budgets
+
+            def fn(lm: DiffusionLM, check: Callable[..., None]) -> Any:
+                return lm.generate_document(template, data, budgets=budgets, new_headings=body.new_headings,
+                                            callback=check, **options)
+        else:
+            for name in ("data", "budgets"):
+                if getattr(body, name) is not None:
+                    raise ApiError(400, f"{name} goes with a template, not with constraints", param=name)
+            constraints, prompt = dict(body.constraints or {}), body.prompt or ""
+            check_text(prompt, "the prompt", "prompt")
+            constraints.setdefault("format", "markdown")
+            if constraints["format"] != "markdown":
+                raise ApiError(400, f"constraints.format must be \"markdown\", got {constraints['format']!r}",
+                               param="constraints")
+
+            def fn(lm: DiffusionLM, check: Callable[..., None]) -> Any:
+                return generate_markdown(lm, prompt, constraints, callback=check, **options)
+
+        return {"text": await run_call(request, fn)}
+
+    @app.post("/v1/augment")
+    async def augment(request: Request) -> Any:
+        body = parse_body(await request.body(), AugmentRequest)
+        options = control_options(body, CONTROL_NAMES)
+        if body.n < 1 or len(body.texts) * body.n > settings.max_n:
+            raise ApiError(400, f"texts x n = {len(body.texts)} x {body.n} must be in [1, {settings.max_n}] "
+                                "(--max-n)", param="n")
+        for i, t in enumerate(body.texts):
+            check_text(t, f"text {i}", "texts")
+        seed = options.pop("seed", None)
+
+        def fn(lm: DiffusionLM, check: Callable[..., None]) -> Any:
+            return lm.augment(body.texts, noise=body.noise, n=body.n, seed=seed, callback=check, **options)
+
+        return {"variants": await run_call(request, fn)}
+
+    @app.post("/v1/patterns")
+    async def patterns(request: Request) -> Any:
+        body = parse_body(await request.body(), PatternRequest)
+        options = control_options(body, CONTROL_NAMES)
+        try:
+            slots = len(compile_slots(body.pattern))
+        except ValueError as e:
+            raise ApiError(400, str(e), param="pattern", code="unsupported_pattern") from e
+        check_text(body.before + body.after, "before + after", "before")
+        if slots > settings.max_tokens:
+            raise ApiError(400, f"the pattern needs {slots} tokens, over this server's limit of "
+                                f"{settings.max_tokens} (--max-tokens)", param="pattern")
+
+        def fn(lm: DiffusionLM, check: Callable[..., None]) -> Any:
+            return lm.fill_pattern(body.before, body.pattern, body.after, callback=check, **options)
+
+        return {"text": await run_call(request, fn)}
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:

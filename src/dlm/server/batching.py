@@ -4,8 +4,9 @@ Requests whose decoding options are equal (every GenerationConfig field but the 
 `DiffusionLM.generate` with a list of prompts: the library left-pads prompts of different lengths and masks the
 pads out, so a row's text is the one it would get alone. A job with a `seed` is decoded alone (the library draws
 one generator per call, so a seeded row's noise would depend on its neighbours), and so is an infill job
-(`DiffusionLM.infill` takes one text). Streaming jobs get every denoising step of their own rows; a batch whose
-jobs have all gone (client disconnected or timed out) is abandoned at the next step.
+(`DiffusionLM.infill` takes one text), and so is a "call" job (structured outputs and the control endpoints: a
+function of the model run on this thread, see structured.py). Streaming jobs get every denoising step of their own
+rows; a batch whose jobs have all gone (client disconnected or timed out) is abandoned at the next step.
 
     batcher = Batcher(lm, batch_size=8, batch_wait_ms=5, queue_size=64); batcher.start()
     job = Job("generate", ["ROMEO:"], lm.sampling, stream=False, timeout=60); batcher.submit(job)
@@ -63,6 +64,7 @@ class JobResult:
     steps: int  # denoising steps taken (step events)
     nfe: int  # forward passes of the network
     batch_jobs: int  # requests decoded in the same batch (1: alone)
+    value: Any = None  # a "call" job: what its function returned
 
 
 class Job:
@@ -70,11 +72,13 @@ class Job:
 
     def __init__(self, kind: str, prompts: list[str], options: GenerationConfig | dict[str, Any], stream: bool,
                  timeout: float) -> None:
-        if kind not in ("generate", "infill"):
+        if kind not in ("generate", "infill", "call"):
             raise ValueError(f"unknown job kind {kind!r}")
         self.kind = kind
         self.prompts = prompts
-        self.options = options  # generate: the resolved GenerationConfig; infill: overrides for DiffusionLM.infill
+        # generate: the resolved GenerationConfig; infill: overrides for DiffusionLM.infill; call: a function
+        # fn(lm, callback) -> value, run on the worker thread (callback(event) stops it once the job is withdrawn)
+        self.options = options
         self.stream = stream
         self.deadline = time.monotonic() + timeout
         self.cancelled = False
@@ -244,8 +248,12 @@ class Batcher:
     def _run(self, batch: list[Job]) -> None:
         emitted = [False]
         try:
-            results = self._decode_infill(batch[0], emitted) if batch[0].kind == "infill" else \
-                self._decode_generate(batch, emitted)
+            if batch[0].kind == "generate":
+                results = self._decode_generate(batch, emitted)
+            elif batch[0].kind == "infill":
+                results = self._decode_infill(batch[0], emitted)
+            else:
+                results = self._decode_call(batch[0])
         except _Abandoned:
             if self._stopping:
                 for job in batch:
@@ -327,3 +335,14 @@ class Batcher:
 
         text = self.lm.infill(job.prompts[0], callback=callback, **job.options)  # type: ignore[arg-type]
         return [JobResult([text], [True], [state["filled"]], state["steps"], self.stats.forwards - forwards, 1)]
+
+    def _decode_call(self, job: Job) -> list[JobResult]:
+        state = {"steps": 0}
+        forwards = self.stats.forwards
+
+        def callback(event: Any = None) -> None:  # also called with no event, as a bare check between model calls
+            self._check([job])
+            state["steps"] += event is not None
+
+        value = job.options(self.lm, callback)  # type: ignore[operator]
+        return [JobResult([], [], [0], state["steps"], self.stats.forwards - forwards, 1, value)]

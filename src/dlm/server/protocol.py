@@ -82,7 +82,28 @@ class _OpenAISampling(_Body):
     logit_bias: dict[str, float] | None = None
 
 
-class CompletionRequest(_OpenAISampling):
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # accepted; the answer always validates (the layout guarantees it)
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class _Structured(_OpenAISampling):
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | None = None  # vLLM's names for the same constraints as extra body fields
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+
+
+class CompletionRequest(_Structured):
     prompt: str | list[str] | list[int] | list[list[int]]  # text, texts, or token ids (one prompt or several)
     echo: bool = False  # the prompt is sent back before each completion
     suffix: str | None = None
@@ -94,19 +115,73 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: str
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None  # None: an assistant turn that only called tools
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls, sent back by the client
+    tool_call_id: str | None = None  # role "tool": the call this message answers
+    refusal: str | None = None  # the client echoes these keys of an answer's message back (null)
+    function_call: None = None
+    audio: None = None
+    annotations: list[Any] | None = None
 
     @property
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if self.content is None:
+            text = ""
+        else:
+            text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        for call in self.tool_calls or ():  # written as the model is asked to write a call (structured.py)
+            text += ("\n" if text else "") + f'{{"name": {json.dumps(call.function.name)}, "arguments": ' \
+                                              f'{call.function.arguments}}}'
+        return text
 
 
-class ChatRequest(_OpenAISampling):
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments (None: no arguments)
+    strict: bool | None = None  # accepted; the arguments always validate
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ChatRequest(_Structured):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; at most one call is made per answer
 
 
 class InfillRequest(_Body):
@@ -122,7 +197,46 @@ class GenerateRequest(_Body):
     max_tokens: int | None = None
 
 
+class _Control(_Body):
+    """The control endpoints: the sampling options every one of them takes (+ any GenerationConfig option)."""
+
+    seed: int | None = None
+    temperature: float | None = None
+    steps: int | None = None
+
+
+class CodeRequest(_Control):
+    prompt: str
+    constraints: dict[str, Any] = Field(default_factory=dict)  # language, function_signature, ...
+    line_tokens: int | None = Field(None, ge=1)
+    docstring_tokens: int | None = Field(None, ge=1)
+    repair_rounds: int | None = Field(None, ge=0, le=16)
+
+
+class DocumentRequest(_Control):
+    template: str | None = None  # a Markdown template with {field} and [MASK] gaps
+    data: dict[str, str | int | float] | None = None
+    budgets: dict[str, int] | None = None
+    new_headings: bool = False
+    prompt: str | None = None  # or: a prompt and constraints {"format": "markdown", "sections", "max_length"}
+    constraints: dict[str, Any] | None = None
+    max_span: int | None = None
+
+
+class AugmentRequest(_Control):
+    texts: list[str] = Field(min_length=1)
+    noise: float = 0.3
+    n: int = 4
+
+
+class PatternRequest(_Control):
+    pattern: str
+    before: str = ""
+    after: str = ""
+
+
 B = TypeVar("B", bound=_Body)
+CONTROL_NAMES = {"seed": "seed", "temperature": "temperature", "steps": "steps"}
 INFILL_NAMES = {"steps": "steps", "max_span": "max_span", "temperature": "temperature", "seed": "seed"}
 GENERATE_NAMES = {"max_tokens": "max_new_tokens"}
 
@@ -275,7 +389,7 @@ def prompt_texts(tokenizer: Tokenizer, prompt: str | list[str] | list[int] | lis
     return texts
 
 
-def _library_check(lm: DiffusionLM, overrides: dict[str, Any]) -> GenerationConfig:
+def library_check(lm: DiffusionLM, overrides: dict[str, Any]) -> GenerationConfig:
     try:
         opts = lm.options(None, **overrides)
         # Building the sampler checks the remasking rule the way that sampler reads it (dream takes "origin").
@@ -295,7 +409,7 @@ def _cap(value: int, cap: int, what: str, flag: str, param: str | None = None) -
 
 def resolve_options(lm: DiffusionLM, overrides: dict[str, Any], settings: ServerSettings) -> GenerationConfig:
     """The checkpoint's defaults + the overrides, validated as the library would, then the server's caps."""
-    opts = _library_check(lm, overrides)
+    opts = library_check(lm, overrides)
     _cap(opts.max_new_tokens, settings.max_tokens, "max_tokens", "--max-tokens")
     _cap(opts.steps, settings.max_steps, "steps", "--max-steps")
     _cap(opts.num_samples, settings.max_n, "n", "--max-n")
@@ -330,7 +444,7 @@ def check_prompts(lm: DiffusionLM, prompts: list[str], opts: GenerationConfig, s
 
 def check_infill(lm: DiffusionLM, text: str, overrides: dict[str, Any], settings: ServerSettings) -> int:
     """Gaps and sizes of an infill request, checked before its canvas is built -> the canvas length."""
-    opts = _library_check(lm, overrides)
+    opts = library_check(lm, overrides)
     _cap(opts.max_span, settings.max_tokens, "max_span", "--max-tokens")
     gaps = list(GAP.finditer(text))
     if not gaps:
@@ -352,9 +466,20 @@ def check_infill(lm: DiffusionLM, text: str, overrides: dict[str, Any], settings
     return len(ids)
 
 
-def render_chat(tokenizer: Tokenizer, messages: list[ChatMessage]) -> str:
-    """The tokenizer's chat template when it has one, else the plain format `dlm sft` trains on (plain_chat)."""
-    return tokenizer.apply_chat_template([{"role": m.role, "content": m.text} for m in messages])
+def render_chat(tokenizer: Tokenizer, messages: list[ChatMessage], system: str | None = None) -> str:
+    """The tokenizer's chat template when it has one, else the plain format `dlm sft` trains on (plain_chat).
+    `system`: text added to the conversation's system message (one is put first when it has none)."""
+    for i, m in enumerate(messages):
+        if m.content is None and not m.tool_calls:
+            raise ApiError(400, f"messages.{i}: content is null; only an assistant message with tool_calls may "
+                                "leave it out", param="messages")
+    turns = [{"role": m.role, "content": m.text} for m in messages]
+    if system:
+        if turns[0]["role"] == "system":
+            turns[0] = {"role": "system", "content": f"{turns[0]['content']}\n\n{system}"}
+        else:
+            turns.insert(0, {"role": "system", "content": system})
+    return tokenizer.apply_chat_template(turns)
 
 
 # ----- responses ---------------------------------------------------------------------------------------------------
