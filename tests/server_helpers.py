@@ -35,7 +35,7 @@ def live_server(app):
         thread.join(timeout=30)
 
 
-def tiny_lm(sampling=None):
+def tiny_lm(sampling=None, max_len: int = 128):
     import torch
 
     from dlm.config import CheckpointConfig, GenerationConfig, ModelConfig
@@ -44,12 +44,12 @@ def tiny_lm(sampling=None):
     from dlm.tokenizer import ByteTokenizer
 
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", max_len=128)
+    cfg = ModelConfig.preset("tiny", max_len=max_len)
     return DiffusionLM(build_model(cfg).eval(), ByteTokenizer(),
                        CheckpointConfig(model=cfg, sampling=sampling or GenerationConfig()))
 
 
-def tiny_app(**settings):
+def tiny_app(max_len: int = 128, **settings):
     from dlm.server import ServerSettings, create_app
 
-    return create_app(tiny_lm(), "tiny", ServerSettings(**settings))
+    return create_app(tiny_lm(max_len=max_len), "tiny", ServerSettings(**settings))

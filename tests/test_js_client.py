@@ -28,7 +28,7 @@ def test_js_client_against_a_live_server():
     node = shutil.which("node")
     if node is None:
         pytest.skip("`node` is not on PATH: install Node.js 18+ to test clients/js")
-    with live_server(tiny_app(api_key=API_KEY)) as url:
+    with live_server(tiny_app(max_len=1024, api_key=API_KEY)) as url:  # a context that holds a tool list
         env = {**os.environ, "DLM_TEST_URL": url, "DLM_TEST_API_KEY": API_KEY, "NO_COLOR": "1"}
         # No file arguments: `node --test` finds test/*.test.mjs itself, the same on Node 18, 20 and 22.
         proc = subprocess.run([node, "--test"], cwd=CLIENT, env=env, capture_output=True, text=True, timeout=120)

@@ -298,6 +298,83 @@ export class DiffusionLanguageModel {
     yield* this._sse("/v1/chat/completions", body, options.signal);
   }
 
+  // --- structured outputs (docs/http-api.md, "Structured outputs"): the answer always has the structure ---
+
+  /** A value that validates against a JSON schema: Promise<the parsed value>. `input` is a prompt string
+   * (/v1/completions) or chat messages (/v1/chat/completions); options as for chat, plus `name` (the schema's
+   * name, default "answer"). Unsupported schema keywords are a DLMError 400 (code "unsupported_schema"). */
+  async json(input, schema, options = {}) {
+    const { name = "answer", ...rest } = options;
+    const responseFormat = { type: "json_schema", json_schema: { name, schema, strict: true } };
+    const out = await this._structured(input, { ...rest, responseFormat });
+    const text = typeof input === "string" ? out.choices[0].text : out.choices[0].message.content;
+    return JSON.parse(text);
+  }
+
+  /** Function calling: Promise<{id, name, arguments (parsed), content: null} | {content: string}> for the first
+   * choice. `tools` in the OpenAI shape [{type: "function", function: {name, description, parameters}}];
+   * options.toolChoice: "auto" (default), "required", "none", or a function name (string). */
+  async toolCall(messages, tools, options = {}) {
+    const { toolChoice, ...rest } = options;
+    const choice = typeof toolChoice === "string" && !["auto", "required", "none"].includes(toolChoice)
+      ? { type: "function", function: { name: toolChoice } } : toolChoice;
+    const out = await this.chat(messages, { ...rest, tools, toolChoice: choice });
+    const message = out.choices[0].message;
+    const call = message.tool_calls?.[0];
+    if (!call) return { content: message.content };
+    return { id: call.id, name: call.function.name, arguments: JSON.parse(call.function.arguments), content: null };
+  }
+
+  /** Text after a prompt that matches a bounded regex in full (guided_regex): Promise<string>. */
+  async regex(prompt, pattern, options = {}) {
+    return (await this.complete(prompt, { ...options, guidedRegex: pattern })).choices[0].text;
+  }
+
+  /** The most likely of `choices` after the prompt (guided_choice; a draw at temperature > 0): Promise<string>. */
+  async choose(prompt, choices, options = {}) {
+    return (await this.complete(prompt, { ...options, guidedChoice: choices })).choices[0].text;
+  }
+
+  // --- the control endpoints ---
+
+  /** POST /v1/code: Promise<{code, checks, valid_before_repair, repair_rounds, fallback, note, repair}>.
+   * constraints: {language: "python", function_signature, includes_docstring, max_lines} (the library's names);
+   * options: lineTokens, docstringTokens, repairRounds, seed, temperature, steps, ... */
+  async code(prompt, constraints = {}, options = {}) {
+    const body = { ...(await this._body(options)), prompt, constraints };
+    return this._json("POST", "/v1/code", body, options.signal);
+  }
+
+  /** POST /v1/documents with a template ({field}, [MASK], [MASK:n], [MASK:<=n]): Promise<string>.
+   * options: data, budgets, newHeadings, maxSpan, seed, temperature, steps, ... */
+  async document(template, options = {}) {
+    const body = { ...(await this._body(options)), template };
+    return (await this._json("POST", "/v1/documents", body, options.signal)).text;
+  }
+
+  /** POST /v1/documents with {format: "markdown", sections: [...], max_length}: Promise<string>, a Markdown
+   * document whose headings are exactly the sections (titled), after `prompt`. */
+  async report(prompt, constraints, options = {}) {
+    const body = { ...(await this._body(options)), prompt, constraints };
+    return (await this._json("POST", "/v1/documents", body, options.signal)).text;
+  }
+
+  /** POST /v1/augment: Promise<[[variant x n] per text]>. options: n (4), noise (0.3), seed, temperature, ... */
+  async augment(texts, options = {}) {
+    const body = { ...(await this._body(options)), texts };
+    return (await this._json("POST", "/v1/augment", body, options.signal)).variants;
+  }
+
+  /** POST /v1/patterns: Promise<string>, the text between before and after that matches the pattern in full. */
+  async pattern(before, pattern, after = "", options = {}) {
+    const body = { ...(await this._body(options)), before, pattern, after };
+    return (await this._json("POST", "/v1/patterns", body, options.signal)).text;
+  }
+
+  async _structured(input, options) {
+    return typeof input === "string" ? this.complete(input, options) : this.chat(input, options);
+  }
+
   /** GET /v1/models -> [{id, object, created, owned_by}]. */
   async models(options = {}) {
     return (await this._json("GET", "/v1/models", undefined, options.signal)).data;

@@ -447,7 +447,7 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
         echo = getattr(body, "echo", False)
 
         def used(answers: list[Answer]) -> dict[str, int]:
-            p = sum(counts) * opts.num_samples
+            p = sum(counts)
             c = sum(len(tok.encode(a.content if a.call is None else a.call[1])) for a in answers)
             return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
