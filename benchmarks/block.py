@@ -78,6 +78,21 @@ def bound(run: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {k: r[k] for k in ("bits_per_char", "stderr", "n_windows", "n_samples", "exact")}
 
 
+def clip_search(run: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """BD3LM's data-driven clipping on held-out windows: the interval of least per-block loss variance."""
+    from dlm.data import TokenStream, load_corpus, split_documents, tokenize_documents
+    from dlm.losses import LOSSES
+    from dlm.processes.block import search_clip
+
+    lm = DiffusionLM.from_pretrained(run)
+    _, val = split_documents(load_corpus("shakespeare"), TrainConfig.val_fraction)
+    windows = TokenStream(tokenize_documents(val, lm.tokenizer), args.seq_len).windows(args.clip_windows)
+    loss_fn = LOSSES.get("bd3lm").from_config(lm.config.process)
+    best, variances = search_clip(lm.model, windows, lm.process, loss_fn, batch_size=16)
+    return {"best": list(best), "variance_best": variances[best], "variance_unclipped": variances[(1e-3, 1.0)],
+            "candidates": len(variances)}
+
+
 def timed(lm: DiffusionLM, prompt: str, **opts: Any) -> dict[str, Any]:
     """Generate once (timed) counting the network's forwards and the time of each step event."""
     calls = {"n": 0, "tokens": 0}
@@ -179,6 +194,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
     ap.add_argument("--eval-windows", type=int, default=256)
     ap.add_argument("--eval-samples", type=int, default=4)
+    ap.add_argument("--clip-windows", type=int, default=64, help="held-out windows for BD3LM's clipping search")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", default="runs/block-bench")
     ap.add_argument("--fresh", action="store_true", help="retrain runs that exist (default: resume / reuse them)")
@@ -186,7 +202,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.eval_windows, args.eval_samples, args.lengths = 20, 16, 1, [32, 64]
+        args.steps, args.eval_windows, args.eval_samples, args.lengths, args.clip_windows = 20, 16, 1, [32, 64], 16
     torch.set_num_threads(args.threads)
     runs = Path(args.runs)
     names = ["ar", *(f"bd3lm-{b}" for b in [*args.blocks, args.seq_len])]
@@ -201,6 +217,11 @@ def main() -> None:
         results["bound"][name] = bound(runs / name, args)
         print(f"{name:12s} {results['bound'][name]['bits_per_char']:.4f} +- {results['bound'][name]['stderr']:.4f} "
               "bits/char", flush=True)
+    for b in args.blocks:
+        if b > 1:
+            results.setdefault("clip_search", {})[f"bd3lm-{b}"] = c = clip_search(runs / f"bd3lm-{b}", args)
+            print(f"clip search bd3lm-{b}: best {c['best']} (variance {c['variance_best']:.4g} vs "
+                  f"{c['variance_unclipped']:.4g} unclipped)", flush=True)
     results["speed"] = speed(runs, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,6 +230,9 @@ def main() -> None:
     print("\n| model | held-out bits/char |\n|---|---|")
     for name, r in results["bound"].items():
         print(f"| {name} | {r['bits_per_char']:.3f} ± {r['stderr']:.3f}{' (exact)' if r['exact'] else ''} |")
+    for name, c in results.get("clip_search", {}).items():
+        print(f"\nclip search {name}: [{c['best'][0]:.3g}, {c['best'][1]:.3g}] of {c['candidates']} intervals, "
+              f"per-block loss variance {c['variance_best']:.4g} vs {c['variance_unclipped']:.4g} for [1e-3, 1]")
     print("\n| sampler | new tokens | tokens/s | forwards/token |\n|---|---|---|---|")
     for r in results["speed"].values():
         print(f"| {r['sampler']} | {r['new_tokens']} | {r['tokens_per_s']:.1f} | {r['forwards_per_token']:.3f} |")
