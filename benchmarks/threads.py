@@ -93,6 +93,7 @@ def worker(threads: int, repeats: int, model: str, tokens: int, steps: int) -> N
 
 
 def cell(threads: int, busy: int, args: argparse.Namespace) -> dict:
+    load = os.getloadavg()[0]  # other work on the machine: a cell measured under load says so
     stop = mp.Event()
     spinners = [mp.Process(target=_spin, args=(stop,), daemon=True) for _ in range(busy)]
     for p in spinners:
@@ -109,7 +110,7 @@ def cell(threads: int, busy: int, args: argparse.Namespace) -> dict:
             p.join()
     seconds = json.loads(out.strip().splitlines()[-1])["seconds"]
     return {"threads": threads, "busy_processes": busy, "median_s": round(statistics.median(seconds), 3),
-            "runs_s": [round(s, 3) for s in seconds]}
+            "runs_s": [round(s, 3) for s in seconds], "load_average_1min_before": round(load, 2)}
 
 
 def main() -> None:
