@@ -245,6 +245,14 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    if args.save_trajectory:  # checked before the model loads: a failed write after generating loses the text
+        from pathlib import Path
+
+        folder = Path(args.save_trajectory).parent
+        if not folder.is_dir():
+            raise ValueError(f"--save-trajectory {args.save_trajectory}: the folder {folder} does not exist")
+        if Path(args.save_trajectory).is_dir():
+            raise ValueError(f"--save-trajectory {args.save_trajectory} is a folder; give an .html file name")
     lm = _load(args)
     opts = generation_options(args)
     callbacks = []
@@ -323,6 +331,8 @@ def _eval(args: argparse.Namespace) -> None:
         raise ValueError("give --data (a held-out bound) or --answer [--prompt] (a conditional log-likelihood)")
     if args.samples is None:  # a held-out split: 1 per window over every window (about a minute); an answer: 4
         args.samples = 1 if args.data is not None else 4
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1 (Monte Carlo samples per window), got {args.samples}")
     lm = _load(args)
     if args.answer is not None:
         _eval_conditional(lm, args)
@@ -438,6 +448,17 @@ def _serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
+def _port(text: str) -> int:
+    """argparse type of --port: an integer in [0, 65535] (argparse prints the one-line error)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535)")
+    return port
+
+
 def _read_json(path: str, what: str) -> Any:
     from pathlib import Path
 
@@ -445,6 +466,8 @@ def _read_json(path: str, what: str) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read the {what} {path}: {e}") from e
+    except RecursionError as e:  # json.loads gives up on nesting about 1,000 deep
+        raise ValueError(f"cannot read the {what} {path}: it nests too deeply to be parsed") from e
 
 
 def _augment(args: argparse.Namespace) -> None:
@@ -635,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(s)
     s.add_argument("--model-name", help="the name clients use (default: the --model name or folder name)")
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535 (0: any free port)")
     s.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $DLM_API_KEY, else no auth; "
                    "an empty key is refused)")
     s.add_argument("--max-prompt-tokens", type=int, default=1024)
@@ -726,11 +749,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     args = build_parser().parse_args(argv)
     try:
+        if isinstance(getattr(args, "device", None), str):  # one check for every command: cpu, cuda[:N], mps
+            from dlm.formats.base import check_device
+
+            check_device(args.device)
         from dlm.precision import set_threads
 
         set_threads(args.threads)  # --threads, once, for every command
         args.func(args)
     except (ConfigError, CorpusError, CheckpointError, SamplingError, ValueError) as e:
+        print(f"dlm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a path the user gave that cannot be read or written (the message names it)
         print(f"dlm: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

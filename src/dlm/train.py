@@ -16,12 +16,11 @@ recipe; dlm.distributed joins them and dlm.trainer splits each global batch betw
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dlm.checkpoint import CONFIG, TOKENIZER, resolve_checkpoint_dir
+from dlm.checkpoint import CONFIG, TOKENIZER, prepare_run_dir, resolve_checkpoint_dir, run_checkpoints
 from dlm.config import CheckpointConfig, ConfigError, GenerationConfig, ModelConfig, ProcessConfig, TrainConfig
 from dlm.data import TokenStream, load_corpus, split_documents, tokenize_documents, unigram_entropy_bits
 from dlm.losses import LOSSES
@@ -83,13 +82,8 @@ def validate(model_cfg: ModelConfig, pcfg: ProcessConfig, tcfg: TrainConfig) -> 
 
 
 def validate_train(tcfg: TrainConfig) -> None:
-    """The checks of a TrainConfig alone (shared by pretraining and fine-tuning)."""
-    if tcfg.max_steps < 1 or tcfg.batch_size < 1:
-        raise ConfigError("max_steps and batch_size must be >= 1")
-    if tcfg.grad_accum < 1 or tcfg.batch_size % tcfg.grad_accum:
-        raise ConfigError(f"grad_accum={tcfg.grad_accum} must be >= 1 and divide batch_size={tcfg.batch_size}")
-    if not 0.0 <= tcfg.random_length_prob <= 1.0:
-        raise ConfigError(f"random_length_prob must be in [0, 1], got {tcfg.random_length_prob}")
+    """The checks of a TrainConfig alone (shared by pretraining and fine-tuning): TrainConfig.validate."""
+    tcfg.validate()
 
 
 def train(tcfg: TrainConfig, model_cfg: ModelConfig | None = None, pcfg: ProcessConfig | None = None,
@@ -109,13 +103,13 @@ def train(tcfg: TrainConfig, model_cfg: ModelConfig | None = None, pcfg: Process
 
 def _train(tcfg: TrainConfig, model_cfg: ModelConfig | None, pcfg: ProcessConfig | None, env: DistEnv,
            show_progress: bool) -> dict[str, Any]:
-    out = Path(tcfg.out)
+    out = prepare_run_dir(tcfg.validate().out)  # a bad value or an unwritable --out fails before any work
     model_cfg = model_cfg or ModelConfig.preset("small")
     pcfg = pcfg or ProcessConfig()
 
     docs = load_corpus(tcfg.data)
     train_docs, val_docs = split_documents(docs, tcfg.val_fraction)
-    resuming = (out / "latest").exists()
+    resuming = (out / "latest").exists() or bool(run_checkpoints(out))  # the Trainer resumes from either
     if resuming:
         ckpt = resolve_checkpoint_dir(out)
         tok = Tokenizer.load(ckpt / TOKENIZER)

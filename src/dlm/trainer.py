@@ -35,8 +35,13 @@ from dlm.checkpoint import (
     LATEST,
     TRAINER_STATE,
     atomic_write_text,
+    clean_temporaries,
+    latest_intact_state,
+    note,
+    prepare_run_dir,
     prune_checkpoints,
     save_pretrained,
+    truncate_log,
 )
 from dlm.config import CheckpointConfig, ConfigError, TrainConfig
 from dlm.data import Batch, Batches, TokenStream, _mix, random_length
@@ -75,6 +80,7 @@ class Trainer:
                  export: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
         """`train` gives each step's global batch (TokenStream, dlm.sft.ChatData); `dist` the rank (one process by
         default); `export` maps the gathered weights to those a checkpoint saves as its model (LoRA: merged)."""
+        cfg.validate()
         self.dist = dist or DistEnv(device=device)
         split = self.dist.world_size * cfg.grad_accum
         if cfg.batch_size % split:
@@ -171,12 +177,19 @@ class Trainer:
         return final
 
     def maybe_resume(self) -> bool:
-        """Load the latest checkpoint of the run folder (saved on any number of ranks), if there is one."""
-        latest = self.out / LATEST
-        if not latest.exists():
+        """Load the newest intact checkpoint of the run folder (saved on any number of ranks), if there is one.
+
+        A corrupt trainer_state.pt or a `latest` naming a missing folder is skipped with one line saying so; the
+        log keeps each step once: records after the checkpoint (or all of them, for a new run) are dropped.
+        """
+        found = latest_intact_state(self.out)
+        if found is None:
+            if self.dist.is_main:
+                self._truncate_log(0)  # a run killed before its first checkpoint starts again from step 0
             return False
-        ckpt = self.out / latest.read_text().strip()
-        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+        _, state, why = found
+        if why is not None and self.dist.is_main:
+            note(why)
         if self.ema is not None and state["ema"] is not None:
             load_model_state(self.model, state["ema"])  # through the model: it shards them as it shards weights
             self.ema = [p.detach().clone() for _, p in self.params]
@@ -191,12 +204,10 @@ class Trainer:
         return True
 
     def _truncate_log(self, step: int) -> None:
-        """Drop log lines written after the checkpoint we resume from: they will be written again."""
-        log = self.out / "log.jsonl"
-        if not log.exists():
-            return
-        keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        atomic_write_text(log, "".join(ln + "\n" for ln in keep))
+        """Drop log lines written after the checkpoint we resume from (they will be written again) and torn ones."""
+        why = truncate_log(self.out / "log.jsonl", step)
+        if why is not None:
+            note(why)
 
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -263,7 +274,13 @@ class Trainer:
 
         cfg = self.cfg
         set_threads(cfg.threads)
-        self.out.mkdir(parents=True, exist_ok=True)
+        prepare_run_dir(self.out)
+        if self.dist.is_main:
+            removed = clean_temporaries(self.out)  # what a kill during a checkpoint write left
+            if removed:
+                note(f"removed {len(removed)} unfinished file(s) of an interrupted run in {self.out}: "
+                     f"{', '.join(removed[:4])}{' ...' if len(removed) > 4 else ''}")
+        self.dist.barrier()
         resumed = self.maybe_resume()
         if self.dist.is_main:
             atomic_write_text(self.out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -162,6 +162,9 @@ def generate_document(lm: DiffusionLM, template: str, data: dict[str, Any] | Non
     pieces, gaps = parse_template(template, data)
     max_span = options.get("max_span") or lm.sampling.max_span
     sizes = gap_sizes(gaps, budgets, max_span, data)
+    if sum(sizes) > lm.max_len:  # before any list is built: [MASK:10**20] must not reach `[mask_id] * n`
+        raise TemplateError(f"the gaps need {sum(sizes)} tokens but the model's context is {lm.max_len}; lower the "
+                            "gaps' sizes / budgets")
     tok = lm.tokenizer
     ids: list[int] = []
     spans: list[tuple[int, int]] = []

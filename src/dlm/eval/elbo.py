@@ -50,6 +50,8 @@ def elbo_bits(model: torch.nn.Module, windows: torch.Tensor, mask_id: int, bos_i
               loss_fn: Loss | None = None, process: ForwardProcess | None = None) -> ElboResult:
     """windows: (N, L) clean token ids -> ElboResult. Causal models get the exact NLL; a `loss_fn` with
     `sequence_nll` (score_entropy, d3pm_hybrid) and its `process` give that family's ELBO estimate."""
+    if n_samples < 1:  # zero samples would average nothing and report 0 bits
+        raise ValueError(f"n_samples must be >= 1 Monte Carlo samples per window, got {n_samples}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
