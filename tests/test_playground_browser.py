@@ -159,11 +159,27 @@ WAIT_DONE = """new Promise((resolve) => {
 })"""
 
 
-def run_page(exe: str, url: str, timeout_s: float = 30) -> dict:
+WAIT_TAB = """new Promise((resolve) => {
+  const t0 = Date.now();
+  const $ = (id) => document.getElementById(id);
+  const poll = () => {
+    const state = document.body && document.body.dataset.state;
+    if ((state && state !== "running") || Date.now() - t0 > %d) {
+      resolve({state: state || null, tab: document.body.dataset.tab, output: $("json-output").textContent,
+               final: $("final-text").textContent, error: $("error").textContent, mode: $("mode").value,
+               jsonHidden: $("panel-json").hidden, canvasHidden: $("panel-canvas").hidden,
+               selected: document.querySelector('[role="tab"][aria-selected="true"]').dataset.tab});
+    } else setTimeout(poll, 50);
+  };
+  poll();
+})"""
+
+
+def run_page(exe: str, url: str, timeout_s: float = 30, wait: str = WAIT_DONE) -> dict:
     browser = Browser(exe)
     try:
         session = browser.open(url)
-        return browser.evaluate(session, WAIT_DONE % int(timeout_s * 1000), timeout=timeout_s + 5)
+        return browser.evaluate(session, wait % int(timeout_s * 1000), timeout=timeout_s + 5)
     finally:
         browser.close()
 
@@ -210,3 +226,35 @@ def test_playground_infills_and_shows_errors(chromium, server_url):
     bad = urllib.parse.urlencode({"prompt": "x", "autorun": 1, "steps": 0, "max_tokens": 8})
     page = run_page(chromium, f"{server_url}/?{bad}")
     assert page["state"] == "error" and "400" in page["error"], page
+
+
+def test_playground_json_schema_tab(chromium, server_url):
+    """The JSON tab: the answer shown validates against the schema typed in; an unsupported keyword is named."""
+    from dlm.control.json_schema import validate
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "ok": {"type": "boolean"}}, "required": ["name"]}
+    query = urllib.parse.urlencode({"tab": "json", "schema": json.dumps(schema), "json_prompt": "A sailor:",
+                                    "json_seed": 0, "autorun": 1})
+    page = run_page(chromium, f"{server_url}/?{query}", wait=WAIT_TAB)
+    assert page["state"] == "done" and page["error"] == "", page
+    assert page["tab"] == page["selected"] == "json" and not page["jsonHidden"] and page["canvasHidden"]
+    value = json.loads(page["output"])
+    assert validate(value, schema) == [] and list(value) == ["name", "n", "ok"]
+    bad = urllib.parse.urlencode({"tab": "json", "schema": json.dumps({"type": "string", "format": "email"}),
+                                  "autorun": 1})
+    page = run_page(chromium, f"{server_url}/?{bad}", wait=WAIT_TAB)
+    assert page["state"] == "error" and "400" in page["error"] and "format" in page["error"], page
+
+
+def test_playground_infill_tab(chromium, server_url):
+    """The Infill tab sets the mode to infill (and, without a gap in the prompt, writes an example with gaps)."""
+    query = urllib.parse.urlencode({"tab": "infill", "prompt": "ab[MASK:4]cd", "steps": 4, "seed": 0, "autorun": 1})
+    page = run_page(chromium, f"{server_url}/?{query}", wait=WAIT_TAB)
+    assert page["state"] == "done" and page["mode"] == "infill" and page["selected"] == "infill", page
+    assert page["final"].startswith("ab") and page["final"].endswith("cd") and page["jsonHidden"]
+    query = urllib.parse.urlencode({"tab": "infill", "prompt": "no gap", "seed": 0, "max_span": 4, "autorun": 1})
+    page = run_page(chromium, f"{server_url}/?{query}", wait=WAIT_TAB)
+    assert page["state"] == "done", page
+    assert page["final"].startswith("The old ") and "[MASK" not in page["final"]
