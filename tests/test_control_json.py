@@ -186,6 +186,15 @@ def test_seeded_generation_is_deterministic(lm):
     assert len(runs) == 1
 
 
+def test_a_prompt_is_context_before_the_value_not_part_of_it():
+    schema = {"type": "object", "properties": {"c": {"enum": ["red", "green", "blue"]},
+                                               "s": {"type": "string", "maxLength": 4}}}
+    text = generate_json_text(tiny([ord(c) for c in '"gren']), schema, prompt="Colour: ", seed=0)
+    assert text.startswith('{"c": "green", "s": "') and validate(json.loads(text), schema) == []
+    with pytest.raises(SchemaError, match="context is 64"):  # prompt + layout: checked before any model call
+        generate_json_text(no_model(max_len=64), schema, prompt="x" * 40)
+
+
 def test_a_pinned_schema_needs_no_model():
     assert generate_json(NO_MODEL, {"type": "object", "properties": {"k": {"const": [1, "a"]}, "n": {"type": "null"},
                                                                      "s": {"type": "string", "maxLength": 0}}}) == \
