@@ -213,12 +213,13 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(need: int, device: torch.device, dtype: torch.dtype) -> None:
+def check_memory(need: int, device: torch.device, dtype: torch.dtype, at_least: bool = False) -> None:
     free = free_memory(device)
     if os.environ.get("DLM_SKIP_MEMORY_CHECK") or free is None or need <= free:
         return
     hint = " or dtype='bfloat16'" if dtype.itemsize > 2 else ""
-    raise CheckpointError(f"the weights need {need / 2**30:.2f} GiB in {str(dtype).removeprefix('torch.')} on "
+    bound = "at least " if at_least else ""  # counted from the config before building (min_params)
+    raise CheckpointError(f"the weights need {bound}{need / 2**30:.2f} GiB in {str(dtype).removeprefix('torch.')} on "
                           f"{device}, but only {free / 2**30:.2f} GiB is free; use a device with more memory"
                           f"{hint} (set DLM_SKIP_MEMORY_CHECK=1 to try anyway)")
 
@@ -249,7 +250,7 @@ def load_weights(folder: Path, cfg: ModelConfig, build: Callable[[ModelConfig], 
         raise CheckpointError(f"{folder}/config.json: n_layers={cfg.n_layers} is over the {MAX_LAYERS} layers dlm "
                               "builds; the config is corrupt")
     # Before building: a config whose sizes cannot fit is refused in milliseconds, not after minutes on meta.
-    check_memory(min_params(cfg) * dtype.itemsize, device, dtype)
+    check_memory(min_params(cfg) * dtype.itemsize, device, dtype, at_least=True)
     with torch.device("meta"):
         net = build(cfg)
     check_memory(weights_nbytes(net, dtype), device, dtype)
