@@ -11,6 +11,10 @@ from __future__ import annotations
 import ast
 import json
 import re
+import socket
+import threading
+import time
+from contextlib import closing
 
 import pytest
 from server_helpers import live_server
@@ -310,3 +314,42 @@ def test_augment_and_patterns_endpoints(url):
     assert e["param"] == "pattern" and e["code"] == "unsupported_pattern"
     e = error_of(post(url, "/v1/patterns", {"pattern": "a", "wat": 1}))
     assert e["param"] == "wat"
+
+
+def test_a_structured_request_is_withdrawn_when_its_client_leaves():
+    """A JSON request held at its first forward pass; its client leaves: it counts as 499, stops at its next step
+    (far fewer forward passes than its masked tokens), and the worker serves the next request."""
+    lm = tiny()
+    started, release, held = threading.Event(), threading.Event(), [False]
+
+    def gate(module, args):
+        if not held[0]:
+            held[0] = True
+            started.set()
+            release.wait(60)
+
+    hook = lm.model.register_forward_pre_hook(gate)
+    app = create_app(lm, "tiny", ServerSettings())
+    batcher, route = app.state.batcher, "/v1/completions"
+    schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 60, "maxLength": 60}}}
+    body = json.dumps({"prompt": "x", "response_format": schema_format(schema)}).encode()
+    try:
+        with live_server(app) as url:
+            forwards = batcher.stats.forwards
+            host, port = url.removeprefix("http://").split(":")
+            with closing(socket.create_connection((host, int(port)), timeout=30)) as sock:
+                sock.sendall(f"POST {route} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                assert started.wait(30), "the request never reached the model"
+            deadline = time.monotonic() + 30
+            while app.state.metrics.requests.get((route, "499"), 0) < 1:
+                assert time.monotonic() < deadline, "the request was never counted as 499"
+                time.sleep(0.01)
+            release.set()
+            r = httpx.post(url + "/v1/patterns", json={"pattern": "[a-z]{2}", "seed": 0}, timeout=60)
+            assert r.status_code == 200 and re.fullmatch("[a-z]{2}", r.json()["text"]), r.text
+            spent = batcher.stats.forwards - forwards
+            assert spent < 60, f"the abandoned request ran {spent} forward passes for its 60 masked tokens"
+    finally:
+        release.set()
+        hook.remove()
