@@ -218,9 +218,9 @@ def check_memory(need: int, device: torch.device, dtype: torch.dtype, at_least: 
     if os.environ.get("DLM_SKIP_MEMORY_CHECK") or free is None or need <= free:
         return
     hint = " or dtype='bfloat16'" if dtype.itemsize > 2 else ""
-    bound = "at least " if at_least else ""  # counted from the config before building (min_params)
-    raise CheckpointError(f"the weights need {bound}{need / 2**30:.2f} GiB in {str(dtype).removeprefix('torch.')} on "
-                          f"{device}, but only {free / 2**30:.2f} GiB is free; use a device with more memory"
+    bound = " (a lower bound from the config's sizes)" if at_least else ""  # min_params, before building
+    raise CheckpointError(f"the weights need {need / 2**30:.2f} GiB in {str(dtype).removeprefix('torch.')} on "
+                          f"{device}, but only {free / 2**30:.2f} GiB is free{bound}; use a device with more memory"
                           f"{hint} (set DLM_SKIP_MEMORY_CHECK=1 to try anyway)")
 
 
