@@ -49,7 +49,8 @@ def test_train_then_generate_infill_eval(tmp_path, text_file):
 @pytest.mark.parametrize("args, message", [
     (["generate", "x", "--model", "no-such-model"], "unknown model"),
     (["generate", "", "--model", "{run}"], "prompt is empty"),
-    (["generate", "x", "--model", "{run}", "--max-new-tokens", "30", "--block-length", "16"], "multiple of"),
+    (["generate", "x", "--model", "{run}", "--max-new-tokens", "30", "--block-length", "16", "--steps", "31"],
+     "multiple of"),
     (["generate", "x", "--model", "{run}", "--steps", "5", "--max-new-tokens", "32", "--block-length", "16"],
      "multiple of the number of blocks"),
     (["generate", "x" * 100, "--model", "{run}", "--max-new-tokens", "32"], "context"),

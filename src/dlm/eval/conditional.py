@@ -62,6 +62,11 @@ def _ar_loglik(lm: Any, prompt: list[int], answer: list[int]) -> LogLik:
     return LogLik(-float(ce.double().sum()), 0.0)
 
 
+def _model_time(lm: Any, xt: torch.Tensor) -> torch.Tensor | None:
+    """The process's t for a time-conditioned network (`model_time`, as sampling uses); None for the others."""
+    return lm.process.model_time(xt) if getattr(lm.model, "needs_time", False) else None
+
+
 @torch.no_grad()
 def _masked_loglik(lm: Any, prompt: list[int], answer: list[int], suffix: list[int], n_samples: int, seed: int,
                    batch_size: int) -> LogLik:
@@ -80,7 +85,7 @@ def _masked_loglik(lm: Any, prompt: list[int], answer: list[int], suffix: list[i
         is_masked[:, P: P + La] = ranks < l[:, None]  # exactly l[b] masked answer positions, the rest never
         is_masked = is_masked.to(lm.device)
         xt = torch.where(is_masked, mask_id, x0.expand(B, -1))  # (B, N)
-        t = lm.process.model_time(xt)  # (B,) the time a time-conditioned network sees for this canvas
+        t = _model_time(lm, xt)  # (B,) the time a time-conditioned network sees for this canvas
         logits = lm.model(xt, t).float()  # (B, N, V)
         logits[..., mask_id] = -torch.inf  # the clean answer is never [MASK] (SUBS), as in elbo.py
         ce = token_ce(logits, x0.expand(B, -1)).double()  # (B, N)
@@ -136,7 +141,7 @@ def answer_is_greedy(lm: Any, prompt_ids: list[int], answer_ids: list[int]) -> b
     canvas = torch.tensor([prompt + [tok.mask_id] * La], device=lm.device)  # (1, P + La)
     for _ in range(La):
         is_masked = canvas[0] == tok.mask_id  # (P + La,)
-        t = lm.process.model_time(canvas)  # (1,)
+        t = _model_time(lm, canvas)  # (1,)
         logits = lm.model(canvas, t)[0].float()  # (P + La, V)
         logits[:, banned] = -torch.inf
         conf, x0 = torch.softmax(logits, -1).max(-1)  # (P + La,)
