@@ -23,12 +23,14 @@ from dlm.train import process_config, train
 
 ATOL = 1e-5  # float32 sums in another order: measured differences are ~3e-7
 FLAGS = {"model": "tiny", "max-len": "32", "seq-len": "32", "batch-size": "8", "warmup": "2", "ema": "0.9",
-         "eval-every": "100", "ckpt-every": "2", "log-every": "1", "threads": "1"}
+         "eval-every": "100", "ckpt-every": "2", "log-every": "1", "threads": "1",
+         "precision": "fp32"}  # equality to 1e-5 is a float32 property; auto would pick bf16 on an AMX CPU
 
 
 def _tcfg(out: Path, data: Path, steps: int, **kw) -> TrainConfig:
     return TrainConfig(data=str(data), out=str(out), max_steps=steps, batch_size=8, seq_len=32, warmup_steps=2,
-                       ema=0.9, eval_every=100, ckpt_every=2, log_every=1, threads=1, keep_checkpoints=5, **kw)
+                       ema=0.9, eval_every=100, ckpt_every=2, log_every=1, threads=1, keep_checkpoints=5,
+                       precision="fp32", **kw)
 
 
 def _argv(data: Path, steps: int) -> list[str]:
