@@ -391,8 +391,6 @@ def test_a_document_gap_too_long_for_any_int_is_an_error(model_dir, tmp_path, ca
                    "the gaps need 99999999999999999999999 tokens but the model's context is 64")
 
 
-@pytest.mark.xfail(strict=True, reason="DiffusionLM.parse_gaps (pipeline.py, the lead's) builds [mask_id] * n before "
-                                       "n is checked against the context: OverflowError")
 def test_an_infill_gap_too_long_for_any_int_is_an_error(model_dir, capsys):
     code, _, err = cli(capsys, "infill", "a [MASK:99999999999999999999999] b", "--model", str(model_dir))
     one_line_error(code, err, "[MASK:99999999999999999999999]")

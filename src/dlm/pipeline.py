@@ -493,6 +493,9 @@ class DiffusionLM:
             n = int(m.group(1)) if m.group(1) is not None else max_span
             if n < 1:
                 raise SamplingError(f"gap {m.group(0)} must have at least 1 token")
+            if n > self.max_len:  # checked before [MASK] * n is built: a huge n must not exhaust memory
+                raise SamplingError(f"gap {m.group(0)[:40]} is longer than the model's context ({self.max_len} "
+                                    "tokens)")
             gaps.append(Gap(start=len(ids), length=n, fixed=m.group(1) is not None))
             ids += [self.tokenizer.mask_id] * n
             pos = m.end()
