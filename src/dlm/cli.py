@@ -541,6 +541,8 @@ def _code(args: argparse.Namespace) -> None:
                           "repair_rounds": r.repair_rounds, "fallback": r.fallback}))
     else:
         print(r.code, end="")
+        if r.note:  # the last resort changed the code: say so in the plain output too
+            print(f"# {r.note}")
 
 
 def _pattern(args: argparse.Namespace) -> None:
