@@ -176,7 +176,11 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
                 continue
             sampler.set_timesteps(max(1, -(-per_block * (hi - lo) // bs)), todo)
             sampler.eligible = region
-            while bool((region & (block == mask_id)).any()):
+            # Every step commits at least one mask, unless a [MASK] prediction leaves it masked (suppress_special
+            # off, as upstream checkpoints load): a budget keeps such a block from stepping forever.
+            for _ in range(int(todo.sum(1).max()) + per_block):
+                if not bool((region & (block == mask_id)).any()):
+                    break
                 logits = apply_processors(processors, forward(block), block)  # (B', bs, V)
                 out = sampler.step(logits, block, lo, hi, generator)
                 block = out.xt
