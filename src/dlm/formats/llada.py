@@ -3,7 +3,7 @@
 The upstream network (`modeling_llada.py`, model_type "llada", `block_type` "llama") is a LLaMA block without
 causal masking: RMSNorm (statistics in float32), RoPE on the rotate-half layout in float32, q/k/v/out projections
 without bias, SwiGLU as `ff_out(silu(ff_proj(x)) * up_proj(x))`, a final `ln_f` and an untied `ff_out` head.
-That is our `models/llada.py` exactly, so loading is a renaming of the weights:
+That is our `models/transformer.py` exactly, so loading is a renaming of the weights:
 
     model.transformer.wte.weight                  -> wte.weight
     model.transformer.blocks.N.q_proj/k_proj/v_proj -> blocks.N.attn.q_proj/k_proj/v_proj

@@ -11,7 +11,7 @@ from dlm.config import ModelConfig
 from dlm.models.ar import CausalTransformer
 from dlm.models.ddit import DDiT
 from dlm.models.dit import DiT
-from dlm.models.llada import Transformer
+from dlm.models.transformer import Transformer
 from dlm.registry import Registry
 
 MODELS: Registry[type[nn.Module]] = Registry("model architecture")

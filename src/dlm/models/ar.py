@@ -5,7 +5,7 @@ Position i predicts token i+1 (the `ar` loss shifts targets); same size presets 
 
 from __future__ import annotations
 
-from dlm.models.llada import Transformer
+from dlm.models.transformer import Transformer
 
 
 class CausalTransformer(Transformer):
