@@ -156,6 +156,44 @@ def test_response_format_errors(url):
     assert "--max-tokens" in e["message"] or "context" in e["message"]
 
 
+def test_the_clients_pydantic_schemas_parse(client):
+    """The openai client's own schema writer (pydantic: $defs / $ref, Optional as anyOf with null, Literal, Field
+    bounds): `chat.completions.parse` returns a model instance, and `pydantic_function_tool` calls parse too."""
+    from typing import Literal, Optional
+
+    from pydantic import BaseModel, Field
+
+    class Port(BaseModel):
+        code: str = Field(max_length=5)
+        busy: bool
+
+    class Ship(BaseModel):
+        name: str = Field(min_length=1, max_length=8)
+        crew: int = Field(ge=1, le=40)
+        kind: Literal["brig", "sloop"]
+        home: Port
+        flag: Optional[str] = None  # noqa: UP045 (what users write; the client turns it into anyOf [str, null])
+
+    r = client.chat.completions.parse(model="tiny", messages=ASK, response_format=Ship)
+    ship = r.choices[0].message.parsed
+    assert isinstance(ship, Ship) and isinstance(ship.home, Port) and ship.flag is not None
+    jsonschema.validate(json.loads(r.choices[0].message.content), Ship.model_json_schema())
+    r = client.chat.completions.parse(model="tiny", messages=ASK, tools=[openai.pydantic_function_tool(Port)],
+                                      tool_choice="required")
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "Port" and isinstance(call.function.parsed_arguments, Port)
+
+
+def test_recursive_and_foreign_refs_are_refused(url):
+    tree = {"$defs": {"Node": {"type": "object", "properties": {"kids": {"type": "array", "items": {
+        "$ref": "#/$defs/Node"}}}}}, "$ref": "#/$defs/Node"}
+    e = error_of(post(url, "/v1/completions", {"prompt": "x", "response_format": schema_format(tree)}))
+    assert e["code"] == "unsupported_schema" and "recursive" in e["message"]
+    far = {"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}}
+    e = error_of(post(url, "/v1/completions", {"prompt": "x", "guided_json": far}))
+    assert e["param"] == "guided_json" and "$ref" in e["message"]
+
+
 # ----- tools -------------------------------------------------------------------------------------------------
 def arguments_of(call, tool: dict) -> dict:
     assert call.type == "function" and call.id.startswith("call_")

@@ -34,7 +34,14 @@ import torch
 from dlm.config import GenerationConfig
 from dlm.control.canvas import token_texts
 from dlm.control.constraints import compile_slots, fill_pattern
-from dlm.control.json_schema import JsonLayout, SchemaError, canvas_of, compile_schema, generate_json_text
+from dlm.control.json_schema import (
+    ANNOTATIONS,
+    JsonLayout,
+    SchemaError,
+    canvas_of,
+    compile_schema,
+    generate_json_text,
+)
 from dlm.eval.conditional import conditional_loglik
 from dlm.pipeline import DiffusionLM
 from dlm.server.protocol import ApiError, ChatRequest, CompletionRequest, ToolSpec, cut_at_stop, stop_list
@@ -102,6 +109,58 @@ def tools_prompt(tools: list[ToolSpec]) -> str:
         lines.append(json.dumps(spec, ensure_ascii=False))
     lines.append('To call one, answer with only {"name": NAME, "arguments": ARGUMENTS}.')
     return "\n".join(lines)
+
+
+NULL_BRANCH = ("anyOf", "oneOf")
+SUBSCHEMAS = frozenset({"items", "anyOf", "oneOf", "allOf", "not", "additionalProperties", "prefixItems",
+                        "contains"})  # keywords whose values are schemas (the others hold data: enum, default, ...)
+DEFS = ("$defs", "definitions")
+
+
+def narrow(schema: Any, param: str) -> Any:
+    """A schema whose every value validates the given one, in the subset the JSON engine supports where the given
+    one only strays from it in the ways JSON-schema generators write (pydantic, the openai client):
+    - local `$ref`s (`#/$defs/Name`, `#/definitions/Name`) are inlined; a recursive one is a 400;
+    - a nullable type is generated as its non-null type: `type: [T, "null"]` and `anyOf` / `oneOf` of one schema and
+      `{"type": "null"}` (a value of T validates the union; null is never produced).
+    Anything else is left as it is, for the engine to accept or refuse by name."""
+    defs: dict[str, Any] = {}
+    if isinstance(schema, dict):
+        for key in DEFS:
+            if isinstance(schema.get(key), dict):
+                defs.update({f"#/{key}/{name}": sub for name, sub in schema[key].items()})
+
+    def walk(s: Any, seen: frozenset[str]) -> Any:
+        if isinstance(s, list):
+            return [walk(x, seen) for x in s]
+        if not isinstance(s, dict):
+            return s
+        if isinstance(s.get("$ref"), str):
+            ref = s["$ref"]
+            if ref not in defs:
+                raise ApiError(400, f"{param}: $ref {ref!r} cannot be resolved: only local references into $defs "
+                                    "or definitions are inlined", param=param.split(".")[0], code="unsupported_schema")
+            if ref in seen or len(seen) > 32:
+                raise ApiError(400, f"{param}: $ref {ref!r} is recursive; a layout has a fixed size, so a recursive "
+                                    "schema cannot be generated", param=param.split(".")[0], code="unsupported_schema")
+            return walk({**defs[ref], **{k: v for k, v in s.items() if k != "$ref"}}, seen | {ref})
+        out = {k: walk(v, seen) if k in SUBSCHEMAS else v for k, v in s.items() if k not in DEFS}
+        if isinstance(out.get("properties"), dict):  # a dict of schemas (its keys are names, not keywords)
+            out["properties"] = {k: walk(v, seen) for k, v in out["properties"].items()}
+        kind = out.get("type")
+        if isinstance(kind, list) and len(kind) == 2 and "null" in kind and None not in out.get("enum", ()):
+            out["type"] = next(t for t in kind if t != "null")
+        for key in NULL_BRANCH:
+            branches = out.get(key)
+            if not (isinstance(branches, list) and len(branches) == 2 and all(isinstance(b, dict) for b in branches)):
+                continue
+            others = [b for b in branches if b.get("type") != "null" or set(b) - ANNOTATIONS - {"type"}]
+            rest = {k: v for k, v in out.items() if k != key}
+            if len(others) == 1 and not (set(rest) & set(others[0]) - ANNOTATIONS):
+                out = {**rest, **others[0]}
+        return out
+
+    return walk(schema, frozenset())
 
 
 def arguments_schema(tool: ToolSpec) -> dict[str, Any]:
@@ -209,6 +268,7 @@ class Structurer:
         else:  # json_object: one string field as long as max_tokens
             schema, param = JSON_OBJECT, "response_format"
             layout = JsonLayout(string_tokens=opts.max_new_tokens)
+        schema = narrow(schema, param)
         need, masks = self.layout_tokens(schema, layout, param)
         self.fits(prompts, need, masks, "the JSON layout", param.split(".")[0])
         fill = self.fill_options(overrides, masks)
@@ -266,7 +326,7 @@ class Structurer:
             tools = [t for t in tools if t.function.name == choice.function.name]
         schemas, need, masks = {}, 0, 0
         for i, t in enumerate(body.tools or []):
-            args = arguments_schema(t)
+            args = narrow(arguments_schema(t), f"tools[{i}].function.parameters")
             call = {"type": "object", "properties": {"name": {"const": t.function.name}, "arguments": args},
                     "required": ["name", "arguments"], "additionalProperties": False}
             n_tokens, n_masks = self.layout_tokens(args, JsonLayout(), f"tools[{i}].function.parameters")
