@@ -2,10 +2,13 @@
 `DiffusionLM` (the options are GenerationConfig's, the errors the library's).
 
 One worker thread owns the model (batching.py); the routes validate a request, queue it and wait for its result
-or stream its steps, and withdraw it when its client goes away. Three ASGI middlewares wrap the routes: metrics
-(outermost, so it counts every answer; a client that left before its answer counts as status 499), auth
-(`Authorization: Bearer KEY` with `hmac.compare_digest`), and the body reader (413 over the size limit, 408 when
-the body is slower than --body-timeout, one log line when the client leaves mid-body).
+or stream its steps, and withdraw it when its client goes away. Structured outputs on the OpenAI routes
+(response_format, tools, guided_*) are checked and planned by structured.py; they and the control endpoints
+(/v1/code, /v1/documents, /v1/augment, /v1/patterns) run as "call" jobs, a function of the model on the worker.
+Three ASGI middlewares wrap the routes: metrics (outermost, so it counts every answer; a client that left before its
+answer counts as status 499), auth (`Authorization: Bearer KEY` with `hmac.compare_digest`), and the body reader
+(413 over the size limit, 408 when the body is slower than --body-timeout, one log line when the client leaves
+mid-body).
 
     app = create_app(DiffusionLM.from_pretrained("default"), "default", ServerSettings(api_key="secret"))
     uvicorn.run(app, host="127.0.0.1", port=8000)                     # what `dlm serve` does
@@ -494,26 +497,17 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
 
         return await stream(request, job, render)
 
-    def control_options(body: Any, names: dict[str, str]) -> dict[str, Any]:
+    def control_options(body: Any, names: dict[str, str], path: str) -> dict[str, Any]:
         """A control request's options, checked by the library and capped (--max-steps); stream refused."""
         check_model(body.model)
         if body.stream:
-            raise ApiError(400, f"{request_path(body)} is not streamed: send stream false (or leave it out)",
-                           param="stream")
+            raise ApiError(400, f"{path} is not streamed: send stream false (or leave it out)", param="stream")
         overrides = sampling_overrides(body, names)
         library_check(lm, overrides)
-        if "steps" in overrides:
-            _cap_steps(overrides["steps"])
+        if overrides.get("steps", 0) > settings.max_steps:
+            raise ApiError(400, f"steps={overrides['steps']} exceeds this server's limit of {settings.max_steps} "
+                                "(--max-steps)", param="steps")
         return overrides
-
-    def request_path(body: Any) -> str:
-        return {CodeRequest: "/v1/code", DocumentRequest: "/v1/documents", AugmentRequest: "/v1/augment",
-                PatternRequest: "/v1/patterns"}.get(type(body), "this route")
-
-    def _cap_steps(steps: int) -> None:
-        if steps > settings.max_steps:
-            raise ApiError(400, f"steps={steps} exceeds this server's limit of {settings.max_steps} (--max-steps)",
-                           param="steps")
 
     def check_text(text: str, what: str, param: str) -> None:
         n = len(tok.encode(text)) if text else 0
@@ -590,7 +584,7 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
     @app.post("/v1/code")
     async def code(request: Request) -> Any:
         body = parse_body(await request.body(), CodeRequest)
-        options = control_options(body, CONTROL_NAMES)
+        options = control_options(body, CONTROL_NAMES, "/v1/code")
         check_text(body.prompt, "the prompt", "prompt")
         try:
             check_constraints(body.constraints)
@@ -612,7 +606,7 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
     @app.post("/v1/documents")
     async def documents(request: Request) -> Any:
         body = parse_body(await request.body(), DocumentRequest)
-        options = control_options(body, {**CONTROL_NAMES, "max_span": "max_span"})
+        options = control_options(body, {**CONTROL_NAMES, "max_span": "max_span"}, "/v1/documents")
         if (body.template is None) == (body.constraints is None):
             raise ApiError(400, 'give a template, or a prompt with constraints {"format": "markdown", '
                                 '"sections": [...]} (one of the two)', param="template")
@@ -645,7 +639,7 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
     @app.post("/v1/augment")
     async def augment(request: Request) -> Any:
         body = parse_body(await request.body(), AugmentRequest)
-        options = control_options(body, CONTROL_NAMES)
+        options = control_options(body, CONTROL_NAMES, "/v1/augment")
         if body.n < 1 or len(body.texts) * body.n > settings.max_n:
             raise ApiError(400, f"texts x n = {len(body.texts)} x {body.n} must be in [1, {settings.max_n}] "
                                 "(--max-n)", param="n")
@@ -661,7 +655,7 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
     @app.post("/v1/patterns")
     async def patterns(request: Request) -> Any:
         body = parse_body(await request.body(), PatternRequest)
-        options = control_options(body, CONTROL_NAMES)
+        options = control_options(body, CONTROL_NAMES, "/v1/patterns")
         try:
             slots = len(compile_slots(body.pattern))
         except ValueError as e:
