@@ -40,6 +40,7 @@ PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "minLength": 1, "maxLength": 8},
     "age": {"type": "integer", "minimum": 0, "maximum": 120},
     "score": {"type": "number", "minimum": -5, "maximum": 5},
+    "year": {"type": "integer", "minimum": 1900, "maximum": 2100},  # 201 values: chosen among its literals
     "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1, "maxItems": 3},
     "address": {"type": "object", "properties": {"zip": {"type": "string", "maxLength": 5},
                                                  "main": {"type": "boolean"}},

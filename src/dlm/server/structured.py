@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -52,6 +52,9 @@ CHOICE_SAMPLES = 16  # Monte Carlo samples of each choice's log-likelihood (a ma
 MAX_CHOICES = 64
 JSON_OBJECT = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"],
                "additionalProperties": False}  # response_format json_object: what it produces
+# An integer range of up to 1024 values (a year, a percentage) is chosen among its literals by likelihood, which costs
+# one forward pass per distinct literal length; the engine's default of 64 would give wider ranges a digit layout.
+LAYOUT = JsonLayout(range_choices=1024)
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 # The overrides that are not fill options: the layout fixes the length, rows are looped, seeds are per row.
 NOT_FILL = ("max_new_tokens", "num_samples", "seed")
@@ -257,7 +260,7 @@ class Structurer:
               opts: GenerationConfig, mode: str) -> Plan:
         self.no_ar(mode, mode)
         fmt = body.response_format
-        layout = JsonLayout()
+        layout = LAYOUT
         if mode == "guided_json":
             schema, param = body.guided_json, "guided_json"
         elif fmt is not None and fmt.type == "json_schema":
@@ -267,7 +270,7 @@ class Structurer:
             schema, param = fmt.json_schema.schema_, "response_format.json_schema.schema"
         else:  # json_object: one string field as long as max_tokens
             schema, param = JSON_OBJECT, "response_format"
-            layout = JsonLayout(string_tokens=opts.max_new_tokens)
+            layout = replace(LAYOUT, string_tokens=opts.max_new_tokens)
         schema = narrow(schema, param)
         need, masks = self.layout_tokens(schema, layout, param)
         self.fits(prompts, need, masks, "the JSON layout", param.split(".")[0])
@@ -329,8 +332,8 @@ class Structurer:
             args = narrow(arguments_schema(t), f"tools[{i}].function.parameters")
             call = {"type": "object", "properties": {"name": {"const": t.function.name}, "arguments": args},
                     "required": ["name", "arguments"], "additionalProperties": False}
-            n_tokens, n_masks = self.layout_tokens(args, JsonLayout(), f"tools[{i}].function.parameters")
-            full, _ = self.layout_tokens(call, JsonLayout(), f"tools[{i}].function.parameters")
+            _, n_masks = self.layout_tokens(args, LAYOUT, f"tools[{i}].function.parameters")
+            full, _ = self.layout_tokens(call, LAYOUT, f"tools[{i}].function.parameters")
             schemas[t.function.name] = call
             if t in tools:
                 need, masks = max(need, full), max(masks, n_masks)
@@ -348,7 +351,7 @@ class Structurer:
                 name = json.loads(generate_json_text(lm, {"enum": chosen}, prompt=prompt + CALL_OPEN,
                                                      temperature=temperature, seed=seed))
             check()
-            text = generate_json_text(lm, schemas[name], prompt=prompt, seed=seed, callback=check, **fill)
+            text = generate_json_text(lm, schemas[name], LAYOUT, prompt=prompt, seed=seed, callback=check, **fill)
             return Answer(None, (name, json.dumps(json.loads(text)["arguments"], ensure_ascii=False)))
 
         return Plan("tools", prompts, opts.num_samples, opts.seed, row)
