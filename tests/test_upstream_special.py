@@ -80,13 +80,14 @@ def test_dream_default_options_equal_diffusion_generate(dream, alg):
         assert torch.equal(out, ref[f"gen_output_{alg}"][r:r + 1])
 
 
-def test_cli_flag_switches_suppression(capsys):
+def test_cli_flag_switches_suppression(capsys, dream):
     import json
 
     from dlm.cli import main
 
+    lm, _ = dream
     args = ["generate", "x", "--model", str(DREAM), "--max-new-tokens", "8", "--steps", "8", "--json"]
-    main(args + ["--suppress-special"])
-    assert isinstance(json.loads(capsys.readouterr().out)["completion"], str)
-    main(args + ["--no-suppress-special"])
-    assert isinstance(json.loads(capsys.readouterr().out)["completion"], str)
+    for flag, value in (("--suppress-special", True), ("--no-suppress-special", False)):
+        main(args + [flag])
+        completion = json.loads(capsys.readouterr().out)["completion"]
+        assert completion == lm.generate("x", max_new_tokens=8, steps=8, suppress_special=value)
