@@ -208,4 +208,4 @@ def test_progress_bar_prints_nothing_off_a_terminal():
     with Bar("eval", total=3, console=Console(file=out)) as bar:
         for _ in range(3):
             bar()
-    assert out.getvalue() == "" and bar.completed == 3
+    assert out.getvalue() == "" and bar.completed == 3 and not bar.shown

@@ -276,7 +276,8 @@ def _generate(args: argparse.Namespace) -> None:
         from dlm.progress import Bar
 
         bar = Bar("generate", total=opts.get("steps", lm.sampling.steps))
-        callbacks.append(bar)
+        if bar.shown:  # no callback (and no event work) when nothing is drawn
+            callbacks.append(bar)
     from contextlib import ExitStack
 
     with ExitStack() as stack:

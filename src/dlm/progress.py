@@ -35,6 +35,11 @@ class Bar:
         self.progress.stop()
 
     @property
+    def shown(self) -> bool:
+        """Does it draw (enabled, on an interactive terminal)? Callers may skip the work of feeding it otherwise."""
+        return not self.progress.disable
+
+    @property
     def completed(self) -> float:
         return self.progress.tasks[0].completed
 
