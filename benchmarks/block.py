@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import time
@@ -40,17 +39,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from dlm.config import ModelConfig, TrainConfig  # noqa: E402
 from dlm.eval.heldout import evaluate_text  # noqa: E402
 from dlm.pipeline import DiffusionLM  # noqa: E402
+from dlm.precision import cpu_name  # noqa: E402
 from dlm.train import process_config, train  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def train_one(name: str, args: argparse.Namespace, runs: Path, clip: tuple[float, float] | None = None) -> Path:

@@ -131,17 +131,9 @@ def valid(text: str, schema: dict, free: bool = False) -> tuple[bool, bool]:
     return False, False
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
+    from dlm.precision import cpu_name  # one definition, beside the bf16 probe
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default", help="a shipped model, a checkpoint folder, or tiny-random")
     ap.add_argument("--tools-model", default="tiny-random", help="the model of the tools part (same choices)")

@@ -17,7 +17,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,17 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo; else what platform knows)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _spin(stop) -> None:  # one CPU-bound process: pure Python, holds one core until told to stop
@@ -114,6 +102,8 @@ def cell(threads: int, busy: int, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    from dlm.precision import cpu_name  # one definition, beside the bf16 probe
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--busy", type=int, nargs="+", default=[0, 1], help="CPU-bound processes running alongside")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,16 +35,6 @@ from dlm.process import MaskedProcess  # noqa: E402
 from dlm.schedules import Linear  # noqa: E402
 
 MODES = ("fp32", "bf16", "auto")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class Run:
@@ -86,6 +75,8 @@ def measure(preset: str, arch: str, batch: int, seq: int, steps: int, warmup: in
 
 
 def main() -> None:
+    from dlm.precision import cpu_name  # one definition, beside the bf16 probe
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", nargs="+", default=["tiny", "small", "base"])
     ap.add_argument("--archs", nargs="+", default=["llada", "ar"])

@@ -47,6 +47,20 @@ def _device_type(device: str | torch.device) -> str:
     return torch.device(device).type
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; else what `platform` knows): every speed figure names it."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def cpu_bf16_flags() -> dict[str, bool] | None:
     """{"amx_bf16": ..., "avx512_bf16": ...} for an x86 CPU, None where they do not apply or cannot be read."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
