@@ -51,9 +51,10 @@ def rope_theta(config: dict[str, Any], folder: Path) -> float:
     return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
-def model_config(config: dict[str, Any], folder: Path) -> ModelConfig:
-    """config.json of a Llama / Qwen2 / Qwen3 causal LM -> the ModelConfig of our AR network."""
-    family = str(config.get("model_type", "")).lower()
+def model_config(config: dict[str, Any], folder: Path, family: str | None = None) -> ModelConfig:
+    """config.json of a Llama / Qwen2 / Qwen3 causal LM -> the ModelConfig of our AR network. `family` (llama,
+    qwen2, qwen3) names the layout of a folder whose model_type is another (the block models built on them)."""
+    family = (family or str(config.get("model_type", ""))).lower()
     bad = {"use_sliding_window": config.get("use_sliding_window"), "mlp_bias": config.get("mlp_bias"),
            "attention_bias": config.get("attention_bias") if family != "qwen2" else None}
     wrong = [f"{k}={v!r}" for k, v in bad.items() if v]
@@ -115,10 +116,13 @@ def mask_id_for(vocab_size: int, n_tokens: int) -> int:
     return n_tokens if n_tokens < vocab_size else vocab_size
 
 
-def causal_tokenizer(folder: Path, config: dict[str, Any], vocab_size: int) -> Tokenizer:
+def causal_tokenizer(folder: Path, config: dict[str, Any], vocab_size: int, mask_id: int | None = None,
+                     mask_token: str | None = None) -> Tokenizer:
+    """The folder's tokenizer; [MASK] is `mask_id`, else the id of `mask_token`, else the first free row."""
     if not any((folder / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         ids = special_ids(config, None, folder)
-        return missing_tokenizer(folder, vocab_size=vocab_size, mask_id=mask_id_for(vocab_size, vocab_size),
+        mask = mask_id if mask_id is not None else mask_id_for(vocab_size, vocab_size)
+        return missing_tokenizer(folder, vocab_size=vocab_size, mask_id=mask,
                                  eos_id=ids["eos_id"], pad_id=ids["pad_id"], bos_id=ids["bos_id"],
                                  stop_ids=[*ids["stop_ids"], *generation_ids(folder)])
     from transformers import AutoTokenizer
@@ -128,7 +132,14 @@ def causal_tokenizer(folder: Path, config: dict[str, Any], vocab_size: int) -> T
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"cannot load the tokenizer files of {folder}: {e}") from e
     ids = special_ids(config, hf, folder)
-    return HFTokenizer(hf, mask_id=mask_id_for(vocab_size, len(hf)), eos_id=ids["eos_id"], pad_id=ids["pad_id"],
+    if mask_id is None and mask_token is not None:
+        found = hf.convert_tokens_to_ids(mask_token)
+        if not isinstance(found, int) or found == hf.unk_token_id or found >= vocab_size:
+            raise CheckpointError(f"the tokenizer of {folder} has no {mask_token!r} token (the [MASK] of this model); "
+                                  "are the tokenizer files complete?")
+        mask_id = found
+    mask = mask_id if mask_id is not None else mask_id_for(vocab_size, len(hf))
+    return HFTokenizer(hf, mask_id=mask, eos_id=ids["eos_id"], pad_id=ids["pad_id"],
                        bos_id=ids["bos_id"], stop_ids=[*ids["stop_ids"], *generation_ids(folder)],
                        vocab_size=vocab_size)
 
