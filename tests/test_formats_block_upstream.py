@@ -184,3 +184,12 @@ def test_config_errors_are_one_line(tmp_path, folder, key, value, match):
     with pytest.raises(CheckpointError, match=match) as info:
         DiffusionLM.from_pretrained(str(copy))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("folder", [FAST, SDAR], ids=["fast-dllm-v2", "sdar"])
+def test_cli_generates_from_a_block_folder(folder, capsys):
+    from dlm.cli import main
+
+    main(["generate", "hello", "--model", str(folder), "--max-new-tokens", "8", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt"] == "hello" and isinstance(out["completion"], str)
