@@ -101,6 +101,17 @@ def test_sdar_logits_match_upstream(sdar):
         close(lm.model(ids[:, 8:12], cache=cache, block_size=4), ref["logits_cached_block3"], lm)
 
 
+@pytest.mark.parametrize("folder, key, shift", [(FAST, "bf16_logits", True), (SDAR, "bf16_logits_block4", False)],
+                         ids=["fast-dllm-v2", "sdar"])
+def test_bfloat16_stays_close_to_upstream_bfloat16(folder, key, shift):
+    """bf16 rounds every intermediate (and the two libraries round in different places): the bound is bf16's."""
+    lm = DiffusionLM.from_pretrained(str(folder), dtype="bfloat16")
+    ref = load_file(folder / "reference.safetensors")
+    expect = shifted(ref[key]) if shift else ref[key]
+    out = lm.logits(ref["input_ids"])
+    assert (out - expect).abs().max() <= model_atol(lm, torch.bfloat16, expect)
+
+
 # ----- greedy generation with the checkpoint's defaults ------------------------------------------------------
 def test_fast_dllm_v2_one_block_equals_upstream_generate(fast):
     """A prompt inside the first block: upstream decodes the block (threshold 0.9, sub-blocks of 8), then one AR
