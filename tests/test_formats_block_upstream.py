@@ -204,3 +204,16 @@ def test_cli_generates_from_a_block_folder(folder, capsys):
     main(["generate", "hello", "--model", str(folder), "--max-new-tokens", "8", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["prompt"] == "hello" and isinstance(out["completion"], str)
+
+
+@pytest.mark.parametrize("folder", [FAST, SDAR], ids=["fast-dllm-v2", "sdar"])
+def test_export_then_load_keeps_the_block_model(tmp_path, folder):
+    from dlm.checkpoint import save_pretrained
+
+    lm = DiffusionLM.from_pretrained(str(folder))
+    ids = load_file(folder / "reference.safetensors")["input_ids"]
+    save_pretrained(tmp_path / "x", lm.model, lm.config, lm.tokenizer, dtype=torch.float32)
+    again = DiffusionLM.from_pretrained(str(tmp_path / "x"))
+    assert again.block_size == lm.block_size and again.config.sampling == lm.config.sampling
+    assert again.tokenizer.mask_id == lm.tokenizer.mask_id and again.tokenizer.eos_id == lm.tokenizer.eos_id
+    assert torch.equal(again.logits(ids), lm.logits(ids))
