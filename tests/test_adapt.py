@@ -336,3 +336,15 @@ def test_bad_input_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):  # an adapted model is no longer autoregressive
         main(["adapt", str(tmp_path / "run"), "--out", str(tmp_path / "again"), "--data", str(data)])
     assert "already a diffusion model" in capsys.readouterr().err
+
+
+def test_torchrun_workers_get_the_model_path():
+    """dlm adapt MODEL --nproc 2 relaunches itself under torchrun: each worker's command keeps the positional."""
+    from dlm.cli import _command_argv, build_parser
+
+    args = build_parser().parse_args(["adapt", "/models/smol", "--out", "runs/a", "--data", "shakespeare",
+                                      "--mode", "block", "--nproc", "2"])
+    argv = _command_argv(args)
+    assert argv[:2] == ["adapt", "/models/smol"] and "--nproc" not in argv
+    again = build_parser().parse_args(argv)
+    assert (again.model, again.out, again.mode, again.data) == ("/models/smol", "runs/a", "block", "shakespeare")

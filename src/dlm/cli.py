@@ -82,6 +82,9 @@ def _command_argv(args: argparse.Namespace) -> list[str]:
     argv = [args.command]
     for action in sub.choices[args.command]._actions:
         value = getattr(args, action.dest, action.default)
+        if not action.option_strings and isinstance(value, str):  # a positional (dlm adapt MODEL), in its place
+            argv.append(value)
+            continue
         if not action.option_strings or action.dest in _LAUNCH_FLAGS or value == action.default:
             continue
         flag = action.option_strings[0]
