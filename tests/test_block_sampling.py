@@ -62,11 +62,11 @@ class StopAt(nn.Module):
         self.net, self.stop_by_pads = net, stop_by_pads
 
     def forward(self, x, t=None, attention_mask=None, cache=None, block_size=None):
+        T = (cache.length if cache is not None else 0) + x.shape[1]  # before the forward appends to the cache
         out = self.net(x, t, attention_mask=attention_mask, cache=cache, block_size=block_size).clone()
-        T = attention_mask.shape[1]
         pos = torch.arange(T - x.shape[1], T)
-        for r in range(x.shape[0]):
-            stop = self.stop_by_pads[int((attention_mask[r] == 0).sum())]
+        for r in range(x.shape[0]):  # no mask: no row is shifted
+            stop = self.stop_by_pads[int((attention_mask[r] == 0).sum()) if attention_mask is not None else 0]
             out[r, pos >= stop, EOS] = 1e4
         return out
 

@@ -264,6 +264,8 @@ def attention_rule(attention: str | torch.Tensor | None, attention_mask: torch.T
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)} or a boolean mask, got {mode!r}")
         if mode == "block" and (block_size is None or block_size < 1):
             raise ValueError(f"block-causal attention needs block_size >= 1, got {block_size}")
+        if mode == "block" and (L - 1) // block_size <= start // block_size:
+            mode = "full"  # every query's block is the last one (one block against a BlockCache): it sees every key
         if mode == "full":  # the padding alone (a slice against a cache sees every key)
             return padding_attn_mask(attention_mask, False, L, start, n), False
         if attention_mask is None and start == 0 and n == L and mode == "causal":

@@ -135,7 +135,9 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
     rows = torch.arange(B, device=device)  # the rows still generating
     kv = BlockCache()
 
-    def key_mask(n_pos: int) -> torch.Tensor:  # (B', n_pos): 1 from each row's first real token on
+    def key_mask(n_pos: int) -> torch.Tensor | None:  # (B', n_pos): 1 from each row's first real token on
+        if not bool(shift[rows].any()):
+            return None  # no row is shifted: no padding to hide
         return (torch.arange(n_pos, device=device)[None] >= shift[rows][:, None]).long()
 
     def forward(block: torch.Tensor) -> torch.Tensor:
