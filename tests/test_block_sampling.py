@@ -100,6 +100,19 @@ def test_one_forward_per_step():
     assert calls[0] == ids.shape[1] // BS * BS + BS and max(calls[1:]) == 2 * BS
 
 
+def test_shifted_network_cached_equals_uncached():
+    """A network with shifted logits (Dream, Fast-dLLM v2's token shift) predicts a block's first position from the
+    previous block: the cached loop keeps that prediction from the block's first forward and equals the uncached."""
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        net = build_model(ModelConfig.preset("tiny", vocab_size=V, logits_shift=True)).eval()
+    ids, mask = _ragged((8, 5, 12))  # 8 and 12: the first open block starts with a mask
+    for opts in ({}, {"threshold": 0.02}):
+        cached, _ = _run(net, ids, mask, cache=True, **opts)
+        uncached, _ = _run(net, ids, mask, cache=False, **opts)
+        assert torch.equal(cached, uncached), opts
+
+
 def test_each_row_of_a_ragged_batch_as_alone():
     """Prompts of 3, 9, 8 and 17 tokens: each row's new tokens are those it gets alone."""
     net = _net()

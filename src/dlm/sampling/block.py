@@ -143,7 +143,7 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
     def forward(block: torch.Tensor) -> torch.Tensor:
         """The logits (B', n, V) of `block` against the cache. A finished block waiting to be appended (`pending`)
         runs in the same forward, in front of it (block-causal: it does not see `block`), and its K/V are kept."""
-        nonlocal history, pending
+        nonlocal history, pending, first_row
         x, keep = block, 0
         if pending is not None:
             x, keep, pending = torch.cat([pending, block], 1), pending.shape[1], None
@@ -154,11 +154,22 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
         else:
             out = model(torch.cat([history, x], 1), None, attention_mask=am, block_size=bs)[:, T:]
             history = torch.cat([history, x[:, :keep]], 1)
-        return out[:, keep:].float()
+        out = out[:, keep:].float()
+        if shifted and cache:  # position 0 is predicted by the previous block's last state, seen only with it
+            if keep:
+                first_row = out[:, :1]
+            elif first_row is not None:
+                out = torch.cat([first_row, out[:, 1:]], 1)
+        return out
 
     # The prompt's complete blocks (and later each finished block) are `pending`: their K/V go in with the next
     # block's first forward. `history` is what the uncached reference recomputes at every step.
     pending: torch.Tensor | None = seq[:, :K * bs] if K > 0 else None
+    # A shifted network (Dream, Fast-dLLM v2's token shift: the state at i - 1 predicts token i) predicts a block's
+    # first position from the previous block, which a later step against the cache no longer runs: the logits of
+    # that position from the block's first forward are kept (they cannot change: the past is fixed).
+    shifted = bool(getattr(model, "cache_lookback", 0))
+    first_row: torch.Tensor | None = None
     history = seq[:, :0]
     block = seq[:, K * bs:]
     per_block = steps_per_block(steps, bs, max_new_tokens)
@@ -201,6 +212,7 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
         pending = block  # its K/V, computed once, go in with the next block's first forward
         if not bool(keep.all()):
             rows, pending = rows[keep], pending[keep]
+            first_row = None
             if cache:
                 kv.select(keep)
             else:
