@@ -43,12 +43,13 @@ def _ragged(lengths=(3, 9, 8, 17), seed: int = 0) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def _run(net, ids, mask, cache=True, **opts):
+def _run(net, ids, mask, cache=True, window=None, **opts):
     cfg = GenerationConfig(sampler="block", **{k: v for k, v in opts.items() if k in GenerationConfig.__annotations__})
     sampler = SAMPLERS.build("block", mask_id=MASK, config=cfg, eos_id=EOS, pad_id=TOK.pad_id)
     events = list(block_steps(net, ids, mask, sampler, torch.Generator().manual_seed(0), block_size=BS,
                               max_new_tokens=opts.get("max_new_tokens", 14), steps=opts.get("steps", 14),
-                              eos_id=opts.get("eos_id", EOS), sub_block=opts.get("sub_block", 0), cache=cache))
+                              eos_id=opts.get("eos_id", EOS), sub_block=opts.get("sub_block", 0), cache=cache,
+                              window=window))
     return events[-1].output.xt, events
 
 
@@ -111,6 +112,29 @@ def test_shifted_network_cached_equals_uncached():
         cached, _ = _run(net, ids, mask, cache=True, **opts)
         uncached, _ = _run(net, ids, mask, cache=False, **opts)
         assert torch.equal(cached, uncached), opts
+
+
+def test_sliding_window_past_the_context():
+    """With a window of 16 positions the oldest whole blocks leave the cache (keeping their positions): any length
+    can be generated, the network never attends over more than the window, and until the window first slides the
+    tokens are those of the unbounded run."""
+    net = _net()
+    ids, mask = _ragged((3, 9))
+    seen: list[int] = []
+    inner = net.forward
+
+    def counting(x, t=None, attention_mask=None, cache=None, block_size=None):
+        seen.append(cache.length + x.shape[1])
+        if attention_mask is not None:
+            assert attention_mask.shape == (x.shape[0], cache.length + x.shape[1])
+        return inner(x, t, attention_mask=attention_mask, cache=cache, block_size=block_size)
+
+    net.forward = counting
+    windowed, _ = _run(net, ids, mask, window=16, max_new_tokens=40, steps=40)
+    assert max(seen) == 16 and not bool((windowed == MASK).any())
+    full, _ = _run(_net(), ids, mask, max_new_tokens=40, steps=40)
+    P = ids.shape[1]  # row 1 (9 tokens) fills 16 positions after 1 + 4 new tokens; the next forward slides
+    assert torch.equal(full[:, :P + 3], windowed[:, :P + 3]) and not torch.equal(full, windowed)
 
 
 def test_each_row_of_a_ragged_batch_as_alone():
@@ -225,6 +249,8 @@ def test_pipeline_generates_with_the_block_sampler():
     assert torch.allclose(lm.logits(ids, block_size=1), lm.model(ids, attention="causal"))
     out = lm.generate(ids, max_new_tokens=10, steps=10, seed=0)
     assert out.shape == (1, ids.shape[1] + 10) and torch.equal(out[:, :ids.shape[1]], ids)
+    long = lm.generate(ids, max_new_tokens=lm.max_len + 8, steps=lm.max_len + 8, seed=0, ban_eos=True)
+    assert long.shape == (1, ids.shape[1] + lm.max_len + 8) and not bool((long == MASK).any())  # slides past
     alone = lm.generate("ROMEO:", max_new_tokens=10, steps=10, seed=0)
     both = lm.generate(["ROMEO:", "JULIET: O"], max_new_tokens=10, steps=10, seed=0)
     assert isinstance(alone, str) and both[0] == alone

@@ -277,7 +277,7 @@ class DiffusionLM:
         bs = self.block_size or opts.block_length or canvas.shape[1] - start
         yield from block_steps(self.model, canvas[:, :start], am[:, :start] if am is not None else None, sampler, g,
                                processors, block_size=bs, max_new_tokens=canvas.shape[1] - start, steps=opts.steps,
-                               eos_id=tok.eos_id, sub_block=opts.sub_block)
+                               eos_id=tok.eos_id, sub_block=opts.sub_block, window=max(self.max_len, 2 * bs))
 
     def _check_family(self, sampler: Any, name: str) -> None:
         """A SEDD / D3PM checkpoint samples with its family's samplers, which take its process (graph, schedule)."""
@@ -301,7 +301,8 @@ class DiffusionLM:
             am = am.repeat_interleave(n, 0) if am is not None else None
         B, P = ids.shape
         L = P + opts.max_new_tokens
-        self._check_length(L)
+        # The block sampler slides its cache over the context: only the prompt and one block must fit in it.
+        self._check_length(P + 1 if issubclass(SAMPLERS.get(opts.sampler), BlockSampler) else L)
         canvas = torch.full((B, L), self.tokenizer.mask_id, dtype=torch.long)
         canvas[:, :P] = ids
         full_am = None

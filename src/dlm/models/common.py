@@ -124,6 +124,7 @@ class BlockCache:
         self.values: list[torch.Tensor] = []
         self.appending = False
         self.keep: int | None = None
+        self.offset = 0  # positions dropped from the front (a sliding window): the cache holds [offset, offset + T)
 
     @property
     def length(self) -> int:
@@ -135,6 +136,13 @@ class BlockCache:
         finished block run together with the next block, whose K/V are not final yet)."""
         self.appending, self.keep = True, keep
         return self
+
+    def drop_front(self, n: int) -> None:
+        """Forget the oldest n positions (a sliding window of the context, as BD3LM's sampler keeps); the later
+        ones keep their positions, so a block-aligned n leaves block boundaries where they were."""
+        self.keys = [k[:, :, n:] for k in self.keys]
+        self.values = [v[:, :, n:] for v in self.values]
+        self.offset += n
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (B,) bool or (B',) indices: rows that stopped leave the batch."""

@@ -91,6 +91,8 @@ class Transformer(nn.Module):
         if isinstance(cache, BlockCache):
             start = cache.length
             L = start + n
+            if positions is None and cache.offset:  # a sliding window: true positions run on past the cache
+                positions = torch.arange(cache.offset + start, cache.offset + L, device=xt.device)
         else:
             start = 0 if cache is None or cache.start is None else cache.start
             L = n if cache is None or cache.start is None else self._check_slice(cache, B, start, n)

@@ -103,12 +103,14 @@ def steps_per_block(steps: int, block_size: int, max_new_tokens: int) -> int:
 def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch.Tensor | None, sampler: BlockSampler,
                 generator: torch.Generator | None = None, processors: Sequence[LogitsProcessor] = (), *,
                 block_size: int, max_new_tokens: int, steps: int, eos_id: int | None = None, sub_block: int = 0,
-                cache: bool = True) -> Iterator[StepEvent]:
+                cache: bool = True, window: int | None = None) -> Iterator[StepEvent]:
     """Sample after `prompt` (B, P) (left-padded; `prompt_mask` (B, P), 1 = real token) block by block.
 
     model: a network with attention modes (`supports_attention_modes`: net(x, None, attention_mask=,
     cache=BlockCache, block_size=)). Yields a StepEvent per step over the (B, P + max_new_tokens) view; the last
-    event's `output.xt` is the result (each row's tokens after its prompt, [EOS] after a stop).
+    event's `output.xt` is the result (each row's tokens after its prompt, [EOS] after a stop). `window`: the
+    model's context; once the cache and the next forward would exceed it, the oldest whole blocks leave the cache
+    (a sliding window, as BD3LM's sampler), so any `max_new_tokens` can be generated.
     """
     if not getattr(model, "supports_attention_modes", False):
         raise SamplingError(f"the block sampler needs a network with block-causal attention and a block cache; "
@@ -135,10 +137,19 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
     rows = torch.arange(B, device=device)  # the rows still generating
     kv = BlockCache()
 
-    def key_mask(n_pos: int) -> torch.Tensor | None:  # (B', n_pos): 1 from each row's first real token on
-        if not bool(shift[rows].any()):
-            return None  # no row is shifted: no padding to hide
-        return (torch.arange(n_pos, device=device)[None] >= shift[rows][:, None]).long()
+    def key_mask(n_pos: int, offset: int) -> torch.Tensor | None:  # (B', n_pos): 1 from each row's first real token
+        if not bool((shift[rows] > offset).any()):
+            return None  # no padding left to hide
+        return (torch.arange(offset, offset + n_pos, device=device)[None] >= shift[rows][:, None]).long()
+
+    def slide(n_new: int) -> int:
+        """Drop the oldest whole blocks so that the cached positions and n_new more fit the window -> the offset.
+        The kept K/V were computed while the dropped blocks were visible (BD3LM's sliding cache does the same), so
+        this is not a recomputation inside the window; the uncached reference (cache=False) never slides."""
+        if cache and window is not None and kv.length + n_new > window:
+            n = min(kv.length, -(-(kv.length + n_new - window) // bs) * bs)
+            kv.drop_front(n)
+        return kv.offset
 
     def forward(block: torch.Tensor) -> torch.Tensor:
         """The logits (B', n, V) of `block` against the cache. A finished block waiting to be appended (`pending`)
@@ -147,8 +158,9 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
         x, keep = block, 0
         if pending is not None:
             x, keep, pending = torch.cat([pending, block], 1), pending.shape[1], None
+        offset = slide(x.shape[1])
         T = kv.length if cache else history.shape[1]
-        am = key_mask(T + x.shape[1])
+        am = key_mask(T + x.shape[1], offset)
         if cache:
             out = model(x, None, attention_mask=am, cache=kv.extend(keep) if keep else kv, block_size=bs)
         else:
