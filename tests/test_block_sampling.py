@@ -178,6 +178,32 @@ def test_rows_stop_at_their_own_block():
     assert all(e.output.xt.shape == out.shape for e in events)
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_the_last_rows_to_stop_end_in_eos_not_mask(cache):
+    """When every row still generating stops, no later step runs: the last event must hold the [EOS] fill."""
+    ids, mask = _ragged((3, 9))
+    net = StopAt(_net(), {8: 8 + 3 + 3, 0: 9 + 5})  # both rows stop inside their second block
+    out, events = _run(net, ids, mask, cache=cache, max_new_tokens=24, steps=24)
+    new = out[:, ids.shape[1]:]
+    assert not bool((new == MASK).any())
+    for row in new:
+        first = int((row == EOS).nonzero()[0])
+        assert bool((row[first:] == EOS).all()) and first < 8
+
+
+def test_a_stop_id_other_than_eos_stops_a_row():
+    """A chat model's end of turn (a stop id that is not [EOS]) stops the row as [EOS] does (SDAR's <|im_end|>)."""
+    ids, mask = _ragged((9,))
+    net = StopAt(_net(), {0: 9 + 2})
+    cfg = GenerationConfig(sampler="block")
+    sampler = SAMPLERS.build("block", mask_id=MASK, config=cfg, eos_id=EOS, pad_id=TOK.pad_id)
+    events = list(block_steps(net, ids, mask, sampler, torch.Generator().manual_seed(0), block_size=BS,
+                              max_new_tokens=16, steps=16, eos_id=TOK.pad_id, stop_ids=[EOS]))
+    new = events[-1].output.xt[0, ids.shape[1]:]
+    first = int((new == EOS).nonzero()[0])
+    assert bool((new[first + 1:] == TOK.pad_id).all()) and not bool((new == MASK).any())
+
+
 def test_threshold_and_steps():
     """Without a threshold each step commits the planned k; a threshold no confidence exceeds changes nothing, and
     one every confidence exceeds commits a whole block per step."""

@@ -121,9 +121,6 @@ def test_fast_dllm_v2_one_block_equals_upstream_generate(fast):
     assert torch.equal(lm.generate(prompt, max_new_tokens=expect.shape[1] - prompt.shape[1]), expect)
 
 
-@pytest.mark.xfail(strict=True, reason="upstream commits the first token of each later block by AR (the finished "
-                   "block's last logits) before that block's diffusion steps; the block sampler treats it as one "
-                   "more masked position of the block's first step (docs/pretrained.md)")
 @pytest.mark.parametrize("key, prompt", [("gen_output_short_96", "gen_prompt_short"),
                                          ("gen_output_long_64", "gen_prompt_long")])
 def test_fast_dllm_v2_several_blocks_equal_upstream_generate(fast, key, prompt):

@@ -330,6 +330,9 @@ class GenerationConfig(_Config):
     num_samples: int = 1  # n samples of each prompt in one batched call
     max_span: int = 64  # length of a bare [MASK] gap in infill
     sub_block: int = 0  # block sampler: decode each block in sub-blocks of this many tokens (Fast-dLLM v2); 0: none
+    # block sampler: a block's first token is decoded alone, first, from the finished block before it (Fast-dLLM v2
+    # commits it autoregressively before the block's diffusion steps)
+    ar_first_token: bool = False
     seed: int | None = None
     # Ban [MASK] and [BOS] (and [PAD] outside infilling gaps) from every prediction. dlm's own models keep it on;
     # upstream folders (LLaDA, Dream, MDLM, SEDD) load with it off, so that greedy generation equals their reference

@@ -277,7 +277,8 @@ class DiffusionLM:
         bs = self.block_size or opts.block_length or canvas.shape[1] - start
         yield from block_steps(self.model, canvas[:, :start], am[:, :start] if am is not None else None, sampler, g,
                                processors, block_size=bs, max_new_tokens=canvas.shape[1] - start, steps=opts.steps,
-                               eos_id=tok.eos_id, sub_block=opts.sub_block, window=max(self.max_len, 2 * bs))
+                               eos_id=tok.eos_id, sub_block=opts.sub_block, window=max(self.max_len, 2 * bs),
+                               stop_ids=sorted(tok.stop_ids), ar_first_token=opts.ar_first_token)
 
     def _check_family(self, sampler: Any, name: str) -> None:
         """A SEDD / D3PM checkpoint samples with its family's samplers, which take its process (graph, schedule)."""

@@ -51,7 +51,7 @@ def positive_int(config: dict[str, Any], key: str, folder: Path, default: int | 
 
 
 def block_checkpoint(model_cfg, block_size: int, threshold: float, sub_block: int, folder: Path,
-                     model_type: str) -> CheckpointConfig:
+                     model_type: str, ar_first_token: bool = False) -> CheckpointConfig:
     """A block-diffusion CheckpointConfig: the bd3lm process with `block_size`, the block sampler's defaults."""
     from dlm.processes.masked import PROCESSES
 
@@ -61,7 +61,7 @@ def block_checkpoint(model_cfg, block_size: int, threshold: float, sub_block: in
         # One token per step planned for any length up to the context (steps for max_new_tokens tokens, as
         # LLaDA counts them): with the threshold, each step commits every confident token and at least one, as
         # upstream does. suppress_special off: nothing is banned, as upstream.
-        steps=model_cfg.max_len, temperature=0.0, suppress_special=False)
+        steps=model_cfg.max_len, temperature=0.0, suppress_special=False, ar_first_token=ar_first_token)
     return CheckpointConfig(model=model_cfg, process=process, sampling=sampling,
                             extra={"source": str(folder), "model_type": model_type})
 
@@ -79,12 +79,14 @@ class FastDLLMv2Format(Format):
                                   "full_attention layers only)")
         bd_size = positive_int(config, "bd_size", folder, default=32)
         model_cfg = model_config(config, folder, family="qwen2").replace(arch="llada", logits_shift=True)
-        cfg = block_checkpoint(model_cfg, bd_size, THRESHOLD, SUB_BLOCK, folder, "Fast_dLLM_Qwen")
+        cfg = block_checkpoint(model_cfg, bd_size, THRESHOLD, SUB_BLOCK, folder, "Fast_dLLM_Qwen",
+                               ar_first_token=True)  # each later block's first token is AR, as upstream
         if any((folder / f).exists() for f in TOKENIZER_FILES):
-            tok = causal_tokenizer(folder, config, model_cfg.vocab_size, mask_token=MASK_TOKEN)
+            tok = causal_tokenizer(folder, config, model_cfg.vocab_size, mask_token=MASK_TOKEN,
+                                   generation_stops=False)  # upstream stops at `stop_token` (config's eos) only
         else:  # no tokenizer files: upstream's hard-coded id, where the embedding has that row
             tok = causal_tokenizer(folder, config, model_cfg.vocab_size,
-                                   mask_id=MASK_ID if model_cfg.vocab_size > MASK_ID else None)
+                                   mask_id=MASK_ID if model_cfg.vocab_size > MASK_ID else None, generation_stops=False)
         convert = converter(bool(config.get("tie_word_embeddings", False)))
         model = load_weights(folder, model_cfg, build_model, convert, dtype, device, allow_pickle)
         return model, cfg, tok

@@ -117,14 +117,17 @@ def mask_id_for(vocab_size: int, n_tokens: int) -> int:
 
 
 def causal_tokenizer(folder: Path, config: dict[str, Any], vocab_size: int, mask_id: int | None = None,
-                     mask_token: str | None = None) -> Tokenizer:
-    """The folder's tokenizer; [MASK] is `mask_id`, else the id of `mask_token`, else the first free row."""
+                     mask_token: str | None = None, generation_stops: bool = True) -> Tokenizer:
+    """The folder's tokenizer; [MASK] is `mask_id`, else the id of `mask_token`, else the first free row.
+    `generation_stops`: generation_config.json's eos ids also end an answer (False: config.json's eos only, for a
+    family whose reference generator stops at that one token)."""
+    extra = generation_ids(folder) if generation_stops else []
     if not any((folder / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         ids = special_ids(config, None, folder)
         mask = mask_id if mask_id is not None else mask_id_for(vocab_size, vocab_size)
         return missing_tokenizer(folder, vocab_size=vocab_size, mask_id=mask,
                                  eos_id=ids["eos_id"], pad_id=ids["pad_id"], bos_id=ids["bos_id"],
-                                 stop_ids=[*ids["stop_ids"], *generation_ids(folder)])
+                                 stop_ids=[*ids["stop_ids"], *extra])
     from transformers import AutoTokenizer
 
     try:
@@ -140,7 +143,7 @@ def causal_tokenizer(folder: Path, config: dict[str, Any], vocab_size: int, mask
         mask_id = found
     mask = mask_id if mask_id is not None else mask_id_for(vocab_size, len(hf))
     return HFTokenizer(hf, mask_id=mask, eos_id=ids["eos_id"], pad_id=ids["pad_id"],
-                       bos_id=ids["bos_id"], stop_ids=[*ids["stop_ids"], *generation_ids(folder)],
+                       bos_id=ids["bos_id"], stop_ids=[*ids["stop_ids"], *extra],
                        vocab_size=vocab_size)
 
 

@@ -103,12 +103,16 @@ def steps_per_block(steps: int, block_size: int, max_new_tokens: int) -> int:
 def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch.Tensor | None, sampler: BlockSampler,
                 generator: torch.Generator | None = None, processors: Sequence[LogitsProcessor] = (), *,
                 block_size: int, max_new_tokens: int, steps: int, eos_id: int | None = None, sub_block: int = 0,
-                cache: bool = True, window: int | None = None) -> Iterator[StepEvent]:
+                cache: bool = True, window: int | None = None,
+                stop_ids: Sequence[int] | None = None, ar_first_token: bool = False) -> Iterator[StepEvent]:
     """Sample after `prompt` (B, P) (left-padded; `prompt_mask` (B, P), 1 = real token) block by block.
 
     model: a network with attention modes (`supports_attention_modes`: net(x, None, attention_mask=,
     cache=BlockCache, block_size=)). Yields a StepEvent per step over the (B, P + max_new_tokens) view; the last
-    event's `output.xt` is the result (each row's tokens after its prompt, [EOS] after a stop). `window`: the
+    event's `output.xt` is the result (each row's tokens after its prompt, [EOS] after a stop). A row stops once its
+    finished block holds `eos_id` or any of `stop_ids` (a chat model's end of turn, as upstream). `ar_first_token`:
+    a block with no prompt token in it decodes its first position alone first (Fast-dLLM v2's AR token), then the
+    rest in sub-blocks [1, sub), [sub, 2 sub), ... `window`: the
     model's context; once the cache and the next forward would exceed it, the oldest whole blocks leave the cache
     (a sliding window, as BD3LM's sampler), so any `max_new_tokens` can be generated.
     """
@@ -187,14 +191,21 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
     per_block = steps_per_block(steps, bs, max_new_tokens)
     sub = sub_block if 0 < sub_block < bs else bs
     global_step = 0
+    stops = torch.tensor(sorted({*(stop_ids or ()), *(() if eos_id is None else (eos_id,))}), dtype=torch.long,
+                         device=device)
+    fill_id = eos_id if eos_id is not None else (int(stops[0]) if stops.numel() else None)
+    last_view: SamplerOutput | None = None  # the last event's output: a stop found after it is written into it too
     j = torch.arange(bs, device=device)
     for k in range(K, K + 2 + -(-max_new_tokens // bs)):
         g = (k - K) * bs + j[None] - tail[rows][:, None]  # (B', bs) index of each position among the new tokens
         eligible = (g >= 0) & (g < max_new_tokens)
         if not bool(eligible.any()):
             break
-        for lo in range(0, bs, sub):
-            hi = min(lo + sub, bs)
+        starts = list(range(0, bs, sub))
+        if ar_first_token and bool((g[:, 0] >= 0).all()):  # no prompt token in this block: position 0 is AR
+            starts = [0, 1, *[s for s in starts if s > 1]]
+        for i_sub, lo in enumerate(starts):
+            hi = starts[i_sub + 1] if i_sub + 1 < len(starts) else bs
             region = eligible & (j[None] >= lo) & (j[None] < hi)
             todo = region & (block == mask_id)
             if not bool(todo.any()):
@@ -209,14 +220,18 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
                 logits = apply_processors(processors, forward(block), block)  # (B', bs, V)
                 out = sampler.step(logits, block, lo, hi, generator)
                 block = out.xt
-                yield StepEvent(block=k - K, step=global_step, output=_view(canvas, out, rows, g, eligible, P))
+                last_view = _view(canvas, out, rows, g, eligible, P)
+                yield StepEvent(block=k - K, step=global_step, output=last_view)
                 global_step += 1
-        done = ((block == eos_id) & eligible).any(1) if eos_id is not None else torch.zeros_like(rows, dtype=torch.bool)
+        is_stop = torch.isin(block, stops) & eligible  # (B', bs)
+        done = is_stop.any(1)
         if bool(done.any()):
             for r in done.nonzero()[:, 0].tolist():
                 cols = P + g[r][eligible[r]]
-                first = int(cols[(block[r][eligible[r]] == eos_id)].min())
-                canvas[rows[r], first:] = eos_id
+                first = int(cols[is_stop[r][eligible[r]]].min())
+                canvas[rows[r], first + 1:] = fill_id  # the stop token stays; [EOS] after it
+                if last_view is not None:  # when no later step runs, the last event already holds the result
+                    last_view.xt[rows[r], first + 1:] = fill_id
         keep = ~done
         last = not bool(((g + bs < max_new_tokens) & keep[:, None]).any())
         if last or not bool(keep.any()):
