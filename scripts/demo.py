@@ -25,21 +25,29 @@ def main() -> None:
     t0 = time.perf_counter()
     lm = dlm.DiffusionLM.from_pretrained("default")
     n_params = sum(p.numel() for p in lm.model.parameters())
+    tok = lm.tokenizer
+    units = "byte-level" if tok.vocab_size == 260 else f"BPE ({tok.vocab_size} tokens)"
     print(f"loaded the default model: {n_params / 1e6:.1f}M parameters, {lm.config.model.n_layers} layers, "
-          f"byte-level, trained on {lm.config.extra.get('data')} ({time.perf_counter() - t0:.1f} s)")
+          f"{units}, trained on {lm.config.extra.get('data')} ({time.perf_counter() - t0:.1f} s)")
+    s = lm.sampling
+    defaults = (f"{s.max_new_tokens} tokens, {s.steps} steps, blocks of {s.block_length}, temperature "
+                f"{s.temperature:g}" + (f", top-p {s.top_p:g}" if s.top_p else "") +
+                (f", repetition penalty {s.repetition_penalty:g}" if s.repetition_penalty != 1.0 else ""))
 
-    prompt = "ROMEO:\n"
+    for i, prompt in enumerate(("ROMEO:\n", "JULIET:\nO Romeo, Romeo!")):
+        t = time.perf_counter()
+        out = lm.generate(prompt, seed=i)  # the model's own sampling defaults (generation_config.json)
+        show(f"generate at the defaults: {defaults}", prompt + out, time.perf_counter() - t)
+
     t = time.perf_counter()
-    out = lm.generate(prompt, max_new_tokens=128, steps=64, block_length=32, temperature=0.0, seed=0)
-    show("generate: 128 tokens, 64 steps, 4 blocks of 32, greedy", prompt + out, time.perf_counter() - t)
+    out = lm.generate("ROMEO:\n", max_new_tokens=64, steps=64, block_length=32, temperature=0.0, seed=0)
+    show("generate: greedy, 64 tokens, 64 steps", "ROMEO:\n" + out,
+         time.perf_counter() - t)
 
-    t = time.perf_counter()
-    out = lm.generate("JULIET:\n", max_new_tokens=128, steps=128, block_length=128, temperature=0.8, seed=1)
-    show("generate: one block, 128 steps, temperature 0.8", "JULIET:\n" + out, time.perf_counter() - t)
-
-    for text in ("To be, or not to be, [MASK] is the question.",
-                 "KING HENRY:\nOnce more unto the breach, dear friends, [MASK:24]\nOr close the wall up with our dead.",
-                 "HAMLET:\nWhat a piece of work is [MASK]!\n\nOPHELIA:\n[MASK]\n"):
+    # [MASK:n] is a gap of exactly n tokens (BPE tokens are about 3 characters); a bare [MASK] is up to max_span.
+    for text in ("To be, or not to be,[MASK:4] is the question.",
+                 "KING HENRY:\nOnce more unto the breach, dear friends,[MASK:8]\nOr close the wall up with our dead.",
+                 "HAMLET:\nWhat a piece of work is[MASK:4]!\n\nOPHELIA:\n[MASK:12]\n"):
         t = time.perf_counter()
         show("infill", f"{text}\n  ->\n{lm.infill(text, seed=0)}", time.perf_counter() - t)
 
@@ -48,9 +56,9 @@ def main() -> None:
 
     def record(event) -> None:
         ids = event.output.xt[0].tolist()
-        canvas_steps.append("".join("░" if i == lm.tokenizer.mask_id else lm.tokenizer.decode([i]) for i in ids))
+        canvas_steps.append("".join("░" if i == tok.mask_id else tok.decode([i]) for i in ids))
 
-    lm.generate("ROMEO:\nBut soft, ", max_new_tokens=32, steps=8, block_length=32, seed=0, callback=record)
+    lm.generate("ROMEO:\nBut soft,", max_new_tokens=32, steps=8, block_length=32, seed=0, callback=record)
     for i, c in enumerate(canvas_steps, 1):
         print(f"{i:2d} | " + c.replace("\n", "⏎"))
 

@@ -1,8 +1,10 @@
-"""Re-train the shipped default model (Shakespeare, masked diffusion + span infilling) and its AR baseline.
+"""Re-train the byte-level Shakespeare model `shakespeare-byte` (masked diffusion + span infilling; the default
+until the BPE model of scripts/train_recipes.py replaced it) and its AR baseline `shakespeare-ar`.
 
     python scripts/train_default.py --which both          # both runs, one after the other (2 threads each)
     python scripts/train_default.py --which dlm --threads 1 &  python scripts/train_default.py --which ar --threads 1
     python scripts/train_default.py --export              # final eval of both + export (bf16) to src/dlm/pretrained/
+                                                          #  (shakespeare-byte and shakespeare-ar)
 
 Both runs use the same corpus, size (preset `small`), batch, steps and learning-rate schedule; they differ only
 in the attention mask and the loss. Runs resume when re-run (checkpoints every 250 steps under runs/).
@@ -42,7 +44,7 @@ def export(n_samples: int) -> None:
 
     torch.set_num_threads(2)
     results = {}
-    for which, name in (("dlm", "shakespeare"), ("ar", "shakespeare-ar")):
+    for which, name in (("dlm", "shakespeare-byte"), ("ar", "shakespeare-ar")):
         lm = DiffusionLM.from_pretrained(str(ROOT / f"runs/default-{which}"))
         results[which] = evaluate_text(lm, "shakespeare", n_samples=n_samples, seed=0)
         lm.config.extra["heldout_bits_per_char"] = results[which]["bits_per_char"]

@@ -36,7 +36,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     # The current default, for reference (scripts/train_default.py trains it; 3000 steps of 256 bytes).
     "byte-small": dict(tokenizer="byte", preset="small", model={}, max_steps=3000),
     # BPE: 4096 merges-plus-bytes trained on the training plays; a 256-token window is ~1000 characters.
-    "bpe4k-small": dict(tokenizer="bpe:4096", preset="small", model={}, max_steps=1200),
+    # max_steps 1200: what this machine (2 cores shared by several agents, ~1400-4400 tok/s) gave it in 80 minutes.
+    # Sampling: the pick of `benchmarks/recipes.py --grid` (benchmarks/results/recipes.json), with one step per
+    # token (steps = max_new_tokens).
+    "bpe4k-small": dict(tokenizer="bpe:4096", preset="small", model={}, max_steps=1200,
+                        sampling=dict(max_new_tokens=128, steps=128, temperature=0.7, top_p=0.9,
+                                      repetition_penalty=1.1)),
 }
 PROCESS = dict(loss="masked_elbo", infill_prob=0.2, max_span=64)
 

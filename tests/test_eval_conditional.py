@@ -135,7 +135,9 @@ def test_a_true_continuation_ranks_above_its_shuffled_words(shipped, which):
 def test_dlm_greedy_check_follows_its_own_greedy_fill(shipped):
     lm, _ = shipped
     ids = lm.tokenizer.encode(PROMPT)
-    out = lm.generate(torch.tensor([ids]), max_new_tokens=5, steps=5, block_length=5, temperature=0.0)
+    # plain greedy: no repetition penalty / top-p from the model's own sampling defaults
+    out = lm.generate(torch.tensor([ids]), max_new_tokens=5, steps=5, block_length=5, temperature=0.0,
+                      repetition_penalty=1.0, top_p=None)
     assert answer_is_greedy(lm, ids, out[0, len(ids):].tolist())
 
 
