@@ -144,7 +144,7 @@ def answer_is_greedy(lm: Any, prompt_ids: list[int], answer_ids: list[int]) -> b
         t = _model_time(lm, canvas)  # (1,)
         logits = lm.model(canvas, t)[0].float()  # (P + La, V)
         logits[:, banned] = -torch.inf
-        conf, x0 = torch.softmax(logits, -1).max(-1)  # (P + La,)
+        conf, x0 = torch.softmax(logits.double(), -1).max(-1)  # (P + La,) float64, as the sampler scores
         conf = torch.where(is_masked, conf, -torch.inf)
         best = int(conf.argmax())
         canvas[0, best] = x0[best]
