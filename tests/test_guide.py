@@ -1,5 +1,6 @@
 """The calls the Italian guide to DLMs shows its readers (the seed of this project), pasted verbatim: they run on
 any loaded model. A tiny random model with a long context keeps them fast; what they guarantee is checked."""
+# ruff: noqa: E501  (the guide's calls are pasted verbatim, long lines and all)
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def test_generate_with_constraints_prints_the_code(dlm_model, capsys):
     generated_code = dlm_model.generate_with_constraints(prompt="Implementa una funzione per pulire e preprocessare dati tabellari",
                                                          constraints={"language": "python", "max_lines": 50, "includes_docstring": True,
                                                                       "function_signature": "def process_data(df: pd.DataFrame) -> pd.DataFrame:"},
-                                                         line_tokens=4, docstring_tokens=8, repair_rounds=1)  # noqa: E501  (kept fast)
+                                                         line_tokens=4, docstring_tokens=8, repair_rounds=1)  # (kept fast)
     print(generated_code)
     out = capsys.readouterr().out
     assert out.startswith("def process_data(df: pd.DataFrame) -> pd.DataFrame:\n")  # the code, not a repr
