@@ -177,7 +177,11 @@ def test_adapt_trains_reloads_and_generates(causal, tmp_path):
     lm = DiffusionLM.from_pretrained(tmp_path / "run")
     assert lm.config.model.logits_shift and not lm.is_causal and lm.config.extra["adapt"]["anneal_steps"] == 3
     text = lm.generate("To be", max_new_tokens=6, steps=6)
-    assert isinstance(text, str)
+    # A text prompt starts with [BOS], as every training row did: the same as the ids with [BOS] in front.
+    assert lm.bos_prefix and lm.config.extra["bos_prefix"]
+    bos_ids = [lm.tokenizer.bos_id, *lm.tokenizer.encode("To be")]
+    with_bos = lm.generate(bos_ids, max_new_tokens=6, steps=6)
+    assert text == lm.decode_new(with_bos[len(bos_ids):])
     ids = lm.generate(tok_ids := lm.tokenizer.encode("To be"), max_new_tokens=6, steps=6)
     assert ids[:len(tok_ids)] == tok_ids and lm.tokenizer.mask_id not in ids  # every position committed
     windows = torch.tensor([lm.tokenizer.encode(TEXT)[:20]])

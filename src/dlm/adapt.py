@@ -316,8 +316,9 @@ def _adapt(model: str | Path, acfg: AdaptConfig, tcfg: TrainConfig, lora: LoRACo
     clock = StepClock()
     data = PrefixedWindows(TokenStream(tokenize_documents(train_docs, tok), tcfg.seq_len - 1), tok.bos_id, clock)
     anneal = acfg.anneal_for(tcfg.max_steps) if acfg.mode == "shift" else 0
-    cfg = cfg.replace(extra={**cfg.extra, "base_model": str(model), "adapt": {**acfg.to_dict(),
-                             "anneal_steps": anneal}, **({"lora": lora.to_dict()} if lora else {})})
+    # bos_prefix: every training row starts with [BOS], so DiffusionLM puts one before a text prompt too
+    cfg = cfg.replace(extra={**cfg.extra, "base_model": str(model), "bos_prefix": True, "adapt": {
+                             **acfg.to_dict(), "anneal_steps": anneal}, **({"lora": lora.to_dict()} if lora else {})})
     export = None
     if lora is not None:
         from dlm.lora import apply_lora, merged_weights

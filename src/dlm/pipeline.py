@@ -121,6 +121,11 @@ class DiffusionLM:
         return self.config.model.max_len
 
     @property
+    def bos_prefix(self) -> bool:
+        """Whether text prompts start with [BOS], as the rows the model was trained on (`dlm adapt` sets it)."""
+        return bool(self.config.extra.get("bos_prefix") or "adapt" in self.config.extra)
+
+    @property
     def is_causal(self) -> bool:
         return bool(getattr(self.model, "causal", False))
 
@@ -187,6 +192,8 @@ class DiffusionLM:
             if any(not t for t in texts):
                 raise SamplingError("the prompt is empty: give at least one character of text")
             rows = [tok.encode(t) for t in texts]
+            if self.bos_prefix:  # trained on [BOS]-prefixed rows (an AR LM adapted by dlm adapt): as in training
+                rows = [[tok.bos_id, *r] for r in rows]
             P = max(len(r) for r in rows)
             ids = torch.full((len(rows), P), tok.pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), P), dtype=torch.long)
