@@ -295,7 +295,17 @@ def test_any_model_samples_block_by_block():
     cfg = CheckpointConfig(model=ModelConfig.preset("tiny", vocab_size=V))
     lm = DiffusionLM(_net(), TOK, cfg)
     out = lm.generate("ROMEO:", sampler="block", block_length=4, max_new_tokens=8, steps=8, seed=0)
-    assert isinstance(out, str)
+    # The same tokens as block_steps run directly with blocks of 4 (the pipeline adds nothing but decoding).
+    ids = torch.tensor([TOK.encode("ROMEO:")])
+    sampler = SAMPLERS.build("block", mask_id=MASK, config=lm.options(sampler="block", block_length=4,
+                             max_new_tokens=8, steps=8, seed=0), eos_id=EOS, pad_id=TOK.pad_id)
+    g = torch.Generator().manual_seed(0)
+    from dlm.sampling.processors import build_processors
+
+    events = list(block_steps(lm.model, ids, None, sampler, g, build_processors(sampler.config, TOK), block_size=4,
+                              max_new_tokens=8, steps=8, eos_id=EOS, stop_ids=sorted(TOK.stop_ids)))
+    direct = events[-1].output.xt[0, ids.shape[1]:].tolist()
+    assert out == lm.decode_new(direct) and MASK not in direct
 
 
 def test_dlm_generate_uses_the_block_sampler(tmp_path, capsys):
