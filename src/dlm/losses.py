@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from dlm.processes.block import block_logits, n_blocks, per_position
 from dlm.processes.masked import ForwardProcess
 from dlm.registry import Registry
 from dlm.schedules import sample_t
@@ -189,8 +190,6 @@ class BlockDiffusionELBO(Loss):
 
     def terms(self, model, x0, process, t, generator, maskable=None, rows=None):
         """t (B, n_blocks) -> per-token loss w(t_b) CE (B, L) at the masked positions (0 elsewhere), is_masked."""
-        from dlm.processes.block import block_logits, per_position
-
         B, L = x0.shape
         xt, is_masked = corrupt(process.q_sample, x0, t, _gen_for(x0, generator), maskable, rows)
         ce = token_ce(block_logits(model, xt, x0, process.block_size), x0)  # (B, L)
@@ -198,8 +197,6 @@ class BlockDiffusionELBO(Loss):
         return ce * w * is_masked, is_masked
 
     def block_times(self, B, L, process, generator, rows=None):
-        from dlm.processes.block import n_blocks
-
         u = draw_block_t(B, n_blocks(L, process.block_size), self.antithetic, generator, rows)  # (B, n_blocks)
         lo, hi = self.clip
         return lo + (hi - lo) * u
@@ -214,8 +211,6 @@ class BlockDiffusionELBO(Loss):
 
     def per_block_loss(self, model, x0, process, generator=None):
         """(B, n_blocks): the mean per-token loss of each block, as BD3LM's clipping search collects it."""
-        from dlm.processes.block import n_blocks
-
         B, L = x0.shape
         t = self.block_times(B, L, process, generator).to(x0.device)
         per_token, _ = self.terms(model, x0, process, t, generator)
@@ -231,8 +226,6 @@ class BlockDiffusionELBO(Loss):
         """(B,) float64: one unclipped estimate of -ELBO(x0) in nats per sequence; u (B,) stratified offsets
         give each row's blocks the times (u + b / n_blocks) mod 1. Block size 1: every block masked at weight 1,
         the exact NLL (BD3LM evaluates its block-1 model so)."""
-        from dlm.processes.block import block_logits, n_blocks, per_position
-
         B, L = x0.shape
         bs = process.block_size
         if bs == 1:
