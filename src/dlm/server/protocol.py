@@ -395,9 +395,7 @@ def library_check(lm: DiffusionLM, overrides: dict[str, Any]) -> GenerationConfi
         # Building the sampler checks the remasking rule the way that sampler reads it (dream takes "origin").
         SAMPLERS.build(opts.sampler, mask_id=lm.tokenizer.mask_id, config=opts)
     except ValueError as e:  # ConfigError (types, ranges, unknown names): the library's message says what works
-        raise ApiError(400, str(e)) from e
-    if opts.seed is not None and not 0 <= opts.seed < 2**63:
-        raise ApiError(400, f"seed must be in [0, 2**63), got {opts.seed}", param="seed")
+        raise ApiError(400, str(e)) from e  # GenerationConfig.validate holds the seed rule too ([0, 2**63))
     return opts
 
 
