@@ -58,8 +58,13 @@ class _Body(BaseModel):
     stream: bool = False
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    """A nested object of a request: its fields only, of exactly their types."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False  # a last chunk with `choices: []` and the request's `usage`
 
 
@@ -82,16 +87,15 @@ class _OpenAISampling(_Body):
     logit_bias: dict[str, float] | None = None
 
 
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(populate_by_name=True)  # merged with _Strict's
     name: str = Field(min_length=1, max_length=64)
     schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None  # accepted; the answer always validates (the layout guarantees it)
     description: str | None = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -109,27 +113,23 @@ class CompletionRequest(_Structured):
     suffix: str | None = None
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class FunctionCall(_Strict):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class ToolCall(_Strict):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class ChatMessage(_Strict):
     role: str
     content: str | list[TextPart] | None = None  # None: an assistant turn that only called tools
     name: str | None = None
@@ -152,27 +152,23 @@ class ChatMessage(BaseModel):
         return text
 
 
-class FunctionSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class FunctionSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema of the arguments (None: no arguments)
     strict: bool | None = None  # accepted; the arguments always validate
 
 
-class ToolSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class ToolSpec(_Strict):
     type: Literal["function"]
     function: FunctionSpec
 
 
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class NamedFunction(_Strict):
     name: str
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class NamedToolChoice(_Strict):
     type: Literal["function"]
     function: NamedFunction
 
