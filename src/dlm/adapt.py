@@ -42,7 +42,7 @@ from torch import nn
 
 from dlm.config import CheckpointConfig, ConfigError, GenerationConfig, ProcessConfig, TrainConfig, _Config
 from dlm.data import Batch, TokenStream
-from dlm.losses import Loss, LossOutput, Rows, corrupt, draw_t, token_ce
+from dlm.losses import LOSSES, BlockDiffusionELBO, Loss, LossOutput, Rows, corrupt, draw_t, token_ce
 from dlm.tokenizer import HFTokenizer, IdsOnlyTokenizer, Tokenizer
 
 if TYPE_CHECKING:
@@ -160,8 +160,6 @@ class ComplementaryBlockLoss(Loss):
 
     def __init__(self, antithetic: bool = True, clip: tuple[float, float] = (1e-3, 1.0 - 1e-3)) -> None:
         super().__init__(antithetic=antithetic)
-        from dlm.losses import BlockDiffusionELBO
-
         lo, hi = clip  # both weights finite: t and 1 - t stay in (0, 1)
         self.times = BlockDiffusionELBO(antithetic, clip=(max(lo, 1e-3), min(hi, 1.0 - 1e-3)))
 
@@ -245,36 +243,15 @@ def to_diffusion(net: nn.Module, cfg: CheckpointConfig, tok: Tokenizer, mode: st
 
 
 # ----- held-out bound ----------------------------------------------------------------------------------------
-@torch.no_grad()
 def heldout_bound(model: nn.Module, windows: torch.Tensor, bos_id: int, mask_id: int, n_samples: int = 1,
                   batch_size: int = 16, seed: int = 0) -> torch.Tensor:
     """windows (N, n) of held-out tokens -> (N,) float64: LLaDA's estimate of -ELBO in nats per window, each scored
-    after [BOS] (as the model was adapted, and as the AR model's exact NLL in dlm.eval.elbo conditions on [BOS]).
+    after [BOS] (as the model was adapted, and as the AR model's exact NLL in dlm.eval.elbo conditions on [BOS]):
+    dlm.eval.elbo.elbo_bits with its never-masked [BOS] column, averaged over `n_samples` draws per window."""
+    from dlm.eval.elbo import elbo_bits
 
-    A mask count l ~ U{1..n}, stratified across a batch; l of the n tokens masked uniformly; (n / l) x the sum of
-    their cross-entropies ([MASK] out of the softmax). Averaged over `n_samples` draws per window."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    N, n = windows.shape
-    out = torch.zeros(N, dtype=torch.float64)
-    for start in range(0, N, batch_size):
-        w = windows[start:start + batch_size]
-        B = w.shape[0]
-        x0 = torch.cat([torch.full((B, 1), bos_id, dtype=w.dtype), w], 1)  # (B, 1 + n)
-        for _ in range(n_samples):
-            u = (torch.rand(1, generator=g) + torch.arange(B) / B) % 1.0  # (B,) stratified
-            n_mask = (u * n).floor().long().clamp(0, n - 1) + 1  # (B,) in 1..n
-            ranks = torch.rand(B, n, generator=g).argsort(1).argsort(1)
-            is_masked = torch.cat([torch.zeros(B, 1, dtype=torch.bool), ranks < n_mask[:, None]], 1)  # (B, 1 + n)
-            xt = torch.where(is_masked, torch.full_like(x0, mask_id), x0)
-            logits = model(xt.to(device), None).float()  # (B, 1 + n, V)
-            logits[..., mask_id] = -torch.inf
-            ce = token_ce(logits, x0.to(device)).double().cpu()  # (B, 1 + n)
-            out[start:start + B] += (ce * is_masked).sum(1) * (n / n_mask.double()) / n_samples
-    model.train(was_training)
-    return out
+    return elbo_bits(model, windows, mask_id, bos_id, n_samples=n_samples, batch_size=batch_size, seed=seed,
+                     bos_prefix=True).nats_per_window
 
 
 # ----- the recipe ---------------------------------------------------------------------------------------------
@@ -327,8 +304,6 @@ def _adapt(model: str | Path, acfg: AdaptConfig, tcfg: TrainConfig, lora: LoRACo
         net = apply_lora(net, lora)
         export = lambda state: merged_weights(state, lora)  # noqa: E731 (checkpoints hold the merged model)
     if acfg.mode == "block":
-        from dlm.losses import LOSSES
-
         loss_fn: Loss = (ComplementaryBlockLoss(cfg.process.antithetic, (cfg.process.clip_min, cfg.process.clip_max))
                          if acfg.complementary else LOSSES.get("bd3lm").from_config(cfg.process))
     else:

@@ -47,11 +47,16 @@ class ElboResult:
 @torch.no_grad()
 def elbo_bits(model: torch.nn.Module, windows: torch.Tensor, mask_id: int, bos_id: int | None = None,
               n_samples: int = 1, batch_size: int = 32, seed: int = 0, autocast: bool = False,
-              loss_fn: Loss | None = None, process: ForwardProcess | None = None) -> ElboResult:
+              loss_fn: Loss | None = None, process: ForwardProcess | None = None,
+              bos_prefix: bool = False) -> ElboResult:
     """windows: (N, L) clean token ids -> ElboResult. Causal models get the exact NLL; a `loss_fn` with
-    `sequence_nll` (score_entropy, d3pm_hybrid) and its `process` give that family's ELBO estimate."""
+    `sequence_nll` (score_entropy, d3pm_hybrid) and its `process` give that family's ELBO estimate.
+    `bos_prefix`: the masked estimator scores each window after a [BOS] column (bos_id) that is never masked, as
+    an adapted (shifted) model was trained (dlm.adapt); the mask count still runs over the window's L tokens."""
     if n_samples < 1:  # zero samples would average nothing and report 0 bits
         raise ValueError(f"n_samples must be >= 1 Monte Carlo samples per window, got {n_samples}")
+    if bos_prefix and bos_id is None:
+        raise ValueError("bos_prefix needs bos_id")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -82,12 +87,17 @@ def elbo_bits(model: torch.nn.Module, windows: torch.Tensor, mask_id: int, bos_i
                 ranks = torch.rand(B, L, generator=g).argsort(1).argsort(1)  # random permutation ranks
                 is_masked = (ranks < n_mask[:, None]).to(device)  # exactly n_mask[b] masked positions
                 xt = torch.where(is_masked, torch.full_like(x0, mask_id), x0)
+                target = x0
+                if bos_prefix:  # (B, 1 + L): the [BOS] column is clean and scores nothing
+                    bos = torch.full((B, 1), bos_id, device=device, dtype=x0.dtype)
+                    xt, target = torch.cat([bos, xt], 1), torch.cat([bos, x0], 1)
+                    is_masked = torch.cat([torch.zeros_like(is_masked[:, :1]), is_masked], 1)
                 t = process.model_time(xt) if process is not None else (n_mask.double() / L).float().to(device)
                 logits = model(xt, t)  # (B, L, V)
                 # x0 is never [MASK]: its logit leaves the softmax (MDLM's SUBS). Loaded MDLM / LLaDA never
                 # trained it; for our models it changes the bound by < 1e-7 bits/char.
                 logits[..., mask_id] = -torch.inf
-                ce = token_ce(logits, x0).double()  # (B, L)
+                ce = token_ce(logits, target).double()  # (B, L), or (B, 1 + L) with bos_prefix
                 est = (ce * is_masked).sum(1) * (L / n_mask.to(device).double())  # (B,) nats per window
                 per_window[start: start + B] += est.cpu() / n_samples
     model.train(was_training)
