@@ -229,7 +229,6 @@ def padding_attn_mask(attention_mask: torch.Tensor | None, causal: bool, L: int,
     """attention_mask (B, L) with 1 = real token -> SDPA boolean mask (B, 1, n, L), True = may attend.
 
     The rows are the queries at positions [start, start + n) (default: all L); the columns every key.
-    A (B, L, L) mask (query x key, True = may attend; e.g. dlm.adapt's causal-to-full annealing) is taken as it is.
     """
     if attention_mask is None:
         return None
@@ -237,8 +236,6 @@ def padding_attn_mask(attention_mask: torch.Tensor | None, causal: bool, L: int,
     device = attention_mask.device
     q_pos = torch.arange(start, start + n, device=device)[:, None]  # (n, 1)
     k_pos = torch.arange(L, device=device)[None, :]  # (1, L)
-    if attention_mask.dim() == 3:
-        return attention_mask.bool()[:, None, start:start + n] | (k_pos == q_pos)  # (B, 1, n, L)
     mask = attention_mask.bool()[:, None, None, :].expand(-1, 1, n, L)
     if causal:
         mask = mask & (k_pos <= q_pos)
@@ -257,8 +254,8 @@ def attention_rule(attention: str | torch.Tensor | None, attention_mask: torch.T
     attention: a mode of ATTENTION_MODES (None: `default`, or "block" when block_size is given), or a boolean
     (n, L) / (B, n, L) tensor, True = may attend. The queries are the positions [start, start + n) of a
     sequence of L keys (a slice against a cache: the keys before `start` are cached). attention_mask: (B, L)
-    padding, 1 = real token (every query ignores the pads), or a (B, L, L) query x key mask. A query that would
-    see no key sees itself, as `padding_attn_mask`. None and is_causal=True is SDPA's fast path.
+    padding, 1 = real token (every query ignores the pads). A query that would see no key sees itself, as
+    `padding_attn_mask`. None and is_causal=True is SDPA's fast path.
     """
     n = L - start if n is None else n
     if isinstance(attention, torch.Tensor):
@@ -286,11 +283,7 @@ def attention_rule(attention: str | torch.Tensor | None, attention_mask: torch.T
         else:
             rule = (k_pos // block_size <= q_pos // block_size)[None, None]  # (1, 1, n, L)
     if attention_mask is not None:
-        rule = rule.to(attention_mask.device)
-        if attention_mask.dim() == 3:
-            rule = rule & attention_mask.bool()[:, None, start:start + n]
-        else:
-            rule = rule & attention_mask.bool()[:, None, None, :]
+        rule = rule.to(attention_mask.device) & attention_mask.bool()[:, None, None, :]
     diag = torch.zeros(n, L, dtype=torch.bool, device=rule.device)
     idx = torch.arange(n, device=rule.device)
     diag[idx, idx + start] = True
