@@ -409,6 +409,7 @@ class DiffusionLM:
         argmax at temperature 0, else a float64 Gumbel-max draw, after the same processors as diffusion sampling
         (banned special tokens, repetition penalty, top-k / top-p). A row that emits [EOS] is filled with [EOS].
         """
+        from dlm.models.common import BlockCache
         from dlm.sampling.processors import apply_processors
         from dlm.sampling.sampler import gumbel_argmax
 
@@ -434,17 +435,21 @@ class DiffusionLM:
         processors = build_processors(opts, tok)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         stops = torch.tensor(sorted(tok.stop_ids), dtype=torch.long, device=self.device)
+        # Causal attention is block-causal with blocks of 1, so the block cache is exact here: the prompt is run
+        # once and each step runs only the new token against the stored keys and values.
+        cache = BlockCache()
+        logits = self.model(seq, None, attention_mask=am, cache=cache.extend(), block_size=1)[:, -1:].float()
         for _ in range(opts.max_new_tokens):
-            logits = self.model(seq, None, attention_mask=am).float()[:, -1:]  # (B, 1, V): the next token
-            logits = apply_processors(processors, logits, seq[:, 1:])
+            logits = apply_processors(processors, logits, seq[:, 1:])  # (B, 1, V): the next token
             nxt = gumbel_argmax(logits[:, 0], opts.temperature, g)  # (B,)
             nxt = torch.where(done, torch.full_like(nxt, tok.eos_id), nxt)
             done |= torch.isin(nxt, stops)
             seq = torch.cat([seq, nxt[:, None]], 1)
             if am is not None:
                 am = torch.cat([am, torch.ones((B, 1), dtype=am.dtype, device=am.device)], 1)
-            if bool(done.all()):
+            if bool(done.all()) or seq.shape[1] == 1 + P + opts.max_new_tokens:
                 break
+            logits = self.model(nxt[:, None], None, attention_mask=am, cache=cache.extend(), block_size=1).float()
         out = torch.full((B, P + opts.max_new_tokens), tok.eos_id, dtype=torch.long)
         out[:, :P] = ids
         new = seq[:, 1 + P:].cpu()
