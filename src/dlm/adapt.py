@@ -32,7 +32,6 @@ every token of the row is scored once, at time t or at 1 - t).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -273,6 +272,7 @@ def _adapt(model: str | Path, acfg: AdaptConfig, tcfg: TrainConfig, lora: LoRACo
            show_progress: bool) -> dict[str, Any]:
     from dlm.checkpoint import load_pretrained
     from dlm.data import load_corpus, split_documents, tokenize_documents
+    from dlm.lora import apply_lora, finish_fit, merged_weights
     from dlm.pipeline import resolve_model_path
     from dlm.processes.masked import build_process
     from dlm.trainer import Trainer
@@ -298,8 +298,6 @@ def _adapt(model: str | Path, acfg: AdaptConfig, tcfg: TrainConfig, lora: LoRACo
                              **acfg.to_dict(), "anneal_steps": anneal}, **({"lora": lora.to_dict()} if lora else {})})
     export = None
     if lora is not None:
-        from dlm.lora import apply_lora, merged_weights
-
         torch.manual_seed(tcfg.seed)  # the adapters' initialisation
         net = apply_lora(net, lora)
         export = lambda state: merged_weights(state, lora)  # noqa: E731 (checkpoints hold the merged model)
@@ -312,15 +310,6 @@ def _adapt(model: str | Path, acfg: AdaptConfig, tcfg: TrainConfig, lora: LoRACo
     trainer = Trainer(net, loss_fn, process, data, None, tcfg, cfg, tok, show_progress=show_progress, dist=env,
                       export=export)
     history = trainer.fit()
-    out = Path(tcfg.out)
-    summary: dict[str, Any] = {"out": str(out), "steps": trainer.step, "mode": acfg.mode, "anneal_steps": anneal,
-                               "tokens": trainer.step * tcfg.batch_size * (tcfg.seq_len - 1),
-                               "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None)}
-    if lora is not None:
-        from dlm.lora import save_adapter_and_merged
-
-        with trainer.ema_weights():
-            summary.update(save_adapter_and_merged(trainer.raw, lora, out, cfg, tok, env.is_main))
-    if env.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    summary = {"out": str(Path(tcfg.out)), "steps": trainer.step, "mode": acfg.mode, "anneal_steps": anneal,
+               "tokens": trainer.step * tcfg.batch_size * (tcfg.seq_len - 1)}
+    return finish_fit(trainer, history, summary, lora, cfg, tok, env.is_main)

@@ -99,6 +99,22 @@ def save_adapter_and_merged(model: nn.Module, cfg: LoRAConfig, out: Path, ckpt_c
     return info
 
 
+def finish_fit(trainer: Any, history: list[dict[str, Any]], summary: dict[str, Any], lora: LoRAConfig | None,
+               ckpt_cfg: CheckpointConfig, tok: Tokenizer, is_main: bool = True) -> dict[str, Any]:
+    """The end of a fit (dlm adapt, dlm sft): the last logged loss into `summary`, the adapters (EMA weights) and
+    the merged model with `lora`, and OUT/summary.json on the main rank. Returns `summary`."""
+    import json
+
+    out = Path(summary["out"])
+    summary["final_loss"] = next((h["loss"] for h in reversed(history) if "loss" in h), None)
+    if lora is not None:
+        with trainer.ema_weights():
+            summary.update(save_adapter_and_merged(trainer.raw, lora, out, ckpt_cfg, tok, is_main))
+    if is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def load_adapter(model: str | Path, adapter: str | Path) -> nn.Module:
     """A model folder (any format) with a saved adapter on top, unmerged, in eval mode."""
     from dlm.checkpoint import load_pretrained

@@ -162,6 +162,7 @@ def finetune(sft: SFTConfig, tcfg: TrainConfig, model: str = "default", lora: Lo
 def _finetune(sft: SFTConfig, tcfg: TrainConfig, model: str, lora: LoRAConfig | None, env: DistEnv,
               show_progress: bool) -> dict[str, Any]:
     from dlm.checkpoint import load_pretrained
+    from dlm.lora import apply_lora, finish_fit, merged_weights
     from dlm.losses import SFTLoss
     from dlm.pipeline import resolve_model_path
     from dlm.processes.masked import build_process
@@ -181,8 +182,6 @@ def _finetune(sft: SFTConfig, tcfg: TrainConfig, model: str, lora: LoRAConfig | 
                              **({"lora": lora.to_dict()} if lora else {})})
     export = None
     if lora is not None:
-        from dlm.lora import apply_lora, merged_weights
-
         if tcfg.fsdp:
             raise ConfigError("LoRA trains few parameters: run it with DDP (drop --fsdp)")
         torch.manual_seed(tcfg.seed)  # the adapters' initialisation
@@ -197,14 +196,5 @@ def _finetune(sft: SFTConfig, tcfg: TrainConfig, model: str, lora: LoRAConfig | 
     trainer = Trainer(net, loss_fn, process, data, None, tcfg, cfg, tok, show_progress=show_progress, dist=env,
                       export=export)
     history = trainer.fit()
-    out = Path(tcfg.out)
-    summary: dict[str, Any] = {"out": str(out), "steps": trainer.step, "chats": len(data), "dropped": data.dropped,
-                               "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None)}
-    if lora is not None:
-        from dlm.lora import save_adapter_and_merged
-
-        with trainer.ema_weights():
-            summary.update(save_adapter_and_merged(trainer.raw, lora, out, cfg, tok, env.is_main))
-    if env.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    summary = {"out": str(Path(tcfg.out)), "steps": trainer.step, "chats": len(data), "dropped": data.dropped}
+    return finish_fit(trainer, history, summary, lora, cfg, tok, env.is_main)
