@@ -152,7 +152,8 @@ WAIT_DONE = """new Promise((resolve) => {
                cells: document.querySelectorAll("#canvas .cell").length,
                masks: document.querySelectorAll("#canvas .cell.mask").length,
                fresh: document.querySelectorAll("#canvas .cell.fresh").length,
-               scrubMax: Number(document.getElementById("scrub").max)});
+               scrubMax: Number(document.getElementById("scrub").max),
+               disabled: ["run", "stop", "replay"].filter((id) => document.getElementById(id).disabled)});
     } else setTimeout(poll, 50);
   };
   poll();
@@ -216,6 +217,7 @@ def test_playground_generates_in_a_browser(chromium, server_url):
     assert page["cells"] == 16 and page["masks"] == 0
     assert page["fresh"] >= 1  # the last step's commits are outlined
     assert page["scrubMax"] == 7  # one history entry per step
+    assert page["disabled"] == ["stop"], page  # the run over: Run and Replay are back, Stop is off
 
 
 def test_playground_infills_and_shows_errors(chromium, server_url):
@@ -226,6 +228,7 @@ def test_playground_infills_and_shows_errors(chromium, server_url):
     bad = urllib.parse.urlencode({"prompt": "x", "autorun": 1, "steps": 0, "max_tokens": 8})
     page = run_page(chromium, f"{server_url}/?{bad}")
     assert page["state"] == "error" and "400" in page["error"], page
+    assert page["disabled"] == ["stop", "replay"], page  # a failed run leaves Run usable and nothing to replay
 
 
 def test_playground_json_schema_tab(chromium, server_url):
