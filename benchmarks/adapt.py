@@ -103,6 +103,13 @@ def save(record: dict) -> None:
     RESULTS.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def train_tokens_per_s(out: Path) -> float:
+    """The mean training speed logged in OUT/log.jsonl."""
+    log = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines() if ln.strip()]
+    speeds = [r["tokens_per_s"] for r in log if "tokens_per_s" in r]
+    return sum(speeds) / max(1, len(speeds))
+
+
 def measure_lora(args: argparse.Namespace) -> None:
     """The checkpoints of a LoRA run (`train --lora-r R`) on the same windows, added under "lora"."""
     torch.set_num_threads(args.threads)
@@ -111,12 +118,10 @@ def measure_lora(args: argparse.Namespace) -> None:
     windows, n_chars = heldout(tok, record["heldout"]["windows"], args.seq_len)
     prompts = [s["prompt"] for s in record["ar"]["samples"]]
     out = Path(args.out)
-    log = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines() if ln.strip()]
     train_cfg = json.loads((out / "train_config.json").read_text())
     lora = {"train": train_cfg, "lora": json.loads((out / "ckpt-{:06d}".format(train_cfg["max_steps"]) / "config.json"
                                                     ).read_text())["extra"].get("lora"),
-            "train_tokens_per_s": sum(r["tokens_per_s"] for r in log if "tokens_per_s" in r) / max(1, sum(
-                "tokens_per_s" in r for r in log)), "checkpoints": []}
+            "train_tokens_per_s": train_tokens_per_s(out), "checkpoints": []}
     for ckpt in sorted(run_checkpoints(out)):
         step = int(ckpt.name.split("-")[1])
         lm = DiffusionLM.from_pretrained(ckpt)
@@ -136,15 +141,13 @@ def measure(args: argparse.Namespace) -> None:
     tok = ar.tokenizer
     windows, n_chars = heldout(tok, args.windows, args.seq_len)
     prompts = [tok.decode(windows[i, :args.prompt_tokens].tolist()) for i in (0, windows.shape[0] // 2, -1)]
-    log = [json.loads(ln) for ln in (Path(args.out) / "log.jsonl").read_text().splitlines() if ln.strip()]
     record = {
         "what": "SmolLM2-135M-Instruct adapted by `dlm adapt --mode shift` (full fine-tuning) on Shakespeare",
         "cpu": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(), "threads": args.threads,
         "train": json.loads((Path(args.out) / "train_config.json").read_text()),
         "adapt": json.loads((Path(args.out) / "summary.json").read_text()) if (Path(args.out) / "summary.json"
                                                                               ).exists() else None,
-        "train_tokens_per_s": sum(r["tokens_per_s"] for r in log if "tokens_per_s" in r) / max(1, sum(
-            "tokens_per_s" in r for r in log)),
+        "train_tokens_per_s": train_tokens_per_s(Path(args.out)),
         "heldout": {"windows": int(windows.shape[0]), "tokens_per_window": int(windows.shape[1]), "chars": n_chars,
                     "bound_samples": args.bound_samples, "note": "each window scored after [BOS]"},
         "ar": None, "checkpoints": [],
