@@ -369,9 +369,18 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def usage(prompt_tokens: list[int], r: JobResult) -> dict[str, int]:
-        p, c = sum(prompt_tokens), sum(r.tokens)
+    def usage(prompt_tokens: list[int], completion_tokens: list[int]) -> dict[str, int]:
+        p, c = sum(prompt_tokens), sum(completion_tokens)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def openai_head(body: CompletionRequest | ChatRequest, chat: bool) -> dict[str, Any]:
+        """The keys an answer (streamed: every chunk) starts with; with include_usage every chunk has `usage`
+        (null but in the last one, as OpenAI sends it)."""
+        kind = ("chat.completion.chunk" if body.stream else "chat.completion") if chat else "text_completion"
+        head = {"id": new_id("chatcmpl" if chat else "cmpl"), "object": kind, "created": now(), "model": model_name}
+        if body.stream_options is not None and body.stream_options.include_usage:  # only with stream: true
+            head["usage"] = None
+        return head
 
     async def openai_route(request: Request, body: CompletionRequest | ChatRequest, prompts: list[str],
                            chat: bool) -> Any:
@@ -385,8 +394,7 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
             return await structured_route(request, body, prompts, opts, plan, chat)
         counts = check_prompts(lm, prompts, opts, settings)
         job = submit(request, "generate", prompts, opts, body.stream)
-        cid, kind = new_id("chatcmpl" if chat else "cmpl"), "chat.completion" if chat else "text_completion"
-        head = {"id": cid, "object": kind, "created": now(), "model": model_name}
+        head = openai_head(body, chat)
         # echo (completions): row i (prompts x n, prompt-major) starts with its prompt
         echoed = [prompts[i // opts.num_samples] if getattr(body, "echo", False) else "" for i in range(job.rows)]
         if not body.stream:
@@ -398,14 +406,10 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
                 content = {"message": {"role": "assistant", "content": text}} if chat else \
                     {"text": text, "logprobs": None}
                 choices.append({"index": i, **content, "finish_reason": reason})
-            return {**head, "choices": choices, "usage": usage(counts, r)}
+            return {**head, "choices": choices, "usage": usage(counts, r.tokens)}
 
         deltas = [PrefixDelta(tok, stops) for _ in range(job.rows)]
-        head["object"] = "chat.completion.chunk" if chat else "text_completion"
         opened = [False] * job.rows
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        if include_usage:
-            head["usage"] = None  # as OpenAI: every chunk has the key; the last one (choices: []) the numbers
 
         def chunk(i: int, text: str | None, reason: str | None = None) -> dict[str, Any]:
             if chat:
@@ -434,8 +438,8 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
                 if text or (chat and not opened[i]):
                     yield chunk(i, text)
                 yield chunk(i, None, reason)
-            if include_usage:
-                yield {**head, "choices": [], "usage": usage(counts, payload)}
+            if "usage" in head:
+                yield {**head, "choices": [], "usage": usage(counts, payload.tokens)}
 
         return await stream(request, job, render)
 
@@ -445,14 +449,11 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
         counts = check_prompts(lm, prompts, opts if plan.mode == "tools" else opts.replace(max_new_tokens=1),
                                settings)
         job = submit(request, "call", prompts, plan.fn, body.stream)
-        cid, kind = new_id("chatcmpl" if chat else "cmpl"), "chat.completion" if chat else "text_completion"
-        head = {"id": cid, "object": kind, "created": now(), "model": model_name}
+        head = openai_head(body, chat)
         echo = getattr(body, "echo", False)
 
         def used(answers: list[Answer]) -> dict[str, int]:
-            p = sum(counts)
-            c = sum(len(tok.encode(a.content if a.call is None else a.call[1])) for a in answers)
-            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+            return usage(counts, [len(tok.encode(a.content if a.call is None else a.call[1])) for a in answers])
 
         def text_of(i: int, a: Answer) -> str:
             return (prompts[i // opts.num_samples] if echo else "") + (a.content or "")
@@ -471,11 +472,6 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
                                     "finish_reason": a.finish_reason})
             return {**head, "choices": choices, "usage": used(answers)}
 
-        head["object"] = "chat.completion.chunk" if chat else "text_completion"
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        if include_usage:
-            head["usage"] = None
-
         def render(kind: str, payload: Any) -> Iterator[dict[str, Any]]:
             if kind != "done":
                 return
@@ -492,7 +488,7 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
                 else:
                     yield {**head, "choices": [{"index": i, "text": text_of(i, a), "logprobs": None,
                                                 "finish_reason": a.finish_reason}]}
-            if include_usage:
+            if "usage" in head:
                 yield {**head, "choices": [], "usage": used(answers)}
 
         return await stream(request, job, render)
