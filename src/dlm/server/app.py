@@ -58,6 +58,7 @@ from dlm.server.protocol import (
     InfillRequest,
     PatternRequest,
     PrefixDelta,
+    cap_value,
     check_infill,
     check_openai_fields,
     check_prompts,
@@ -500,9 +501,7 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
             raise ApiError(400, f"{path} is not streamed: send stream false (or leave it out)", param="stream")
         overrides = sampling_overrides(body, names)
         library_check(lm, overrides)
-        if overrides.get("steps", 0) > settings.max_steps:
-            raise ApiError(400, f"steps={overrides['steps']} exceeds this server's limit of {settings.max_steps} "
-                                "(--max-steps)", param="steps")
+        cap_value(overrides.get("steps", 0), settings.max_steps, "steps", "--max-steps")
         return overrides
 
     def check_text(text: str, what: str, param: str) -> None:

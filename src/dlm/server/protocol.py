@@ -395,7 +395,7 @@ def library_check(lm: DiffusionLM, overrides: dict[str, Any]) -> GenerationConfi
     return opts
 
 
-def _cap(value: int, cap: int, what: str, flag: str, param: str | None = None) -> None:
+def cap_value(value: int, cap: int, what: str, flag: str, param: str | None = None) -> None:
     if value > cap:
         raise ApiError(400, f"{what}={value} exceeds this server's limit of {cap} ({flag})",
                        param=param or what)
@@ -404,9 +404,9 @@ def _cap(value: int, cap: int, what: str, flag: str, param: str | None = None) -
 def resolve_options(lm: DiffusionLM, overrides: dict[str, Any], settings: ServerSettings) -> GenerationConfig:
     """The checkpoint's defaults + the overrides, validated as the library would, then the server's caps."""
     opts = library_check(lm, overrides)
-    _cap(opts.max_new_tokens, settings.max_tokens, "max_tokens", "--max-tokens")
-    _cap(opts.steps, settings.max_steps, "steps", "--max-steps")
-    _cap(opts.num_samples, settings.max_n, "n", "--max-n")
+    cap_value(opts.max_new_tokens, settings.max_tokens, "max_tokens", "--max-tokens")
+    cap_value(opts.steps, settings.max_steps, "steps", "--max-steps")
+    cap_value(opts.num_samples, settings.max_n, "n", "--max-n")
     try:
         plan_blocks(opts.max_new_tokens, opts.steps, opts.block_length)
     except SamplingError as e:
@@ -418,7 +418,7 @@ def check_prompts(lm: DiffusionLM, prompts: list[str], opts: GenerationConfig, s
     """Every prompt non-empty, within --max-prompt-tokens and, with the generated tokens, the model's context."""
     if not prompts:
         raise ApiError(400, "prompt is an empty list: give at least one string", param="prompt")
-    _cap(len(prompts) * opts.num_samples, settings.max_n, "prompts x n", "--max-n", "n")
+    cap_value(len(prompts) * opts.num_samples, settings.max_n, "prompts x n", "--max-n", "n")
     counts = []
     for i, p in enumerate(prompts):
         where = "the prompt" if len(prompts) == 1 else f"prompt {i}"
@@ -439,7 +439,7 @@ def check_prompts(lm: DiffusionLM, prompts: list[str], opts: GenerationConfig, s
 def check_infill(lm: DiffusionLM, text: str, overrides: dict[str, Any], settings: ServerSettings) -> int:
     """Gaps and sizes of an infill request, checked before its canvas is built -> the canvas length."""
     opts = library_check(lm, overrides)
-    _cap(opts.max_span, settings.max_tokens, "max_span", "--max-tokens")
+    cap_value(opts.max_span, settings.max_tokens, "max_span", "--max-tokens")
     gaps = list(GAP.finditer(text))
     if not gaps:
         raise ApiError(400, "no gap in the text: mark each gap with [MASK] (unknown length) or [MASK:n]",
@@ -447,7 +447,7 @@ def check_infill(lm: DiffusionLM, text: str, overrides: dict[str, Any], settings
     sizes = [int(m.group(1)) if m.group(1) is not None else opts.max_span for m in gaps]
     if min(sizes) < 1:
         raise ApiError(400, "a gap [MASK:n] must have n >= 1", param="text")
-    _cap(sum(sizes), settings.max_tokens, "the gaps' tokens", "--max-tokens", "text")
+    cap_value(sum(sizes), settings.max_tokens, "the gaps' tokens", "--max-tokens", "text")
     ids, _, _ = lm.parse_gaps(text, opts.max_span)  # the canvas, built only now that its gaps are capped
     n = len(ids) - sum(sizes)
     if n > settings.max_prompt_tokens:
@@ -456,7 +456,7 @@ def check_infill(lm: DiffusionLM, text: str, overrides: dict[str, Any], settings
     if n + sum(sizes) > lm.max_len:
         raise ApiError(400, f"the text ({n} tokens) and its gaps ({sum(sizes)} tokens) exceed the model's context "
                             f"of {lm.max_len} tokens", param="text")
-    _cap(overrides.get("steps") or sum(sizes), settings.max_steps, "steps", "--max-steps")
+    cap_value(overrides.get("steps") or sum(sizes), settings.max_steps, "steps", "--max-steps")
     return len(ids)
 
 
