@@ -49,7 +49,7 @@ def _run(net, ids, mask, cache=True, window=None, **opts):
     events = list(block_steps(net, ids, mask, sampler, torch.Generator().manual_seed(0), block_size=BS,
                               max_new_tokens=opts.get("max_new_tokens", 14), steps=opts.get("steps", 14),
                               eos_id=opts.get("eos_id", EOS), sub_block=opts.get("sub_block", 0), cache=cache,
-                              window=window))
+                              window=window, ar_first_token=opts.get("ar_first_token", False)))
     return events[-1].output.xt, events
 
 
@@ -147,6 +147,23 @@ def test_each_row_of_a_ragged_batch_as_alone():
         n = int(mask[r].sum())
         alone, _ = _run(net, ids[r:r + 1, P - n:], None)
         assert torch.equal(batch[r, P:], alone[0, n:]), r
+
+
+@pytest.mark.parametrize("sub_block", [0, 3])
+def test_ar_first_token_is_decided_per_row(sub_block):
+    """With ar_first_token a row whose open block holds no prompt token (8 tokens: whole blocks) decodes its first
+    position alone first, the others not: in one batch each row still gets the tokens it gets alone."""
+    net = _net()
+    ids, mask = _ragged((3, 8, 9, 16))
+    opts = dict(sub_block=sub_block, steps=7)  # two tokens a step: the AR first token changes the order
+    batch, _ = _run(net, ids, mask, ar_first_token=True, **opts)
+    P = ids.shape[1]
+    for r in range(ids.shape[0]):
+        n = int(mask[r].sum())
+        alone, _ = _run(net, ids[r:r + 1, P - n:], None, ar_first_token=True, **opts)
+        assert torch.equal(batch[r, P:], alone[0, n:]), r
+    plain, _ = _run(net, ids[1:2, P - 8:], None, **opts)
+    assert not torch.equal(plain[0, 8:], batch[1, P:])  # the rule did change that row's tokens
 
 
 def test_rows_stop_at_their_own_block():

@@ -66,8 +66,15 @@ class BlockSampler(LLaDASampler):
             raise ValueError(f"the block sampler samples masked diffusion, but the checkpoint is a "
                              f"{type(process).__name__} model: use sampler={own!r}")
 
-    def set_timesteps(self, steps: int, is_masked: torch.Tensor) -> None:
-        super().set_timesteps(steps, is_masked)
+    def set_timesteps(self, steps: int | torch.Tensor, is_masked: torch.Tensor) -> None:
+        """steps: one count, or (B,) a count per row (rows whose sub-blocks differ in size)."""
+        if isinstance(steps, torch.Tensor):  # num_transfer_tokens row by row, zeros after a row's own steps
+            n, steps = is_masked.sum(1)[:, None], steps.to(is_masked.device)[:, None]
+            k = torch.arange(int(steps.max()), device=is_masked.device)[None]
+            self.plan = (n // steps) * (k < steps) + (k < n % steps).long()
+            self.step_index = 0
+        else:
+            super().set_timesteps(steps, is_masked)
         self.eligible: torch.Tensor | None = None  # (B, L) bool: positions that may be committed (None: all)
 
     @property
@@ -201,16 +208,18 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
         eligible = (g >= 0) & (g < max_new_tokens)
         if not bool(eligible.any()):
             break
-        starts = list(range(0, bs, sub))
-        if ar_first_token and bool((g[:, 0] >= 0).all()):  # no prompt token in this block: position 0 is AR
-            starts = [0, 1, *[s for s in starts if s > 1]]
-        for i_sub, lo in enumerate(starts):
-            hi = starts[i_sub + 1] if i_sub + 1 < len(starts) else bs
-            region = eligible & (j[None] >= lo) & (j[None] < hi)
+        # Each row's sub-block of each position: [0, sub), [sub, 2 sub), ...; with ar_first_token a row whose block
+        # holds no prompt token has [0, 1), [1, sub), [sub, 2 sub), ... (position 0 is AR), so rows may differ.
+        part = (j // sub)[None].expand(len(rows), bs)
+        if ar_first_token and sub > 1:
+            part = torch.where((g[:, :1] >= 0) & (j[None] > 0), part + 1, part)
+        for i_sub in range(int(part.max()) + 1):
+            region = eligible & (part == i_sub)
             todo = region & (block == mask_id)
             if not bool(todo.any()):
                 continue
-            sampler.set_timesteps(max(1, -(-per_block * (hi - lo) // bs)), todo)
+            size = (part == i_sub).sum(1)  # (B',) the sub-block's positions in each row
+            sampler.set_timesteps((-(-per_block * size // bs)).clamp_min(1), todo)
             sampler.eligible = region
             # Every step commits at least one mask, unless a [MASK] prediction leaves it masked (suppress_special
             # off, as upstream checkpoints load): a budget keeps such a block from stepping forever.
@@ -218,7 +227,7 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
                 if not bool((region & (block == mask_id)).any()):
                     break
                 logits = apply_processors(processors, forward(block), block)  # (B', bs, V)
-                out = sampler.step(logits, block, lo, hi, generator)
+                out = sampler.step(logits, block, 0, bs, generator)  # `region` (eligible) bounds the commits
                 block = out.xt
                 last_view = _view(canvas, out, rows, g, eligible, P)
                 yield StepEvent(block=k - K, step=global_step, output=last_view)
