@@ -58,8 +58,7 @@ def gpt2_tokenizer(folder: Path, mask_id: int, vocab_size: int) -> Tokenizer:
     if not ((folder / "tokenizer.json").exists() or
             ((folder / "vocab.json").exists() and (folder / "merges.txt").exists())):
         # MDLM and SEDD use GPT-2's tokenizer, which their hub folders do not ship: ids only until one is given
-        # ([MASK] is the id after GPT-2's last token, <|endoftext|>, its EOS, PAD and BOS).
-        # (GPT-2's tokenizer.json, or vocab.json + merges.txt, in the folder, or tokenizer=).
+        # (GPT-2's files in the folder, or tokenizer=). [MASK] is the id after GPT-2's last token, <|endoftext|>.
         return missing_tokenizer(folder, vocab_size=vocab_size, mask_id=mask_id, eos_id=mask_id - 1,
                                  hint=f" (MDLM and SEDD use GPT-2's {GPT2_FILES}: `huggingface-cli download "
                                       f"openai-community/gpt2 tokenizer.json --local-dir {folder}`)")
