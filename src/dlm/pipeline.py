@@ -123,7 +123,7 @@ class DiffusionLM:
     @property
     def bos_prefix(self) -> bool:
         """Whether text prompts start with [BOS], as the rows the model was trained on (`dlm adapt` sets it)."""
-        return bool(self.config.extra.get("bos_prefix") or "adapt" in self.config.extra)
+        return bool(self.config.extra.get("bos_prefix"))
 
     @property
     def is_causal(self) -> bool:

@@ -280,14 +280,12 @@ def missing_tokenizer(folder: Path, **ids: Any) -> IdsOnlyTokenizer:
 def tokenizer_like(spec: Any, model_tok: Tokenizer) -> Tokenizer:
     """A user-supplied tokenizer for a loaded model: a dlm Tokenizer as it is; a path to a dlm tokenizer.json;
     a folder of Hugging Face tokenizer files or a transformers tokenizer, given the model's special ids."""
-    if isinstance(spec, Tokenizer):
-        tok = spec
+    path = Path(spec).expanduser() if isinstance(spec, (str, Path)) else None
+    if isinstance(spec, Tokenizer) or (path is not None and path.is_file()):
+        tok = spec if isinstance(spec, Tokenizer) else Tokenizer.load(path)
     else:
         hf = spec
-        if isinstance(spec, (str, Path)):
-            path = Path(spec).expanduser()
-            if path.is_file():
-                return Tokenizer.load(path)
+        if path is not None:
             if not path.is_dir():
                 raise ValueError(f"tokenizer={str(spec)!r} is neither a tokenizer.json file nor a folder")
             from transformers import AutoTokenizer

@@ -66,8 +66,7 @@ def plan_blocks(gen_length: int, steps: int, block_length: int | None) -> tuple[
         raise SamplingError(f"max_new_tokens must be >= 1, got {gen_length}")
     if steps < 1:
         raise SamplingError(f"steps must be >= 1, got {steps}")
-    block_length = gen_length if block_length is None or block_length <= 0 else min(block_length, gen_length)
-    n_blocks = -(-gen_length // block_length)
+    block_length, n_blocks = _blocks(gen_length, block_length)
     if steps % n_blocks:
         raise SamplingError(f"steps={steps} must be a multiple of the number of blocks "
                             f"(ceil(max_new_tokens/block_length) = {n_blocks}), e.g. "
@@ -78,9 +77,14 @@ def plan_blocks(gen_length: int, steps: int, block_length: int | None) -> tuple[
 def fit_steps(gen_length: int, steps: int, block_length: int | None) -> int:
     """The step count nearest to `steps` that splits evenly over the blocks (at least one step per block): what a
     call uses when the user left `steps` to the checkpoint's default."""
-    block_length = gen_length if block_length is None or block_length <= 0 else min(block_length, gen_length)
-    n_blocks = -(-max(gen_length, 1) // block_length)
+    n_blocks = _blocks(max(gen_length, 1), block_length)[1]
     return max(n_blocks, round(steps / n_blocks) * n_blocks)
+
+
+def _blocks(gen_length: int, block_length: int | None) -> tuple[int, int]:
+    """-> (block_length, n_blocks): None or 0 is one block; a block longer than the generation is clipped."""
+    block_length = gen_length if block_length is None or block_length <= 0 else min(block_length, gen_length)
+    return block_length, -(-gen_length // block_length)
 
 
 def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, start: int, steps: int,
