@@ -362,3 +362,31 @@ def test_torchrun_workers_get_the_model_path():
     assert argv[:2] == ["adapt", "/models/smol"] and "--nproc" not in argv
     again = build_parser().parse_args(argv)
     assert (again.model, again.out, again.mode, again.data) == ("/models/smol", "runs/a", "block", "shakespeare")
+
+
+def test_heldout_bound_scores_the_window_after_a_clean_bos():
+    """Uniform logits: each masked token costs log(V - 1) ([MASK] leaves the softmax), so (n / l) x l of them is
+    exactly n log(V - 1) per window for any draw; the network sees [BOS] then the window, [BOS] never masked."""
+    V, bos, mask, n = 11, 9, 10, 7
+    seen = []
+
+    class Uniform(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, xt, t=None):
+            seen.append(xt.clone())
+            return torch.zeros(*xt.shape, V) + self.w
+
+    windows = torch.randint(0, 9, (5, n), generator=torch.Generator().manual_seed(0))
+    nats = heldout_bound(Uniform(), windows, bos, mask, n_samples=3, batch_size=2)
+    assert nats.dtype == torch.float64
+    assert torch.allclose(nats, torch.full((5,), n * math.log(V - 1), dtype=torch.float64))
+    assert len(seen) == 3 * 3  # 3 batches of <= 2 windows, 3 draws each
+    for k, xt in enumerate(seen):
+        x0 = windows[2 * (k // 3): 2 * (k // 3) + 2]
+        assert xt.shape == (x0.shape[0], 1 + n) and (xt[:, 0] == bos).all()
+        is_masked = xt[:, 1:] == mask
+        assert torch.equal(torch.where(is_masked, mask, x0), xt[:, 1:])  # the rest is the window, clean
+        assert ((is_masked.sum(1) >= 1) & (is_masked.sum(1) <= n)).all()
