@@ -28,7 +28,6 @@ import argparse
 import itertools
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from dlm.config import TrainConfig  # noqa: E402
 from dlm.data import load_corpus, split_documents, tokenize_documents  # noqa: E402
 from dlm.eval.judge import generative_perplexity, load_judge  # noqa: E402
+from dlm.precision import cpu_name  # noqa: E402
 
 OUT = ROOT / "benchmarks/results/recipes.json"
 JUDGED = ("perplexity", "nll_per_token", "n_tokens", "unigram_entropy", "distinct_1", "distinct_2")
@@ -128,12 +128,7 @@ def pick(rows: list[dict[str, Any]], reference: dict[str, Any], new_chars: int) 
 
 
 def machine() -> dict[str, Any]:
-    try:
-        name = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return {"cpu": name, "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+    return {"cpu": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
 def load(path: Path) -> dict[str, Any]:
