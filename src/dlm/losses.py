@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from dlm.processes.block import block_logits, n_blocks, per_position
+from dlm.processes.block import block_logits, check_clip, n_blocks, per_position
 from dlm.processes.masked import ForwardProcess
 from dlm.registry import Registry
 from dlm.schedules import sample_t
@@ -179,10 +179,8 @@ class BlockDiffusionELBO(Loss):
     def __init__(self, antithetic: bool = True, bos_id: int | None = None,
                  clip: tuple[float, float] = (0.0, 1.0)) -> None:
         super().__init__(antithetic, bos_id)
-        lo, hi = clip
-        if not 0.0 <= lo <= hi <= 1.0 or hi == 0.0:
-            raise ValueError(f"the clipped schedule needs 0 <= clip_min <= clip_max <= 1 and clip_max > 0, got {clip}")
-        self.clip = (float(lo), float(hi))
+        check_clip(*clip)
+        self.clip = (float(clip[0]), float(clip[1]))
 
     @classmethod
     def from_config(cls, pcfg, bos_id=None):

@@ -49,6 +49,13 @@ def per_position(values: torch.Tensor, L: int, block_size: int) -> torch.Tensor:
     return values.repeat_interleave(block_size, dim=1)[:, :L]
 
 
+def check_clip(lo: float, hi: float) -> None:
+    """BD3LM's clipped interval [lo, hi] of block times: 0 <= lo <= hi <= 1 and hi > 0, else ValueError."""
+    if not 0.0 <= lo <= hi <= 1.0 or hi == 0.0:
+        raise ValueError(f"the clipped schedule needs 0 <= clip_min <= clip_max <= 1 and clip_max > 0, got "
+                         f"[{lo}, {hi}]")
+
+
 def block_diffusion_mask(L: int, block_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The (2L, 2L) boolean mask of the x_t + x_0 pass, True = may attend (queries x keys); rows and columns
     [0, L) are x_t, [L, 2L) are x_0."""
@@ -98,9 +105,7 @@ class BlockProcess(ForwardProcess):
 
     @classmethod
     def from_config(cls, pcfg: ProcessConfig, mask_id: int, vocab_size: int | None = None) -> BlockProcess:
-        if not 0.0 <= pcfg.clip_min <= pcfg.clip_max <= 1.0 or pcfg.clip_max == 0.0:
-            raise ValueError(f"the clipped schedule needs 0 <= clip_min <= clip_max <= 1 and clip_max > 0, got "
-                             f"[{pcfg.clip_min}, {pcfg.clip_max}]")
+        check_clip(pcfg.clip_min, pcfg.clip_max)
         return cls(mask_id, SCHEDULES.get(pcfg.schedule).from_config(pcfg), vocab_size, pcfg.block_size)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None,
