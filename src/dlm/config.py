@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dlm.errors import ConfigError  # noqa: F401  (re-exported: raised by every config)
+from dlm.io import atomic_write_text, read_text_file
 
 T = TypeVar("T", bound="_Config")
 
@@ -91,14 +92,10 @@ class _Config:
         return type(self).from_dict(merged)
 
     def save_json(self, path: str | Path) -> None:
-        from dlm.io import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load_json(cls: type[T], path: str | Path) -> T:
-        from dlm.io import read_text_file
-
         try:
             return cls.from_dict(json.loads(read_text_file(path, error=ConfigError)))
         except json.JSONDecodeError as e:
@@ -414,25 +411,20 @@ class CheckpointConfig(_Config):
                 f"checkpoint format_version {version!r} is newer than this dlm understands ({FORMAT_VERSION}); "
                 "upgrade dlm"
             )
-        return cls(
-            model=ModelConfig.from_dict(d.pop("model", {})),
-            process=ProcessConfig.from_dict(d.pop("process", {})),
-            sampling=GenerationConfig.from_dict(d.pop("sampling", {})),
+        return cls(  # every key is known (checked above)
+            model=ModelConfig.from_dict(d["model"]),
+            process=ProcessConfig.from_dict(d.get("process", {})),
+            sampling=GenerationConfig.from_dict(d.get("sampling", {})),
             format_version=version,
-            library=d.pop("library", "dlm"),
-            extra=(d.pop("format_version", None), d.pop("extra", {}))[1],
-            **({} if not d else _raise_unknown(d)),
+            library=d.get("library", "dlm"),
+            extra=d.get("extra", {}),
         )
 
     def save(self, path: str | Path) -> None:
-        from dlm.io import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> CheckpointConfig:
-        from dlm.io import read_text_file
-
         try:
             d = json.loads(read_text_file(path, error=ConfigError))
         except json.JSONDecodeError as e:

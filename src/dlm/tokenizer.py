@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dlm.errors import TokenizerMissingError  # noqa: F401  (re-exported)
+from dlm.io import atomic_write_text
 
 SPECIALS = ("[PAD]", "[MASK]", "[EOS]", "[BOS]")
 
@@ -76,8 +77,6 @@ class Tokenizer:
         return plain_chat(messages, add_generation_prompt)
 
     def save(self, path: str | Path) -> None:
-        from dlm.io import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.to_json()) + "\n")
 
     @staticmethod
