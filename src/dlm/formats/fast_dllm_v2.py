@@ -20,8 +20,8 @@ block in sub-blocks of `small_block_size` (8) left to right; per step, temperatu
 the sub-block whose top probability exceeds `threshold` (0.9 in the model card) and at least the most confident
 one. That is our block sampler with `threshold=0.9, sub_block=8` and one token per step planned, the defaults set
 here. Upstream decodes the first token of every block after the first by plain AR (the finished block's last
-logits) before the block's diffusion steps; our block sampler treats it as one more masked position (see
-docs/pretrained.md), so multi-block outputs can differ from upstream's.
+logits) before the block's diffusion steps: `ar_first_token`, set here (a block with no prompt token in it decodes
+its first position alone, then the rest in sub-blocks).
 
     lm = DiffusionLM.from_pretrained("/models/Fast_dLLM_v2_7B", dtype="auto")   # bd3lm, blocks of 32
 """
