@@ -65,6 +65,7 @@ def elbo_bits(model: torch.nn.Module, windows: torch.Tensor, mask_id: int, bos_i
     per_window = torch.zeros(N, dtype=torch.float64)
     causal = getattr(model, "causal", False)
     own_estimator = loss_fn is not None and hasattr(loss_fn, "sequence_nll") and not causal
+    timed = getattr(model, "needs_time", False)  # only a time-conditioned network reads t
     for start in range(0, N, batch_size):
         x0 = windows[start: start + batch_size].to(device)
         B = x0.shape[0]
@@ -92,7 +93,8 @@ def elbo_bits(model: torch.nn.Module, windows: torch.Tensor, mask_id: int, bos_i
                     bos = torch.full((B, 1), bos_id, device=device, dtype=x0.dtype)
                     xt, target = torch.cat([bos, xt], 1), torch.cat([bos, x0], 1)
                     is_masked = torch.cat([torch.zeros_like(is_masked[:, :1]), is_masked], 1)
-                t = process.model_time(xt) if process is not None else (n_mask.double() / L).float().to(device)
+                t = None if not timed else (process.model_time(xt) if process is not None
+                                            else (n_mask.double() / L).float().to(device))
                 logits = model(xt, t)  # (B, L, V)
                 # x0 is never [MASK]: its logit leaves the softmax (MDLM's SUBS). Loaded MDLM / LLaDA never
                 # trained it; for our models it changes the bound by < 1e-7 bits/char.
