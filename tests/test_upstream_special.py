@@ -87,7 +87,9 @@ def test_cli_flag_switches_suppression(capsys, dream):
 
     lm, _ = dream
     args = ["generate", "x", "--model", str(DREAM), "--max-new-tokens", "8", "--steps", "8", "--json"]
+    completions = []
     for flag, value in (("--suppress-special", True), ("--no-suppress-special", False)):
         main(args + [flag])
-        completion = json.loads(capsys.readouterr().out)["completion"]
-        assert completion == lm.generate("x", max_new_tokens=8, steps=8, suppress_special=value)
+        completions.append(json.loads(capsys.readouterr().out)["completion"])
+        assert completions[-1] == lm.generate("x", max_new_tokens=8, steps=8, suppress_special=value)
+    assert completions[0] != completions[1]  # the flag does change this output
