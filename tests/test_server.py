@@ -74,7 +74,7 @@ def test_models_health_index(client):
     r = client.get("/v1/models").json()
     assert r["object"] == "list" and r["data"][0]["id"] == "tiny" and r["data"][0]["owned_by"] == "dlm"
     assert isinstance(r["data"][0]["created"], int)
-    assert client.get("/health").json() == {"status": "ok", "model": "tiny"}
+    assert client.get("/health").json() == {"status": "ok", "model": "tiny", "device": "cpu"}
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
 
@@ -348,7 +348,7 @@ def test_200_malformed_requests_all_get_4xx_and_the_server_stays_up(client):
 
     check()
     assert len(answered) >= 200
-    assert client.get("/health").json() == {"status": "ok", "model": "tiny"}
+    assert client.get("/health").json() == {"status": "ok", "model": "tiny", "device": "cpu"}
     assert client.post("/v1/completions", json={"prompt": "still here"}).status_code == 200
 
 

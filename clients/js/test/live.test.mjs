@@ -28,6 +28,15 @@ test("health and models name the served model", { skip }, async () => {
   assert.ok(models.some((m) => m.id === health.model && m.object === "model" && m.owned_by === "dlm"));
 });
 
+test("the guide's device option is checked against the device the server reports", { skip }, async () => {
+  const served = (await lm().health()).device;
+  assert.equal(served, "cpu");
+  const ok = new DiffusionLanguageModel({ baseUrl, apiKey, device: "cpu" });
+  assert.equal(typeof (await ok.generate("The sea", OPTS)).text, "string");
+  const wrong = new DiffusionLanguageModel({ baseUrl, apiKey, device: "cuda" });
+  await assert.rejects(wrong.generate("The sea", OPTS), (e) => e instanceof DLMError && e.param === "device");
+});
+
 test("generate -> {text, steps, nfe}", { skip }, async () => {
   const out = await lm().generate("Once upon a time", OPTS);
   assert.equal(typeof out.text, "string");

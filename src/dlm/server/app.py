@@ -668,7 +668,8 @@ def create_app(lm: DiffusionLM, model_name: str, settings: ServerSettings | None
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         alive = batcher.alive
-        return JSONResponse({"status": "ok" if alive else "error", "model": model_name}, 200 if alive else 503)
+        return JSONResponse({"status": "ok" if alive else "error", "model": model_name, "device": lm.device.type},
+                            200 if alive else 503)
 
     @app.get("/metrics")
     async def metrics_text() -> PlainTextResponse:
