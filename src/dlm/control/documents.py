@@ -226,8 +226,9 @@ def generate_markdown(lm: DiffusionLM, prompt: str, constraints: dict[str, Any],
     tok = lm.tokenizer
     context = prompt.rstrip() + "\n\n" if prompt else ""
     headings = [f"## {section_title(k)}\n" for k in sections]
-    fixed = len(tok.encode(context)) + sum(len(tok.encode(h + "\n\n")) for h in headings)
-    budget = min(max_length + len(tok.encode(context)), lm.max_len) - fixed  # tokens left for the bodies
+    n_context = len(tok.encode(context))
+    fixed = n_context + sum(len(tok.encode(h + "\n\n")) for h in headings)
+    budget = min(max_length + n_context, lm.max_len) - fixed  # tokens left for the bodies
     per_section = budget // len(sections)
     if per_section < 1:
         raise TemplateError(f"{len(sections)} sections need more room: the prompt and headings take {fixed} of the "
