@@ -95,3 +95,13 @@ def write_llada_folder(folder: Path, d_model: int, n_layers: int, n_heads: int, 
     index = {"metadata": {"total_size": total * dtype.itemsize}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return total
+
+
+def folder_and_reference(folder: Path):
+    """A tiny upstream-layout folder loaded as a DiffusionLM, and the reference tensors the upstream code computed
+    for it (reference.safetensors): what every upstream parity test starts from."""
+    from safetensors.torch import load_file
+
+    from dlm.pipeline import DiffusionLM
+
+    return DiffusionLM.from_pretrained(str(folder)), load_file(folder / "reference.safetensors")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_helpers import folder_and_reference
 from safetensors.torch import load_file
 from tolerance import model_atol
 
@@ -28,12 +29,12 @@ FAST, SDAR = DATA / "fast-dllm-v2-tiny", DATA / "sdar-tiny"
 
 @pytest.fixture(scope="module")
 def fast():
-    return DiffusionLM.from_pretrained(str(FAST)), load_file(FAST / "reference.safetensors")
+    return folder_and_reference(FAST)
 
 
 @pytest.fixture(scope="module")
 def sdar():
-    return DiffusionLM.from_pretrained(str(SDAR)), load_file(SDAR / "reference.safetensors")
+    return folder_and_reference(SDAR)
 
 
 def shifted(raw: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_helpers import folder_and_reference
 from safetensors.torch import load_file
 from tolerance import model_atol
 
@@ -26,12 +27,12 @@ LLADA, DREAM = DATA / "llada-tiny", DATA / "dream-tiny"
 
 @pytest.fixture(scope="module")
 def llada():
-    return DiffusionLM.from_pretrained(str(LLADA)), load_file(LLADA / "reference.safetensors")
+    return folder_and_reference(LLADA)
 
 
 @pytest.fixture(scope="module")
 def dream():
-    return DiffusionLM.from_pretrained(str(DREAM)), load_file(DREAM / "reference.safetensors")
+    return folder_and_reference(DREAM)
 
 
 def _shift(logits: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from hf_helpers import folder_and_reference
 
 from dlm.pipeline import DiffusionLM
 
@@ -28,12 +28,12 @@ LLADA, DREAM = DATA / "llada-tiny-special", DATA / "dream-tiny-special"
 
 @pytest.fixture(scope="module")
 def llada():
-    return DiffusionLM.from_pretrained(str(LLADA)), load_file(LLADA / "reference.safetensors")
+    return folder_and_reference(LLADA)
 
 
 @pytest.fixture(scope="module")
 def dream():
-    return DiffusionLM.from_pretrained(str(DREAM)), load_file(DREAM / "reference.safetensors")
+    return folder_and_reference(DREAM)
 
 
 def test_the_references_do_hit_the_special_ids(llada, dream):
