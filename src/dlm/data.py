@@ -6,29 +6,38 @@ whole documents are held out when there are enough of them, else the tail of the
 
 Batches are a pure function of (seed, step): each step draws its windows from a generator seeded by both, so
 a resumed run sees exactly the batches an uninterrupted run would. A `Batch` is the global batch of a step; ranks
-and micro-batches take their rows of it (`Batch.rows`). `random_length` is LLaDA's pretraining trick: a small share
-of the steps train on a prefix of random length, so the model also sees sequences shorter than the context.
+and micro-batches take their rows of it (`Batch.rows`).
+
+The data objectives live here too, as `Objective`, a transform of each step's batch that `WithObjective` applies as
+the trainer draws it (also a pure function of (seed, step), so resume stays exact): span infilling (a share of the
+rows become infilling examples, dlm.processes.masked.span_infill_example) and `random_length`, LLaDA's pretraining
+trick: a small share of the steps train on a prefix of random length, so the model also sees sequences shorter than
+the context. The trainer itself knows neither.
 
     docs = load_corpus("shakespeare"); train, val = split_documents(docs, 0.05)
     ds = TokenStream(tokenize_documents(train, tok), seq_len=256); x0 = ds.batch(step=0, batch_size=32, seed=0)
     b = ds.sample(step=0, batch_size=32, seed=0).rows(0, 16)   # Batch: x0 (16, 256), maskable None
+    data = WithObjective(ds, Objective.from_configs(pcfg, tcfg, tok.pad_id))   # what dlm.train gives the trainer
 """
 
 from __future__ import annotations
 
-import json
 import re
 import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
+from dlm.io import read_jsonl
 from dlm.registry import Registry
 from dlm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from dlm.config import ProcessConfig, TrainConfig
 
 
 class CorpusError(ValueError):
@@ -110,16 +119,9 @@ def load_corpus(spec: str) -> list[Document]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         docs = [Document(str(p.relative_to(path)), _read_text(p)) for p in files]
-    elif path.suffix == ".jsonl":
-        docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                docs.append(Document(f"{path.name}:{i}", rec["text"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CorpusError(f"{path}:{i + 1}: each line must be a JSON object with a 'text' field") from e
+    elif path.suffix == ".jsonl":  # Document names count lines from 0, as they always have
+        docs = [Document(f"{path.name}:{n - 1}", rec["text"]) for n, rec in
+                read_jsonl(path, fields=("text",), expect="a JSON object with a 'text' field", error=CorpusError)]
     else:
         docs = [Document(path.name, _read_text(path))]
     docs = [d for d in docs if d.text]
@@ -198,6 +200,65 @@ def random_length(batch: Batch, prob: float, generator: torch.Generator) -> Batc
     L = batch.x0.shape[1]
     length = int(torch.randint(1, L + 1, (1,), generator=generator))
     return batch.truncate(length) if cut else batch
+
+
+# Offsets of the objective's generators from the run's seed (its noise generator is seed + 1, dlm.trainer): fixed,
+# so a run trains on the same examples whatever else changes.
+INFILL_SEED, RANDOM_LENGTH_SEED = 7, 11
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The data objective of pretraining, applied to each step's global batch (B, L).
+
+    `infill_prob`: each row independently, with this probability, becomes a span-infilling example (a span of
+    1 <= m < G tokens at a random place, then G - m [PAD], 2 <= G <= min(max_span, L // 2); its gap of G positions
+    alone is maskable: dlm.processes.masked.span_infill_example). Rows of a batch that already says what is maskable
+    (SFT chats, adapt windows) are left as they are. `random_length_prob`: with this probability the whole batch is
+    cut to a length drawn uniformly from 1..L (`random_length`). Each draws from its own generator seeded by (seed +
+    its offset, step), so the batch of a step is a pure function of (seed, step).
+    """
+
+    infill_prob: float = 0.0
+    max_span: int = 64
+    pad_id: int = 0
+    random_length_prob: float = 0.0
+
+    @classmethod
+    def from_configs(cls, pcfg: ProcessConfig, tcfg: TrainConfig, pad_id: int) -> Objective:
+        """The objective a run's configs ask for: ProcessConfig's infilling, TrainConfig's random-length share."""
+        return cls(infill_prob=pcfg.infill_prob, max_span=pcfg.max_span, pad_id=pad_id,
+                   random_length_prob=tcfg.random_length_prob)
+
+    @property
+    def active(self) -> bool:
+        return self.infill_prob > 0 or self.random_length_prob > 0
+
+    def __call__(self, batch: Batch, step: int, seed: int) -> Batch:
+        if self.infill_prob > 0 and batch.maskable is None:  # pretraining windows; SFT batches carry their mask
+            from dlm.processes.masked import span_infill_example
+
+            g = torch.Generator().manual_seed(_mix(seed + INFILL_SEED, step))
+            x0 = batch.x0
+            rows = torch.rand(x0.shape[0], generator=g) < self.infill_prob  # (B,)
+            maskable = torch.ones_like(x0, dtype=torch.bool)
+            for i in rows.nonzero().flatten().tolist():
+                x0[i], maskable[i] = span_infill_example(x0[i], self.pad_id, self.max_span, g)
+            batch = Batch(x0, maskable)
+        if self.random_length_prob > 0:
+            g = torch.Generator().manual_seed(_mix(seed + RANDOM_LENGTH_SEED, step))
+            batch = random_length(batch, self.random_length_prob, g)
+        return batch
+
+
+class WithObjective:
+    """`data`'s batches with `objective` applied: what the trainer draws from (a Batches, like `data`)."""
+
+    def __init__(self, data: Batches, objective: Objective) -> None:
+        self.data, self.objective = data, objective
+
+    def sample(self, step: int, batch_size: int, seed: int) -> Batch:
+        return self.objective(self.data.sample(step, batch_size, seed), step, seed)
 
 
 class TokenStream:

@@ -2,17 +2,22 @@
 
 A `config.json` or `tokenizer.json` can be a symlink to /dev/zero or /dev/urandom (read until memory runs out) or a
 FIFO (a read that never returns). `read_text_file` opens without blocking, checks what it opened, and reads at most
-`limit` bytes; every failure is one error that names the file. A leaf module: it imports nothing of dlm.
+`limit` bytes; every failure is one error that names the file. `read_jsonl` is the one JSON Lines reader (corpora,
+`dlm judge --input`, `dlm augment`): a bad line is one error naming the file and the line. A leaf module: it imports
+nothing of dlm.
 
     text = read_text_file(folder / "config.json", error=CheckpointError)
+    records = read_jsonl("in.jsonl", fields=("text",), expect='a JSON object with a string "text" field')
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any
 
 METADATA_LIMIT = 256 << 20  # config, tokenizer and index files; the largest real tokenizer.json is about 35 MB
 
@@ -65,6 +70,31 @@ def read_text_file(path: str | Path, limit: int = METADATA_LIMIT, error: type[Ex
     except UnicodeDecodeError as e:
         raise error(f"{path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); is it the right "
                     "file?") from e
+
+
+def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), expect: str = "a JSON object",
+               error: type[Exception] = ValueError) -> list[tuple[int, Any]]:
+    """The records of a JSON Lines file as (line number from 1, value), blank lines skipped; every line is checked
+    before any is used. With `fields`, each record must be an object whose `fields` are strings. A failure is one
+    `error` line naming the file and the line, and saying what a line should be (`expect`)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"cannot read {path}: {e}") from e
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}, line {n}: not JSON ({e.msg}, column {e.colno}); expected {expect}") from e
+        except RecursionError as e:  # json.loads gives up on nesting about 1,000 deep
+            raise error(f"{path}, line {n}: nests too deeply to be parsed; expected {expect}") from e
+        if fields and not (isinstance(rec, dict) and all(isinstance(rec.get(f), str) for f in fields)):
+            raise error(f"{path}, line {n}: expected {expect}")
+        out.append((n, rec))
+    return out
 
 
 # ----- atomic writes: a reader never sees a half-written file (write a temporary beside it, fsync, rename) -----
