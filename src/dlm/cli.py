@@ -6,7 +6,7 @@
     dlm eval --model default --data shakespeare --json
     dlm serve --model default --port 8000 --api-key KEY
     dlm chat "Write a Python function for Fibonacci numbers." --model /models/LLaDA-8B-Instruct --dtype bfloat16
-    dlm export --model runs/x --out models/x
+    dlm export --model runs/x --out models/x   [--format sdar | fast_dllm_v2]
     dlm train --data shakespeare --model small --out runs/x --nproc 2        # DDP (torchrun)
     dlm sft --model default --data chats.jsonl --out runs/sft                 # also: dlm lora ... --merge
     dlm adapt /path/to/causal-lm --out runs/a2d --data my.txt --mode shift     # AR -> DLM (docs/adapt.md)
@@ -310,16 +310,17 @@ def _export(args: argparse.Namespace) -> None:
 
     import torch
 
-    from dlm.checkpoint import save_pretrained
+    from dlm.formats.export import EXPORTERS, export_model
 
     if args.quantize:
         raise ValueError("export writes float weights; drop --quantize (quantise when loading instead)")
-    lm = _load(args)
+    EXPORTERS.get(args.format)  # an unknown format fails before the model loads
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise ValueError(f"{out} exists and is not empty; choose another --out or pass --force")
-    save_pretrained(out, lm.model, lm.config, lm.tokenizer, dtype=getattr(torch, args.save_dtype))
-    print(json.dumps({"out": str(out), "files": sorted(p.name for p in out.iterdir())}))
+    lm = _load(args)
+    files = export_model(out, lm.model, lm.config, lm.tokenizer, args.format, dtype=getattr(torch, args.save_dtype))
+    print(json.dumps({"out": str(out), "format": args.format, "files": files}))
 
 
 def _infill(args: argparse.Namespace) -> None:
@@ -689,9 +690,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_flags(c, skip=("num_samples",))
     c.set_defaults(func=_chat, seed=0)
 
-    x = sub.add_parser("export", help="write any loadable model (a run, an upstream folder) as a dlm model folder")
+    x = sub.add_parser("export", help="write any loadable model (a run, an upstream folder) as a dlm model folder, "
+                                      "or a block model as an SDAR / Fast-dLLM v2 folder (docs/block.md)")
     add_model_flags(x)
     x.add_argument("--out", required=True)
+    x.add_argument("--format", default="dlm", metavar="FORMAT",
+                   help="dlm (default), sdar or fast_dllm_v2 (dlm.formats.export.EXPORTERS); a model the layout "
+                        "cannot express exactly is refused, naming what differs")
     x.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     x.add_argument("--force", action="store_true", help="write into a non-empty folder")
     x.set_defaults(func=_export)

@@ -23,6 +23,13 @@ here. Upstream decodes the first token of every block after the first by plain A
 logits) before the block's diffusion steps: `ar_first_token`, set here (a block with no prompt token in it decodes
 its first position alone, then the rest in sub-blocks).
 
+Export (`FastDLLMv2Export`, the inverse of the loader; `dlm export --format fast_dllm_v2`): a dlm block model that is
+this network (no qk_norm, the logit shift, bd3lm) is written with the hub folder's config.json keys (bd_size = the
+process's block size), Qwen2 weight names (zero q/k/v biases for a model trained without them: the same function),
+the tokenizer as Hugging Face files with [MASK] named |<MASK>|, generation_config.json. Upstream's generate() takes
+mask_id (default 151665), block_size (default 32, not read from bd_size) and stop_token as arguments: pass this
+folder's values.
+
     lm = DiffusionLM.from_pretrained("/models/Fast_dLLM_v2_7B", dtype="auto")   # bd3lm, blocks of 32
 """
 
@@ -33,6 +40,18 @@ from typing import Any
 
 from dlm.config import CheckpointConfig, GenerationConfig, ProcessConfig
 from dlm.formats.base import FORMATS, CheckpointError, Format, load_weights
+from dlm.formats.export import (
+    EXPORTERS,
+    Exporter,
+    block_model_problems,
+    dtype_name,
+    generation_config,
+    hf_state_dict,
+    mask_problems,
+    write_json,
+    write_tokenizer,
+    write_weights,
+)
 from dlm.formats.hf_causal import causal_tokenizer, converter, model_config
 
 MASK_TOKEN = "|<MASK>|"  # upstream: mask_id=151665, the id of this added token
@@ -90,3 +109,44 @@ class FastDLLMv2Format(Format):
         convert = converter(bool(config.get("tie_word_embeddings", False)))
         model = load_weights(folder, model_cfg, build_model, convert, dtype, device, allow_pickle)
         return model, cfg, tok
+
+
+@EXPORTERS.register("fast_dllm_v2")
+class FastDLLMv2Export(Exporter):
+    def problems(self, cfg, tok):
+        from dlm.tokenizer import HFTokenizer, IdsOnlyTokenizer
+
+        want = {"qk_norm": (False, "Fast-dLLM v2 is Qwen2.5, without query/key norms"),
+                "logits_shift": (True, "Fast-dLLM v2 keeps the AR shift: the state at i predicts token i + 1")}
+        wrong = block_model_problems("fast_dllm_v2", cfg, want) + mask_problems("fast_dllm_v2", cfg, tok)
+        if isinstance(tok, HFTokenizer) and tok.hf.convert_tokens_to_ids(MASK_TOKEN) != tok.mask_id:
+            wrong.append(f"fast_dllm_v2 finds [MASK] as the token {MASK_TOKEN!r}, which this tokenizer does not "
+                         f"have at the mask id {tok.mask_id}")
+        if isinstance(tok, IdsOnlyTokenizer) and tok.mask_id != MASK_ID:
+            wrong.append(f"a fast_dllm_v2 folder without tokenizer files has [MASK] {MASK_ID}; this model's is "
+                         f"{tok.mask_id}: copy its tokenizer files into the model folder first")
+        return wrong
+
+    def write(self, folder, model, cfg, tok, dtype):
+        m = cfg.model
+        others = sorted(tok.stop_ids - {tok.eos_id})  # config.json's eos list is the loader's only stop source
+        config = {"architectures": ["Fast_dLLM_QwenForCausalLM"], "attention_dropout": 0.0,
+                  "auto_map": {"AutoConfig": "configuration.Fast_dLLM_QwenConfig",
+                               "AutoModel": "modeling.Fast_dLLM_QwenModel",
+                               "AutoModelForCausalLM": "modeling.Fast_dLLM_QwenForCausalLM"},
+                  "bd_size": cfg.process.block_size, "bos_token_id": tok.bos_id,
+                  "conplemenrary_mask": True,  # sic: the hub config's key (training only)
+                  "eos_token_id": [tok.eos_id, *others] if others else tok.eos_id, "hidden_act": "silu",
+                  "hidden_size": m.d_model, "initializer_range": 0.02, "intermediate_size": m.ff_width,
+                  "layer_types": ["full_attention"] * m.n_layers, "max_position_embeddings": m.max_len,
+                  "max_window_layers": m.n_layers, "model_type": "Fast_dLLM_Qwen", "num_attention_heads": m.n_heads,
+                  "num_hidden_layers": m.n_layers, "num_key_value_heads": m.kv_heads, "pad_token_id": tok.pad_id,
+                  "rms_norm_eps": m.norm_eps, "rope_scaling": None, "rope_theta": m.rope_theta,
+                  "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": dtype_name(model, dtype),
+                  "use_cache": True, "use_sliding_window": False, "vocab_size": m.vocab_size}
+        if m.d_head is not None:  # Qwen2 derives head_dim = hidden_size / heads unless config.json names it
+            config["head_dim"] = m.head_dim
+        write_weights(folder, hf_state_dict(model, dtype, qkv_bias=True))
+        write_tokenizer(folder, tok, MASK_TOKEN)
+        write_json(folder / "generation_config.json", generation_config(tok, cfg))
+        write_json(folder / "config.json", config)

@@ -19,12 +19,32 @@ and at least the planned count (one per step). That is our block sampler with `t
 step planned, the defaults set here; greedy (upstream's evaluation: top_k=1) rather than generate.py's
 temperature-1 sampling.
 
+Export (`SDARExport`, the inverse of the loader; `dlm export --format sdar`): a dlm block model that is this network
+(qk_norm on, no biases, no logit shift, bd3lm) is written as an SDAR folder: config.json with SDAR-4B-Chat's key
+set (block_size = the process's block size, mask_token_id = the tokenizer's [MASK]), Qwen3 weight names, the
+tokenizer as Hugging Face files with [MASK] named <|MASK|>, generation_config.json. The modeling code is not
+written (it is upstream's: `auto_map` names configuration_sdar.py / modeling_sdar.py, to be copied from a
+JetLM/SDAR-* hub folder for trust_remote_code).
+
     lm = DiffusionLM.from_pretrained("/models/SDAR-1.7B-Chat")          # bd3lm, blocks of 4
+    export_model("out/sdar", lm.model, lm.config, lm.tokenizer, "sdar")  # dlm.formats.export
 """
 
 from __future__ import annotations
 
 from dlm.formats.base import FORMATS, CheckpointError, Format, load_weights
+from dlm.formats.export import (
+    EXPORTERS,
+    Exporter,
+    block_model_problems,
+    dtype_name,
+    generation_config,
+    hf_state_dict,
+    mask_problems,
+    write_json,
+    write_tokenizer,
+    write_weights,
+)
 from dlm.formats.fast_dllm_v2 import TOKENIZER_FILES, block_checkpoint, positive_int
 from dlm.formats.hf_causal import causal_tokenizer, converter, model_config
 
@@ -55,3 +75,39 @@ class SDARFormat(Format):
         convert = converter(bool(config.get("tie_word_embeddings", False)))
         model = load_weights(folder, model_cfg, build_model, convert, dtype, device, allow_pickle)
         return model, cfg, tok
+
+
+# SDAR-4B-Chat's config.json keys that hold no size (JetAstra/SDAR training/model/SDAR-4B-Chat/config.json); the
+# modeling reads some (fuse_cross_entropy, attn_implementation) in training only.
+_FIXED = {"architectures": ["SDARForCausalLM"],
+          "auto_map": {"AutoConfig": "configuration_sdar.SDARConfig", "AutoModel": "modeling_sdar.SDARModel",
+                       "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"},
+          "attention_bias": False, "attention_dropout": 0.0, "attn_implementation": "flex_attention", "debug": False,
+          "ep_size": 1, "fuse_cross_entropy": True, "hidden_act": "silu", "initializer_range": 0.02,
+          "micro_forward": False, "model_type": "sdar", "rope_scaling": None, "skip_checkpoint": False,
+          "sliding_window": None, "tie_word_embeddings": False, "use_cache": False, "use_deepep": False,
+          "use_sliding_window": False}
+
+
+@EXPORTERS.register("sdar")
+class SDARExport(Exporter):
+    def problems(self, cfg, tok):
+        want = {"qk_norm": (True, "SDAR is Qwen3: RMSNorm on each head's queries and keys; train with "
+                                  "qk_norm=True or adapt a Qwen3 model with `dlm adapt --mode block`"),
+                "qkv_bias": (False, "SDAR's attention has no biases"),
+                "logits_shift": (False, "SDAR's position i predicts token i itself")}
+        return block_model_problems("sdar", cfg, want) + mask_problems("sdar", cfg, tok)
+
+    def write(self, folder, model, cfg, tok, dtype):
+        m = cfg.model
+        config = {**_FIXED, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+                  "block_size": cfg.process.block_size, "mask_token_id": tok.mask_id,
+                  "pad_token_id": tok.pad_id, "head_dim": m.head_dim,
+                  "hidden_size": m.d_model, "intermediate_size": m.ff_width, "max_position_embeddings": m.max_len,
+                  "max_window_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_hidden_layers": m.n_layers,
+                  "num_key_value_heads": m.kv_heads, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
+                  "torch_dtype": dtype_name(model, dtype), "vocab_size": m.vocab_size}
+        write_weights(folder, hf_state_dict(model, dtype))
+        write_tokenizer(folder, tok, MASK_TOKEN)
+        write_json(folder / "generation_config.json", generation_config(tok, cfg))
+        write_json(folder / "config.json", dict(sorted(config.items())))
