@@ -125,6 +125,16 @@ class ModelConfig(_Config):
     sigma_eps: float = 1e-3  # DDiT: the network sees sigma(t) = -log(1 - (1 - eps) t), the log-linear noise
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's queries and keys before RoPE
     d_head: int | None = None  # head width when it is not d_model / n_heads (Qwen3-0.6B: 1024 / 16 heads of 128)
+    rotary_dim: int | None = None  # partial RoPE (LLaDA2): only each head's first rotary_dim channels rotate
+    # Mixture of experts (LLaDA2 / Ling 2.0: models/moe.py); moe_experts=0 keeps the dense SwiGLU in every layer.
+    moe_experts: int = 0  # routed experts of each MoE layer
+    moe_top_k: int = 1  # experts per token
+    moe_d_ff: int | None = None  # width of each expert (a shared one too)
+    moe_shared: int = 0  # shared experts, run on every token (one SwiGLU of width moe_shared * moe_d_ff)
+    moe_groups: int = 1  # group-limited routing: the experts in this many groups, ...
+    moe_topk_groups: int = 1  # ... of which the best groups (by their top-2 scores) are eligible
+    moe_scale: float = 1.0  # the routed output's factor (routed_scaling_factor)
+    moe_dense_layers: int = 0  # the first layers keep the dense SwiGLU (first_k_dense_replace)
 
     def __post_init__(self) -> None:
         sizes = {"vocab_size": self.vocab_size, "d_model": self.d_model, "n_layers": self.n_layers,
@@ -149,6 +159,25 @@ class ModelConfig(_Config):
             raise ConfigError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head width {self.head_dim} (d_head, or d_model/n_heads) must be even for RoPE")
+        if self.rotary_dim is not None and not (2 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ConfigError(f"ModelConfig.rotary_dim must be even and in [2, {self.head_dim}], got {self.rotary_dim}")
+        if self.moe_experts:
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        e, g = self.moe_experts, self.moe_groups
+        if not (isinstance(self.moe_d_ff, int) and self.moe_d_ff >= 1):
+            raise ConfigError(f"ModelConfig.moe_d_ff must be an integer >= 1 with moe_experts={e}, got {self.moe_d_ff}")
+        if e < 2 or g < 1 or e % g or e // g < 2:
+            raise ConfigError(f"moe_experts={e} must split into moe_groups={g} groups of at least 2 experts")
+        if not 1 <= self.moe_topk_groups <= g:
+            raise ConfigError(f"moe_topk_groups={self.moe_topk_groups} must be in [1, moe_groups={g}]")
+        if not 1 <= self.moe_top_k <= self.moe_topk_groups * (e // g):
+            raise ConfigError(f"moe_top_k={self.moe_top_k} must be in [1, {self.moe_topk_groups * (e // g)}] (the "
+                              "experts of the eligible groups)")
+        if self.moe_shared < 0 or self.moe_dense_layers < 0 or not math.isfinite(self.moe_scale):
+            raise ConfigError("moe_shared and moe_dense_layers must be >= 0 and moe_scale finite, got "
+                              f"{self.moe_shared}, {self.moe_dense_layers}, {self.moe_scale}")
 
     @property
     def kv_heads(self) -> int:
@@ -157,6 +186,11 @@ class ModelConfig(_Config):
     @property
     def head_dim(self) -> int:
         return self.d_head if self.d_head is not None else self.d_model // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """The channels of each head that RoPE rotates (all of them unless rotary_dim is set)."""
+        return self.rotary_dim if self.rotary_dim is not None else self.head_dim
 
     @property
     def ff_width(self) -> int:
