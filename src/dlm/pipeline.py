@@ -24,6 +24,7 @@ from dlm.sampling import SAMPLERS, SamplingError, StepEvent, denoise_cached_step
 from dlm.sampling.block import BlockSampler, block_steps
 from dlm.sampling.generate import ModelFn, fit_steps
 from dlm.sampling.guidance import classifier_free_guidance
+from dlm.sampling.noise import Noise, RowGenerators, as_noise
 from dlm.sampling.processors import BannedTokens, build_processors
 from dlm.tokenizer import Tokenizer, tokenizer_like
 
@@ -244,12 +245,13 @@ class DiffusionLM:
 
     def denoise(self, canvas: torch.Tensor, start: int, opts: GenerationConfig,
                 attention_mask: torch.Tensor | None = None, processors: list | tuple = (),
-                prompt_mask: torch.Tensor | None = None) -> Iterator[StepEvent]:
+                prompt_mask: torch.Tensor | None = None, generator: Any = None) -> Iterator[StepEvent]:
         """The public canvas primitive: the denoising events of a canvas (B, L) whose [start, L) is generated
         block by block (masks before `start` are filled with the first block), under `opts` (from `options()`),
-        the logits processors and, for guidance, the prompt mask (B, L). Uses the KV caches when opts.cache asks."""
-        g = torch.Generator(device=self.device)
-        g.manual_seed(opts.seed if opts.seed is not None else torch.seed() % 2**63)
+        the logits processors and, for guidance, the prompt mask (B, L). Uses the KV caches when opts.cache asks.
+        The noise: one generator per row, row i seeded opts.seed + i (dlm.sampling.noise), unless `generator`
+        gives it (RowGenerators or a list of one torch.Generator per row; a single torch.Generator is shared)."""
+        g = self._row_noise(opts, canvas.shape[0], generator)
         tok = self.tokenizer
         sampler = SAMPLERS.build(opts.sampler, mask_id=tok.mask_id, config=opts, eos_id=tok.eos_id, pad_id=tok.pad_id)
         self._check_family(sampler, opts.sampler)
@@ -272,8 +274,21 @@ class DiffusionLM:
             return
         yield from denoise_steps(model_fn, canvas, start, opts.steps, opts.block_length, sampler, g, processors, eos)
 
+    def _row_noise(self, opts: GenerationConfig, rows: int, generator: Any = None) -> Noise:
+        """The noise of a call: `generator` when given, else one generator per row seeded opts.seed + i (a fresh
+        base seed when opts.seed is None), so a row's samples never depend on the other rows of the batch."""
+        if generator is None:
+            return RowGenerators.seeded(opts.seed, rows, self.device)
+        g = as_noise(generator)
+        if not isinstance(g, (torch.Generator, RowGenerators)):
+            raise SamplingError(f"generator must be a torch.Generator, a list of them (one per row) or "
+                                f"RowGenerators, got {type(generator).__name__}")
+        if isinstance(g, RowGenerators) and len(g) != rows:
+            raise SamplingError(f"{len(g)} generators for {rows} rows (prompts x num_samples): give one per row")
+        return g
+
     def _block_events(self, canvas: torch.Tensor, start: int, opts: GenerationConfig, am: torch.Tensor | None,
-                      processors: list | tuple, sampler: BlockSampler, g: torch.Generator) -> Iterator[StepEvent]:
+                      processors: list | tuple, sampler: BlockSampler, g: Noise) -> Iterator[StepEvent]:
         """The block sampler's events (dlm.sampling.block): after the prompt canvas[:, :start], block by block."""
         tok = self.tokenizer
         if opts.cfg_scale > 0:
@@ -330,7 +345,7 @@ class DiffusionLM:
                  remasking: str | None = None, seed: int | None = None, sampler: str | None = None,
                  callback: Callable[[StepEvent], None] | None = None, attention_mask: torch.Tensor | None = None,
                  config: GenerationConfig | None = None, constraints: dict[str, Any] | None = None,
-                 max_length: int | None = None, **options: Any) -> Any:
+                 max_length: int | None = None, generator: Any = None, **options: Any) -> Any:
         """Generate after one prompt or a batch; every GenerationConfig field is accepted as a keyword.
 
         str -> str (the continuation, cut at the first [EOS]); list[str] -> list[str] (prompts of different
@@ -339,6 +354,9 @@ class DiffusionLM:
         consecutive rows per prompt row. A list[int] (what `tokenizer.encode` returns) is one row of ids and gives
         the list[int] of prompt + new tokens. `max_length` is the total length (Hugging Face's name); other
         libraries' option names (num_steps, num_sampling_steps, gen_length, ...) are accepted as ours.
+        Noise: row i (prompt p's sample j is row p * num_samples + j) draws from its own generator seeded
+        seed + i, so n samples of one seed differ, and a row's text does not depend on the other rows;
+        `generator` (RowGenerators, or a list of one torch.Generator per row) replaces that rule.
         `constraints={"format": "markdown", "sections": [...], "max_length": n}` writes a Markdown document with
         exactly those headings (dlm.control.documents.generate_markdown); the code constraints of
         `generate_with_constraints` (function_signature, max_lines, ...) give its result.
@@ -366,11 +384,12 @@ class DiffusionLM:
                 raise SamplingError("an autoregressive baseline decodes left to right: it has no denoising steps "
                                     "to show (drop callback / --show / --save-trajectory)")
             ids, am, kind = self._prompt_batch(prompt, attention_mask)
-            out = self._decode_left_to_right(ids, am, opts)
+            out = self._decode_left_to_right(ids, am, opts, generator)
             P = ids.shape[1]
         else:
             canvas, P, am, processors, prompt_mask, kind = self._prepare(prompt, attention_mask, opts)
-            out = _final_canvas(canvas, self.denoise(canvas, P, opts, am, processors, prompt_mask), callback)
+            events = self.denoise(canvas, P, opts, am, processors, prompt_mask, generator)
+            out = _final_canvas(canvas, events, callback)
         if kind == "ids":
             return out[0].tolist() if plain_ids and out.shape[0] == 1 else out
         texts = [self.decode_new(row[P:].tolist()) for row in out]
@@ -402,7 +421,7 @@ class DiffusionLM:
                             f"constraints {list(CODE_CONSTRAINTS)}")
 
     def _decode_left_to_right(self, ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                              opts: GenerationConfig) -> torch.Tensor:
+                              opts: GenerationConfig, generator: Any = None) -> torch.Tensor:
         """Plain autoregressive decoding for the AR baseline: ids (B, P) -> (B, P + max_new_tokens).
 
         The network sees [BOS] + the prompt, as in training (the `ar` loss); each step appends one token per row:
@@ -420,8 +439,7 @@ class DiffusionLM:
             attention_mask = attention_mask.repeat_interleave(n, 0) if attention_mask is not None else None
         B, P = ids.shape
         self._check_length(1 + P + opts.max_new_tokens)
-        g = torch.Generator(device=self.device)
-        g.manual_seed(opts.seed if opts.seed is not None else torch.seed() % 2**63)
+        g = self._row_noise(opts, B, generator)  # one generator per row, as the diffusion samplers
         # [BOS] + prompt per row, left-padded: (B, 1 + P); the padding mask marks the real tokens.
         seq = torch.full((B, 1 + P), tok.pad_id, dtype=torch.long)
         am = torch.zeros((B, 1 + P), dtype=torch.long)
@@ -457,11 +475,12 @@ class DiffusionLM:
         return out
 
     def stream(self, prompt: str | list[str] | torch.Tensor, config: GenerationConfig | None = None,
-               attention_mask: torch.Tensor | None = None, **options: Any) -> Iterator[StepEvent]:
+               attention_mask: torch.Tensor | None = None, generator: Any = None,
+               **options: Any) -> Iterator[StepEvent]:
         """Yield every denoising step (canvas, newly committed positions, their confidences) as it happens."""
         opts = self.options(config, **options)
         canvas, P, am, processors, prompt_mask, _ = self._prepare(prompt, attention_mask, opts)
-        yield from self.denoise(canvas, P, opts, am, processors, prompt_mask)
+        yield from self.denoise(canvas, P, opts, am, processors, prompt_mask, generator)
 
     def decode_new(self, new: list[int]) -> str:
         """Generated ids -> text: cut at the first stop id ([EOS], end of turn), [PAD] removed."""

@@ -10,6 +10,7 @@ from dlm.sampling.generate import SamplingError, StepEvent, denoise, denoise_ste
 from dlm.sampling.guidance import ClassifierFreeGuidance, classifier_free_guidance
 from dlm.sampling.llada import LLaDASampler  # registers "llada"
 from dlm.sampling.mdlm import MDLMCacheSampler, MDLMSampler  # registers "mdlm", "mdlm_cache"
+from dlm.sampling.noise import RowGenerators
 from dlm.sampling.processors import (
     AllowedTokens,
     BannedTokens,
@@ -33,4 +34,4 @@ __all__ = ["SAMPLERS", "REMASKING", "Sampler", "LLaDASampler", "SamplerOutput", 
            "TopP",
            "build_processors", "DreamSampler", "MDLMSampler", "MDLMCacheSampler", "denoise_cached",
            "denoise_cached_steps", "FastDLLMSampler", "GraphSampler", "SEDDEulerSampler", "SEDDAnalyticSampler",
-           "D3PMSampler", "BlockSampler", "block_steps"]
+           "D3PMSampler", "BlockSampler", "block_steps", "RowGenerators"]

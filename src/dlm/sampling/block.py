@@ -47,6 +47,7 @@ import torch
 from dlm.models.common import BlockCache
 from dlm.sampling.generate import SamplingError, StepEvent
 from dlm.sampling.llada import LLaDASampler
+from dlm.sampling.noise import Noise, subset
 from dlm.sampling.processors import LogitsProcessor, apply_processors
 from dlm.sampling.sampler import SAMPLERS, SamplerOutput
 
@@ -88,10 +89,8 @@ class BlockSampler(LLaDASampler):
     def step(self, logits, xt, lo, hi, generator=None, offset=0):
         """logits (B, L, V) (or (B, hi - offset, V)), xt (B, L): commits masked positions before `hi` (and in
         `eligible`, when the driver set it)."""
-        candidate, x0, confidence = self.predict(logits, xt, hi, generator, offset)
-        if self.eligible is not None:
-            candidate &= self.eligible
-            confidence = torch.where(candidate, confidence, -torch.inf)
+        # Only the driver's region is predicted (and draws noise): a row's draws never depend on its neighbours.
+        candidate, x0, confidence = self.predict(logits, xt, hi, generator, offset, self.eligible)
         n = self.commits_planned.to(xt.device)
         if self.config.threshold is not None:
             n = torch.maximum(n, (candidate & (confidence > self.config.threshold)).sum(1))
@@ -108,7 +107,7 @@ def steps_per_block(steps: int, block_size: int, max_new_tokens: int) -> int:
 
 @torch.no_grad()
 def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch.Tensor | None, sampler: BlockSampler,
-                generator: torch.Generator | None = None, processors: Sequence[LogitsProcessor] = (), *,
+                generator: Noise = None, processors: Sequence[LogitsProcessor] = (), *,
                 block_size: int, max_new_tokens: int, steps: int, eos_id: int | None = None, sub_block: int = 0,
                 cache: bool = True, window: int | None = None,
                 stop_ids: Sequence[int] | None = None, ar_first_token: bool = False) -> Iterator[StepEvent]:
@@ -248,6 +247,7 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
         pending = block  # its K/V, computed once, go in with the next block's first forward
         if not bool(keep.all()):
             rows, pending = rows[keep], pending[keep]
+            generator = subset(generator, keep)  # one generator per row: they leave the batch with their rows
             first_row = None
             if cache:
                 kv.select(keep)

@@ -34,6 +34,7 @@ import torch
 
 from dlm.models.common import KVCache
 from dlm.sampling.generate import ModelFn, SamplingError, StepEvent, denoise_steps
+from dlm.sampling.noise import Noise
 from dlm.sampling.processors import LogitsProcessor
 from dlm.sampling.sampler import Sampler
 
@@ -82,7 +83,7 @@ class CachedForward(ModelFn):
 
 
 def denoise_cached_steps(model: torch.nn.Module, x: torch.Tensor, start: int, steps: int, block_length: int | None,
-                         sampler: Sampler, generator: torch.Generator | None = None,
+                         sampler: Sampler, generator: Noise = None,
                          processors: Sequence[LogitsProcessor] = (), attention_mask: torch.Tensor | None = None,
                          mode: str = "prefix", time_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                          eos_id: int | None = None) -> Iterator[StepEvent]:
@@ -103,7 +104,7 @@ def denoise_cached_steps(model: torch.nn.Module, x: torch.Tensor, start: int, st
 
 
 def denoise_cached(model: torch.nn.Module, x: torch.Tensor, start: int, steps: int, block_length: int | None,
-                   sampler: Sampler, generator: torch.Generator | None = None,
+                   sampler: Sampler, generator: Noise = None,
                    processors: Sequence[LogitsProcessor] = (), callback: Callable[[StepEvent], None] | None = None,
                    attention_mask: torch.Tensor | None = None, mode: str = "prefix",
                    time_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,

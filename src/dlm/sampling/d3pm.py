@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from dlm.processes.d3pm import D3PM, D3PMAbsorbing
+from dlm.sampling.noise import for_items
 from dlm.sampling.sampler import SAMPLERS, gumbel_argmax
 from dlm.sampling.sedd import GraphSampler
 from dlm.schedules import Linear
@@ -59,5 +60,5 @@ class D3PMSampler(GraphSampler):
         else:
             p0 = torch.zeros_like(cand).scatter_(-1, cand.argmax(-1, keepdim=True), 1.0)
         probs = self.process.posterior(x, s, k, p0)  # (N, V) float64
-        dest = gumbel_argmax(torch.log(probs), 1.0, generator)
+        dest = gumbel_argmax(torch.log(probs), 1.0, for_items(generator, candidate.sum(1)))  # row by row
         return self.output(xt, candidate, dest, dest != x, probs.gather(-1, dest[:, None])[:, 0])

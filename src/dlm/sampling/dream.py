@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from dlm.config import ConfigError, GenerationConfig
+from dlm.sampling.noise import for_items, uniform
 from dlm.sampling.remasking import REMASKING, LowConfidence, Remasking
 from dlm.sampling.sampler import SAMPLERS, Sampler, SamplerOutput, gumbel_argmax
 
@@ -159,6 +160,11 @@ class DreamSampler(Sampler):
         last = i == self.timesteps.numel() - 2
         cfg = self.config
         candidate = (xt == self.mask_id) & (torch.arange(L, device=xt.device) < hi)  # (B, L): may commit now
+        n = None
+        if not self.origin:
+            n = candidate.sum(1) if last else self.commits_planned.to(xt.device)
+            candidate &= (n > 0)[:, None]  # a row planned to commit nothing draws nothing (its step is skipped)
+        gen = for_items(generator, candidate.sum(1))  # each row draws for its own candidates only
         x0 = xt.clone()
         confidence = torch.full(xt.shape, -torch.inf, dtype=torch.float64, device=xt.device)
         if bool(candidate.any()):  # Dream's `sample_tokens` on the candidates' logits only
@@ -167,24 +173,24 @@ class DreamSampler(Sampler):
                 cand[:, self.mask_id] = -torch.inf
             cand = filter_logits(cand, cfg.temperature, cfg.top_p, cfg.top_k)
             probs = cand.softmax(-1)
-            pred = gumbel_argmax(cand, 1.0, generator) if cfg.temperature > 0 else probs.argmax(-1)  # (N,)
+            pred = gumbel_argmax(cand, 1.0, gen) if cfg.temperature > 0 else probs.argmax(-1)  # (N,)
             if self.origin:
                 conf = probs.gather(-1, pred[:, None])[:, 0]
             else:
-                conf = self.remasking.confidence(probs[None], pred[None], generator)[0]  # (N,)
+                conf = self.remasking.confidence(probs[None], pred[None], gen)[0]  # (N,)
             x0[candidate] = pred
             confidence[candidate] = conf.double()
         if self.origin:
             p_transfer = 1.0 if last else float(1 - self.timesteps[i + 1] / self.timesteps[i])
-            u = torch.rand((B, L), generator=generator, dtype=torch.float64, device=xt.device)
-            commit = candidate & (u < p_transfer)
+            commit = candidate.clone()
+            commit[candidate] = uniform(gen, (int(candidate.sum()),), device=xt.device) < p_transfer
         else:
             score = confidence
             if cfg.alg_temp:
                 # Drawing n without replacement from softmax(c / alg_temp) = top-n of c / alg_temp + Gumbel.
-                u = torch.rand((B, L), generator=generator, dtype=torch.float64, device=xt.device)
+                u = torch.ones(xt.shape, dtype=torch.float64, device=xt.device)
+                u[candidate] = uniform(gen, (int(candidate.sum()),), device=xt.device)
                 score = confidence / cfg.alg_temp - torch.log(-torch.log(u.clamp_min(1e-300)))
-            n = candidate.sum(1) if last else self.commits_planned
             commit = self.remasking.select(score, candidate, n)
         kept_masked = commit & (x0 == self.mask_id)  # (B, L): [MASK] predictions, committed as upstream does
         self.remaining = self.remaining - (commit & ~kept_masked).sum(1).to(self.remaining.device)

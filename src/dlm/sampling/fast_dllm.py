@@ -76,13 +76,15 @@ class FastDLLMSampler(LLaDASampler):
         """logits (B, L, V) (or windowed, as LLaDASampler), xt (B, L); commits masked positions inside [0, hi)
         only: earlier blocks are complete, so this is [lo, hi) except in the first block, which also owns masks
         inside the prompt (infilling). Fast-dLLM likewise gives positions past the block -inf confidence."""
-        candidate, x0, confidence = self.predict(logits, xt, hi, generator, offset)
+        planned = None if self.adaptive else self.commits_planned  # a row planned to commit nothing draws nothing
+        allowed = None if planned is None else (planned > 0)[:, None]
+        candidate, x0, confidence = self.predict(logits, xt, hi, generator, offset, allowed)
         if self.config.factor is not None:
             n = factor_count(confidence, candidate, self.config.factor)
         elif self.config.threshold is not None:
             n = threshold_count(confidence, candidate, self.config.threshold)
         else:
-            n = self.commits_planned
+            n = planned
         commit = self.remasking.select(confidence, candidate, n)
         self.step_index += 1
         self.remaining = (self.remaining - commit.sum(1).to(self.remaining.device)).clamp_min(0)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dlm.errors import SamplingError  # re-exported: dlm.sampling.SamplingError
+from dlm.sampling.noise import Noise
 from dlm.sampling.processors import LogitsProcessor, apply_processors
 from dlm.sampling.sampler import Sampler, SamplerOutput
 
@@ -88,7 +89,7 @@ def _blocks(gen_length: int, block_length: int | None) -> tuple[int, int]:
 
 
 def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, start: int, steps: int,
-                  block_length: int | None, sampler: Sampler, generator: torch.Generator | None = None,
+                  block_length: int | None, sampler: Sampler, generator: Noise = None,
                   processors: Sequence[LogitsProcessor] = (), eos_id: int | None = None) -> Iterator[StepEvent]:
     """The denoising loop as a generator of StepEvents; the final canvas is the last event's `output.xt`.
 
@@ -160,7 +161,7 @@ def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 
 
 def denoise(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, start: int, steps: int,
-            block_length: int | None, sampler: Sampler, generator: torch.Generator | None = None,
+            block_length: int | None, sampler: Sampler, generator: Noise = None,
             processors: Sequence[LogitsProcessor] = (), callback: Callable[[StepEvent], None] | None = None,
             eos_id: int | None = None) -> torch.Tensor:
     """Run `denoise_steps` to the end -> the final canvas (B, L); `callback` sees every StepEvent."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from dlm.sampling.noise import Noise, for_items
 from dlm.sampling.sampler import SAMPLERS, Sampler, SamplerOutput, gumbel_argmax
 
 
@@ -22,23 +23,29 @@ class LLaDASampler(Sampler):
     fixed_plan = True  # commits_planned is exact: a step planned to commit nothing needs no forward pass
     windowed = True  # step() accepts the logits of [offset, hi) only
 
-    def predict(self, logits: torch.Tensor, xt: torch.Tensor, hi: int, generator: torch.Generator | None,
-                offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def predict(self, logits: torch.Tensor, xt: torch.Tensor, hi: int, generator: Noise,
+                offset: int = 0, allowed: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> candidate (B, L) bool (masked, before `hi`), x0 (B, L) and confidence (B, L) float64 at them.
 
         logits (B, L, V) or, windowed, (B, W, V) for positions [offset, offset + W) that cover every candidate.
+        allowed: (B, L) or (B, 1) bool, where this step may commit at all (a row planned to commit nothing, the
+        block sampler's sub-block): nothing is predicted or drawn elsewhere, so a row's noise is its own.
         """
         candidate = xt == self.mask_id
         candidate[:, hi:] = False  # (B, L): may be committed by this step
+        if allowed is not None:
+            candidate &= allowed
         x0 = xt.clone()
         confidence = torch.full(xt.shape, -torch.inf, dtype=torch.float64, device=xt.device)
         if bool(candidate.any()):
+            gen = for_items(generator, candidate.sum(1))  # row r draws for its own candidates only
             cand_logits = logits[candidate[:, offset:offset + logits.shape[1]]]  # (N, V)
             if self.config.suppress_special:  # else, as the reference, a [MASK] prediction leaves it masked
                 cand_logits[:, self.mask_id] = -torch.inf
-            pred = gumbel_argmax(cand_logits, self.temperature, generator)  # (N,)
+            pred = gumbel_argmax(cand_logits, self.temperature, gen)  # (N,)
             probs = torch.softmax(cand_logits.double(), dim=-1)  # (N, V) float64, as the reference
-            conf = self.remasking.confidence(probs[None], pred[None], generator)[0]  # (N,)
+            conf = self.remasking.confidence(probs[None], pred[None], gen)[0]  # (N,)
             conf = self.defer_end_markers(pred, conf)  # keep [EOS] / [PAD] from being committed early
             x0[candidate] = pred
             confidence[candidate] = conf.double()
@@ -49,7 +56,8 @@ class LLaDASampler(Sampler):
 
         Commits inside [0, hi) only (earlier blocks are already complete)."""
         n = self.commits_planned
-        candidate, x0, confidence = self.predict(logits, xt, hi, generator, offset)
+        # A row planned to commit nothing draws nothing: as if the step were skipped for it (`fixed_plan`).
+        candidate, x0, confidence = self.predict(logits, xt, hi, generator, offset, (n > 0)[:, None])
         commit = self.remasking.select(confidence, candidate, n)
         self.step_index += 1
         return SamplerOutput(xt=torch.where(commit, x0, xt), committed=commit & (x0 != self.mask_id), x0=x0,

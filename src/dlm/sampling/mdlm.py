@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from dlm.sampling.noise import for_items, uniform
 from dlm.sampling.sampler import SAMPLERS, Sampler, SamplerOutput, gumbel_argmax
 from dlm.schedules import LogLinear, NoiseSchedule
 
@@ -56,15 +57,16 @@ class MDLMSampler(Sampler):
         B, L = xt.shape
         i = self.step_index
         candidate = (xt == self.mask_id) & (torch.arange(L, device=xt.device) < hi)  # (B, L): may commit now
-        u = torch.rand((B, L), generator=generator, dtype=torch.float64, device=xt.device)
-        commit = candidate & (u < self.unmask_probability(i))
+        gen = for_items(generator, candidate.sum(1))  # each row draws for its own candidates only
+        commit = candidate.clone()
+        commit[candidate] = uniform(gen, (int(candidate.sum()),), device=xt.device) < self.unmask_probability(i)
         last = i == self.timesteps.numel() - 2
         x0 = xt.clone()
         confidence = torch.full(xt.shape, -torch.inf, dtype=torch.float64, device=xt.device)
         if bool(candidate.any()):
             cand = logits[candidate].double()  # (N, V) float64
             cand[:, self.mask_id] = -torch.inf  # SUBS: [MASK] is never a prediction
-            pred = gumbel_argmax(cand, self.temperature, generator)  # (N,)
+            pred = gumbel_argmax(cand, self.temperature, gen)  # (N,)
             if last:  # noise removal: what the ancestral draw leaves masked takes the argmax
                 pred = torch.where(commit[candidate], pred, cand.argmax(-1))
             x0[candidate] = pred

@@ -12,13 +12,15 @@ from __future__ import annotations
 import torch
 
 from dlm.registry import Registry
+from dlm.sampling.noise import Noise, uniform
 
 REMASKING: Registry[type[Remasking]] = Registry("remasking rule")
 
 
 class Remasking:
-    def confidence(self, probs: torch.Tensor, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """probs (B, L, V) float64, x0 (B, L) predicted tokens -> score (B, L) float64; higher commits first."""
+    def confidence(self, probs: torch.Tensor, x0: torch.Tensor, generator: Noise) -> torch.Tensor:
+        """probs (B, L, V) float64, x0 (B, L) predicted tokens -> score (B, L) float64; higher commits first.
+        Samplers pass their candidates as one row (1, N, V) with `generator.for_items` counts (dlm.sampling.noise)."""
         raise NotImplementedError
 
     @staticmethod
@@ -47,4 +49,4 @@ class LowConfidence(Remasking):
 @REMASKING.register("random")
 class RandomRemasking(Remasking):
     def confidence(self, probs, x0, generator):
-        return torch.rand(x0.shape, generator=generator, dtype=torch.float64, device=x0.device)
+        return uniform(generator, x0.shape, dtype=torch.float64, device=x0.device)

@@ -16,6 +16,7 @@ import torch
 
 from dlm.config import GenerationConfig
 from dlm.registry import Registry
+from dlm.sampling.noise import Noise, uniform
 from dlm.sampling.remasking import REMASKING
 
 SAMPLERS: Registry[type[Sampler]] = Registry("sampler", plugins=tuple(
@@ -39,11 +40,14 @@ def num_transfer_tokens(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
     return plan
 
 
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """argmax(logits / T + Gumbel) computed in float64 (LLaDA's `add_gumbel_noise`, in log space); T=0: argmax."""
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: Noise) -> torch.Tensor:
+    """argmax(logits / T + Gumbel) computed in float64 (LLaDA's `add_gumbel_noise`, in log space); T=0: argmax.
+
+    logits (N, V): with RowGenerators, row r's items are drawn from its own generator (`for_items` counts, or
+    one row of logits per generator)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
+    u = uniform(generator, logits.shape, dtype=torch.float64, device=logits.device)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
     return (logits.double() + temperature * gumbel).argmax(-1)
 
@@ -79,7 +83,7 @@ class Sampler:
             raise ValueError(f"this sampler samples masked diffusion, but the checkpoint is a "
                              f"{type(process).__name__} model: use sampler={own!r}")
 
-    def begin(self, x: torch.Tensor, region: slice, generator: torch.Generator | None) -> torch.Tensor:
+    def begin(self, x: torch.Tensor, region: slice, generator: Noise) -> torch.Tensor:
         """Called once a block is planned, before its first step -> the canvas (a uniform graph draws its prior)."""
         return x
 
@@ -128,6 +132,9 @@ class Sampler:
         return self.plan[:, self.step_index]
 
     def step(self, logits: torch.Tensor, xt: torch.Tensor, lo: int, hi: int,
-             generator: torch.Generator | None = None, offset: int = 0) -> SamplerOutput:
-        """logits (B, L, V) (windowed: (B, hi - offset, V)), xt (B, L) -> SamplerOutput; commits before `hi`."""
+             generator: Noise = None, offset: int = 0) -> SamplerOutput:
+        """logits (B, L, V) (windowed: (B, hi - offset, V)), xt (B, L) -> SamplerOutput; commits before `hi`.
+
+        `generator`: a torch.Generator, None (the global RNG) or RowGenerators (dlm.sampling.noise: one per row). A
+        row draws only at the positions the step may change in it, so its noise never depends on its neighbours."""
         raise NotImplementedError

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from dlm.processes.sedd import AbsorbingGraph, Graph, uniform_tokens
+from dlm.processes.sedd import AbsorbingGraph, Graph
 from dlm.sampling.generate import SamplingError
+from dlm.sampling.noise import Noise, for_items, randint, uniform
 from dlm.sampling.sampler import SAMPLERS, Sampler, SamplerOutput, gumbel_argmax
 from dlm.schedules import LogLinear
 
@@ -62,7 +63,7 @@ class GraphSampler(Sampler):
     def absorbing(self) -> bool:
         return bool(self.process.absorbing)
 
-    def begin(self, x: torch.Tensor, region: slice, generator: torch.Generator | None) -> torch.Tensor:
+    def begin(self, x: torch.Tensor, region: slice, generator: Noise) -> torch.Tensor:
         """Mark the free positions (the masks of the region); a uniform chain draws its prior there."""
         self.free = torch.zeros_like(x, dtype=torch.bool)
         self.free[:, region] = x[:, region] == self.mask_id
@@ -71,8 +72,9 @@ class GraphSampler(Sampler):
         V = self.process.vocab_size
         if V is None:
             raise SamplingError("a uniform graph needs the vocabulary size: call use_process(process)")
-        noise = uniform_tokens(V, self.mask_id, x.shape, generator, x.device)
-        x = torch.where(self.free, noise, x)
+        x = x.clone()  # the prior is drawn at the free positions only, row by row: a row's draws are its own
+        r = randint(for_items(generator, self.free.sum(1)), V - 1, (int(self.free.sum()),), x.device)
+        x[self.free] = r + (r >= self.mask_id).long()  # uniform over the V - 1 ids that are not [MASK]
         if bool((x == self.mask_id).any()):
             raise SamplingError("a uniform graph has no [MASK] state to hold later blocks: sample the whole canvas "
                                 "as one block (block_length=0)")
@@ -146,11 +148,12 @@ class SEDDSampler(GraphSampler):
             probs = graph.tweedie_probs(score, x, sigma)
         else:
             probs = self.step_probs(score, x, i)
-        dest, moved, p_dest = draw(probs, x, self.temperature, generator, force_move=last and self.absorbing)
+        gen = for_items(generator, candidate.sum(1))  # each row draws for its own candidates only
+        dest, moved, p_dest = draw(probs, x, self.temperature, gen, force_move=last and self.absorbing)
         return self.output(xt, candidate, dest, moved, p_dest)
 
 
-def draw(probs: torch.Tensor, x: torch.Tensor, temperature: float, generator: torch.Generator | None,
+def draw(probs: torch.Tensor, x: torch.Tensor, temperature: float, generator: Noise,
          force_move: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """probs (N, V) float64 (may hold small negatives), x (N,) -> destination (N,), moved (N,) bool, its prob (N,).
 
@@ -160,7 +163,7 @@ def draw(probs: torch.Tensor, x: torch.Tensor, temperature: float, generator: to
     move = probs.scatter(-1, x[:, None], 0.0)
     move_total = move.sum(-1)
     total = (move_total + stay).clamp_min(1e-300)
-    u = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=x.device)
+    u = uniform(generator, x.shape, dtype=torch.float64, device=x.device)
     dest = gumbel_argmax(torch.log(move), temperature, generator)
     moved = torch.ones_like(x, dtype=torch.bool) if force_move else (u * total < move_total)
     return dest, moved, move.gather(-1, dest[:, None])[:, 0] / total
