@@ -55,7 +55,7 @@ class Format:
 # The formats register themselves in their own modules (their matches never overlap: ours has no model_type),
 # imported on the first lookup: the registry lives with its base class, and no format imports the package.
 FORMATS: Registry[type[Format]] = Registry("checkpoint format", plugins=tuple(
-    f"dlm.formats.{m}" for m in ("native", "llada", "dream", "mdlm", "sedd", "hf_causal", "fast_dllm_v2", "sdar")))
+    f"dlm.formats.{m}" for m in ("native", "llada", "dream", "mdlm", "sedd", "hf_causal", "fast_dllm_v2", "sdar", "llada2")))
 
 
 # The small files any format or tokenizer may read; each must be a regular file under io.METADATA_LIMIT.
@@ -291,5 +291,5 @@ def materialise_buffers(net: nn.Module, cfg: ModelConfig, device: torch.device |
 
     for m in net.modules():
         if isinstance(m, Rotary):
-            m.inv_freq = Rotary(cfg.head_dim, cfg.rope_theta).inv_freq.to(device)
+            m.inv_freq = Rotary(2 * m.inv_freq.shape[0], cfg.rope_theta).inv_freq.to(device)  # its own width
             m._cache = None

@@ -1,5 +1,6 @@
 """The transformer of LLaDA, Dream, the AR baseline and the block models: pre-norm blocks (RMSNorm, RoPE attention,
-SwiGLU), no time input, untied head (LLaMA / Qwen2 / Qwen3 layouts load onto it: dlm.formats).
+SwiGLU), no time input, untied head (LLaMA / Qwen2 / Qwen3 layouts load onto it: dlm.formats). With
+`ModelConfig.moe_experts` the feed-forward of the later layers is a mixture of experts (models/moe.py, LLaDA2).
 
 Bidirectional by default (the mask predictor of LLaDA, Nie et al. 2025); `causal=True` gives the AR baseline
 with the very same blocks (models/ar.py). The network maps tokens to logits and nothing else.
@@ -33,15 +34,17 @@ from dlm.models.common import (
     attention_rule,
     init_weights,
 )
+from dlm.models.moe import MoE
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, causal: bool) -> None:
+    def __init__(self, cfg: ModelConfig, causal: bool, layer: int = 0) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, causal)
         self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ff = SwiGLU(cfg)
+        # LLaDA2: a mixture of experts after the first moe_dense_layers dense layers (models/moe.py)
+        self.ff = MoE(cfg) if cfg.moe_experts and layer >= cfg.moe_dense_layers else SwiGLU(cfg)
 
     def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0, causal=None):  # x: (B, L, D)
         x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, layer, causal)
@@ -59,8 +62,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
-        self.blocks = nn.ModuleList(Block(cfg, self.causal) for _ in range(cfg.n_layers))
+        self.rotary = Rotary(cfg.rope_dim, cfg.rope_theta)  # rope_dim < head_dim: partial RoPE (LLaDA2)
+        self.blocks = nn.ModuleList(Block(cfg, self.causal, i) for i in range(cfg.n_layers))
         self.ln_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         init_weights(self, cfg.n_layers)
