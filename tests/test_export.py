@@ -58,11 +58,12 @@ def tiny_block_model(seed: int = SEED, **model: object):
     return net, cfg, ByteTokenizer()
 
 
-def native_lm(tmp_path: Path, name: str = "native", **model: object) -> DiffusionLM:
-    """The seeded model saved as a dlm folder and loaded as a user would hold it."""
+def native_lm(tmp_path: Path, name: str = "native", tok=None, **model: object) -> DiffusionLM:
+    """The seeded model saved as a dlm folder and loaded as a user would hold it (with `tok`'s vocabulary)."""
     from dlm.checkpoint import save_pretrained
 
-    net, cfg, tok = tiny_block_model(**model)
+    net, cfg, byte = tiny_block_model(**({"vocab_size": tok.vocab_size} if tok else {}), **model)
+    tok = tok or byte
     save_pretrained(tmp_path / name, net, cfg, tok, dtype=torch.float32)
     return DiffusionLM.from_pretrained(str(tmp_path / name))
 
@@ -116,6 +117,21 @@ def test_sdar_export_loads_back_to_identical_logits_and_tokens(tmp_path, dtype):
     assert tok2.encode(text) == tok.encode(text) and tok2.decode(tok.encode(text)) == text
     same_generations(lm, back, ids[:1, :6])
     same_generations(lm, back, ["ROMEO:", "To be, or not"])  # a ragged batch of text prompts
+
+
+def test_a_bpe_tokenizer_becomes_hugging_face_files_with_the_same_ids(tmp_path):
+    from dlm.tokenizer import BPETokenizer
+
+    texts = ["First Citizen: Before we proceed any further, hear me speak.", "All: Speak, speak. Ünïcödé 日本"]
+    bpe = BPETokenizer.train(texts * 20, vocab_size=300)
+    lm = native_lm(tmp_path, tok=bpe)
+    back = export(lm, tmp_path / "sdar", "sdar")
+    for text in [*texts, "Before we speak, hear me.\n\tproceed 日本 [MASK]"]:
+        assert back.tokenizer.encode(text) == bpe.encode(text)
+        assert back.tokenizer.decode(bpe.encode(text)) == bpe.decode(bpe.encode(text))
+    assert back.tokenizer.decode([bpe.mask_id], skip_special=False) == "<|MASK|>"  # SDAR's name for it
+    ids = torch.tensor([bpe.encode(texts[0])[:20]])
+    assert torch.equal(back.logits(ids), lm.logits(ids))
 
 
 def test_weights_carry_the_qwen3_names(tmp_path):
@@ -267,3 +283,23 @@ def test_cli_refuses_a_model_sdar_cannot_hold(tmp_path, capsys):
     assert err.startswith("dlm: error: sdar cannot hold this model exactly: sdar needs qk_norm=True")
     assert "\n" not in err
     assert not (tmp_path / "sdar").exists()
+
+
+# ----- the writers invert the loaders: an upstream folder, loaded and exported, is that folder again -------------
+@pytest.mark.parametrize("name, fmt", [("sdar-tiny", "sdar"), ("fast-dllm-v2-tiny", "fast_dllm_v2")])
+def test_an_upstream_folder_loaded_and_exported_is_that_folder_again(tmp_path, name, fmt):
+    from dlm.formats.export import export_model
+
+    src = Path(__file__).parent / "data" / "hf" / name
+    lm = DiffusionLM.from_pretrained(str(src))
+    export_model(tmp_path / "x", lm.model, lm.config, lm.tokenizer, fmt, dtype=torch.bfloat16)
+    want, got = (json.loads((f / "config.json").read_text()) for f in (src, tmp_path / "x"))
+    want.pop("transformers_version")
+    assert {k: got[k] for k in want} == want  # every upstream key, with the upstream value
+    assert set(got) - set(want) <= {"pad_token_id"}
+    w0, w1 = load_file(src / "model.safetensors"), load_file(tmp_path / "x" / "model.safetensors")
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) and w0[k].dtype == w1[k].dtype for k in w0)
+    back = DiffusionLM.from_pretrained(str(tmp_path / "x"))
+    assert back.config.sampling == lm.config.sampling and back.tokenizer.stop_ids == lm.tokenizer.stop_ids
+    ids = load_file(src / "reference.safetensors")["input_ids"]
+    assert torch.equal(back.logits(ids), lm.logits(ids))
