@@ -26,27 +26,77 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from dlm.config import ConfigError
-
+from dlm.config import ConfigError, ProcessConfig, TrainConfig
 
 # ----- training: train, sft, lora, and their torchrun launcher (docs/training.md) ---------------------------------
-def _add_optim_flags(p: argparse.ArgumentParser, lr: float = 1e-3, max_steps: int = 1000, warmup: int = 100) -> None:
-    """The optimisation, checkpoint and launch flags every training command shares."""
-    p.add_argument("--out", required=True, help="run folder; re-run the same command to resume from it")
-    p.add_argument("--max-steps", type=int, default=max_steps)
-    p.add_argument("--batch-size", type=int, default=32, help="the global batch: all ranks and micro-batches together")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (gradient accumulation)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--warmup", type=int, default=warmup)
+# The config fields that are training flags: --name-with-dashes (or the spelling given here), typed and defaulted from
+# the dataclass field (a command may change a default: fine-tuning takes smaller and fewer steps). Value: the help.
+OPTIM_FLAGS: dict[str, str | None] = {  # TrainConfig, every training command (train, sft, lora, adapt)
+    "out": "run folder; re-run the same command to resume from it",
+    "max_steps": None,
+    "batch_size": "the global batch: all ranks and micro-batches together",
+    "grad_accum": "micro-batches per step (gradient accumulation)",
+    "seq_len": None,
+    "lr": None,
+    "warmup_steps": None,
+    "ema": None,
+    "ckpt_every": None,
+    "log_every": None,
+    "seed": None,
+    "fsdp": "under torchrun: shard the model with FSDP2 instead of DDP",
+}
+PRETRAIN_FLAGS: dict[str, str | None] = {  # TrainConfig, dlm train only
+    "data": "corpus name (shakespeare, python-stdlib, fortunes-it) or a path",
+    "tokenizer": "byte, or bpe:<vocab size>",
+    "eval_every": None,
+    "random_length_prob": "share of batches cut to a random length (LLaDA pretrains with 0.01)",
+}
+PROCESS_FLAGS: dict[str, str | None] = {  # ProcessConfig, dlm train only; None default: the process's (family's)
+    "schedule": "linear (LLaDA), loglinear (MDLM, SEDD absorbing), cosine, geometric (SEDD uniform); default: the "
+                "process's",
+    "loss": "masked_elbo (masked default), masked_unweighted, ar, score_entropy (SEDD), d3pm_hybrid (D3PM)",
+    "eps": "schedule eps (default: the process's; 0 for D3PM)",
+    "sigma_min": "geometric schedule: sigma(0) (default 1e-4)",
+    "sigma_max": "geometric schedule: sigma(1) (default 20)",
+    "timesteps": "D3PM: number T of discrete steps (default 1000)",
+    "hybrid_lambda": "D3PM: weight of the x0 cross-entropy (default 0.01)",
+    "block_size": "bd3lm: tokens per block (default 16; 1 is AR, seq_len MDLM)",
+    "clip_min": "bd3lm: block times t ~ U[clip-min, clip-max] (default 1e-3)",
+    "clip_max": "bd3lm: upper end of the clipped schedule (default 1)",
+    "infill_prob": "fraction of sequences on the infilling objective",
+    "max_span": None,
+}
+FAMILY_DEFAULTS = ("schedule", "loss", "eps", "sigma_min", "sigma_max", "timesteps", "hybrid_lambda", "block_size",
+                   "clip_min", "clip_max")  # unset unless given: dlm.train.process_config fills in the family's
+_FLAG_SPELLING = {"warmup_steps": "--warmup"}  # the flag's older, shorter name
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls: type, flags: dict[str, str | None],
+                     defaults: dict[str, Any] | None = None, required: tuple[str, ...] = ()) -> None:
+    """One flag per named field of the config dataclass `cls`, typed and defaulted from the field (or `defaults`;
+    `required` fields have none); the parsed value is `args.<field name>`."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = defaults or {}
+    for name, help_text in flags.items():
+        flag = _FLAG_SPELLING.get(name, "--" + name.replace("_", "-"))
+        tp = next((t for t in typing.get_args(hints[name]) if t is not type(None)), hints[name])
+        default = defaults.get(name, fields[name].default)
+        if name in required:
+            p.add_argument(flag, dest=name, required=True, help=help_text)
+        elif tp is bool:
+            p.add_argument(flag, dest=name, action="store_true", default=default, help=help_text)
+        else:
+            p.add_argument(flag, dest=name, type=tp, default=default, help=help_text)
+
+
+def _add_optim_flags(p: argparse.ArgumentParser, **defaults: Any) -> None:
+    """The optimisation, checkpoint and launch flags every training command shares; `defaults` override
+    TrainConfig's for this command."""
+    add_config_flags(p, TrainConfig, OPTIM_FLAGS, defaults, required=("out",))
     _add_precision_flags(p)
-    p.add_argument("--ema", type=float, default=0.0)
-    p.add_argument("--ckpt-every", type=int, default=250)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, or cuda (each rank takes its own GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 instead of DDP")
     p.add_argument("--nproc", type=int, default=1, help="processes on this node: runs torchrun for you")
     p.add_argument("--nnodes", type=int, default=1, help="nodes taking part (run the same command on each)")
     p.add_argument("--rdzv-endpoint", help="HOST:PORT on one of the nodes where they meet (several nodes)")
@@ -73,30 +123,35 @@ def _precision(args: argparse.Namespace) -> str:
 THREADS_HELP = ("torch threads (default 0: one fewer than the CPUs, so that another busy process cannot stall "
                 "torch's threads; OMP_NUM_THREADS is obeyed)")
 
-_LAUNCH_FLAGS = ("nproc", "nnodes", "rdzv_endpoint")
+LAUNCH_FLAGS = ("--nproc", "--nnodes", "--rdzv-endpoint")  # the launcher's own: a torchrun worker gets none
+
+
+class Parsed(argparse.Namespace):
+    """A parsed command line that remembers the words it was parsed from (`argv`, a slot: not among vars())."""
+
+    __slots__ = ("argv",)
+
+
+class Parser(argparse.ArgumentParser):
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        ns = super().parse_args(args, Parsed() if namespace is None else namespace)
+        if isinstance(ns, Parsed):
+            ns.argv = list(sys.argv[1:] if args is None else args)
+        return ns
 
 
 def _command_argv(args: argparse.Namespace) -> list[str]:
-    """The flags of a parsed training command, less the launcher's: the command line each torchrun worker gets."""
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    argv = [args.command]
-    for action in sub.choices[args.command]._actions:
-        value = getattr(args, action.dest, action.default)
-        if not action.option_strings and isinstance(value, str):  # a positional (dlm adapt MODEL), in its place
-            argv.append(value)
-            continue
-        if not action.option_strings or action.dest in _LAUNCH_FLAGS or value == action.default:
-            continue
-        flag = action.option_strings[0]
-        if isinstance(action, argparse.BooleanOptionalAction):
-            argv.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(action, argparse._StoreTrueAction):
-            argv.append(flag)
-        elif isinstance(value, list):
-            argv += [flag, *map(str, value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
+    """The command line each torchrun worker runs (`dlm --nproc 2 train ...` relaunches itself): the words the
+    command was parsed from, less the launcher's flags (`--nproc 2` or `--nproc=2`). A worker would ignore them
+    anyway (it is launched, so it does not launch again); they are dropped so its command reads as one process's."""
+    argv, out = list(args.argv), []
+    while argv:
+        word = argv.pop(0)
+        if word in LAUNCH_FLAGS:
+            argv = argv[1:]  # and its value
+        elif not word.startswith(tuple(f + "=" for f in LAUNCH_FLAGS)):
+            out.append(word)
+    return out
 
 
 def _relaunched(args: argparse.Namespace) -> bool:
@@ -111,14 +166,10 @@ def _relaunched(args: argparse.Namespace) -> bool:
     return True
 
 
-def _train_config(args: argparse.Namespace, **fields: Any):
-    from dlm.config import TrainConfig
-
-    return TrainConfig(out=args.out, max_steps=args.max_steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                       lr=args.lr, warmup_steps=args.warmup, precision=_precision(args), ema=args.ema,
-                       ckpt_every=args.ckpt_every,
-                       log_every=args.log_every, seed=args.seed, threads=args.threads, grad_accum=args.grad_accum,
-                       fsdp=args.fsdp, **fields)
+def _train_config(args: argparse.Namespace, **fields: Any) -> TrainConfig:
+    """The TrainConfig of a training command: its OPTIM_FLAGS, the precision, --threads, then `fields`."""
+    return TrainConfig(**{name: getattr(args, name) for name in OPTIM_FLAGS}, precision=_precision(args),
+                       threads=args.threads, **fields)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -174,7 +225,7 @@ def _add_sft_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eos-padding", default="response", choices=["response", "context"],
                    help="response (LLaDA): EOS padding is masked and scored as answer; context: left clean")
     p.add_argument("--max-examples", type=int, help="use the first n chats")
-    _add_optim_flags(p, lr=1e-4, max_steps=500, warmup=20)
+    _add_optim_flags(p, lr=1e-4, max_steps=500, warmup_steps=20)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -190,13 +241,9 @@ def _train(args: argparse.Namespace) -> None:
         overrides["max_len"] = args.max_len
     model_cfg = ModelConfig.preset(args.model, **overrides)
     loss = args.loss or ("ar" if model_cfg.arch == "ar" else family.defaults.get("loss", "masked_elbo"))
-    given = {"schedule": args.schedule, "eps": args.eps, "sigma_min": args.sigma_min, "sigma_max": args.sigma_max,
-             "timesteps": args.timesteps, "hybrid_lambda": args.hybrid_lambda, "block_size": args.block_size,
-             "clip_min": args.clip_min, "clip_max": args.clip_max}
-    pcfg = process_config(args.process, loss=loss, infill_prob=args.infill_prob, max_span=args.max_span,
-                          **{k: v for k, v in given.items() if v is not None})
-    tcfg = _train_config(args, data=args.data, tokenizer=args.tokenizer, eval_every=args.eval_every,
-                         random_length_prob=args.random_length_prob)
+    given = {name: getattr(args, name) for name in PROCESS_FLAGS if name != "loss"}
+    pcfg = process_config(args.process, loss=loss, **{k: v for k, v in given.items() if v is not None})
+    tcfg = _train_config(args, **{name: getattr(args, name) for name in PRETRAIN_FLAGS})
     summary = train(tcfg, model_cfg, pcfg, device=args.device, show_progress=not args.quiet)
     _print_summary(summary)
 
@@ -378,15 +425,10 @@ def _judge(args: argparse.Namespace) -> None:
     if (args.model is None) == (args.input is None):
         raise ValueError("give --model (generate samples, then judge them) or --input FILE.jsonl (judge its texts)")
     if args.input is not None:
-        from pathlib import Path
+        from dlm.io import read_jsonl
 
-        try:
-            recs = [json.loads(line) for line in Path(args.input).read_text(encoding="utf-8").splitlines()
-                    if line.strip()]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read {args.input}: {e}") from e
-        if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in recs):
-            raise ValueError(f'{args.input}: each line must be a JSON object with a "text" (and optional "prompt")')
+        recs = [r for _, r in read_jsonl(args.input, fields=("text",),
+                                         expect='a JSON object with a string "text" (and an optional "prompt")')]
         texts, prompts = [r["text"] for r in recs], [r.get("prompt", "") for r in recs]
     else:
         lm = _load(args)
@@ -476,25 +518,12 @@ def _read_json(path: str, what: str) -> Any:
 
 
 def _augment(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from dlm.control.augment import augment
+    from dlm.io import read_jsonl
 
-    try:
-        lines = Path(args.input).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read {args.input}: {e}") from e
-    texts = []
-    for n, line in enumerate(lines, 1):  # every line is checked before the model loads
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"line {n}: not JSON ({e})") from e
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-            raise ValueError(f'line {n}: expected a JSON object with a string "text" field')
-        texts.append(rec["text"])
+    # every line is checked before the model loads
+    texts = [r["text"] for _, r in read_jsonl(args.input, fields=("text",),
+                                              expect='a JSON object with a string "text" field')]
     opts = generation_options(args)
     variants = augment(_load(args), texts, noise=args.noise, n=args.n, seed=opts.pop("seed", None), **opts)
     for i, vs in enumerate(variants):
@@ -557,36 +586,19 @@ def _pattern(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dlm", description="Diffusion language models: train, sample, infill, evaluate.")
+    ap = Parser(prog="dlm", description="Diffusion language models: train, sample, infill, evaluate.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from scratch (re-run the same command to resume)")
-    t.add_argument("--data", required=True, help="corpus name (shakespeare, python-stdlib, fortunes-it) or a path")
     t.add_argument("--model", default="small", help="size preset: tiny, small, base, large")
     t.add_argument("--arch", choices=["llada", "dit", "ar"],
                    help="network (default: the process's: llada for masked, dit for SEDD and D3PM)")
     t.add_argument("--process", default="masked",
                    help="masked, bd3lm (block diffusion, docs/block.md), sedd-absorbing, sedd-uniform, "
                         "d3pm-absorbing, d3pm-uniform (docs/families.md)")
-    t.add_argument("--schedule", help="linear (LLaDA), loglinear (MDLM, SEDD absorbing), cosine, geometric (SEDD "
-                                      "uniform); default: the process's")
-    t.add_argument("--loss", help="masked_elbo (masked default), masked_unweighted, ar, score_entropy (SEDD), "
-                                  "d3pm_hybrid (D3PM)")
-    t.add_argument("--eps", type=float, help="schedule eps (default: the process's; 0 for D3PM)")
-    t.add_argument("--sigma-min", type=float, help="geometric schedule: sigma(0) (default 1e-4)")
-    t.add_argument("--sigma-max", type=float, help="geometric schedule: sigma(1) (default 20)")
-    t.add_argument("--timesteps", type=int, help="D3PM: number T of discrete steps (default 1000)")
-    t.add_argument("--hybrid-lambda", type=float, help="D3PM: weight of the x0 cross-entropy (default 0.01)")
-    t.add_argument("--block-size", type=int, help="bd3lm: tokens per block (default 16; 1 is AR, seq_len MDLM)")
-    t.add_argument("--clip-min", type=float, help="bd3lm: block times t ~ U[clip-min, clip-max] (default 1e-3)")
-    t.add_argument("--clip-max", type=float, help="bd3lm: upper end of the clipped schedule (default 1)")
-    t.add_argument("--infill-prob", type=float, default=0.0, help="fraction of sequences on the infilling objective")
-    t.add_argument("--max-span", type=int, default=64)
-    t.add_argument("--tokenizer", default="byte", help="byte, or bpe:<vocab size>")
     t.add_argument("--max-len", type=int, help="model context (default: the preset's)")
-    t.add_argument("--eval-every", type=int, default=250)
-    t.add_argument("--random-length-prob", type=float, default=0.0,
-                   help="share of batches cut to a random length (LLaDA pretrains with 0.01)")
+    add_config_flags(t, ProcessConfig, PROCESS_FLAGS, dict.fromkeys(FAMILY_DEFAULTS))
+    add_config_flags(t, TrainConfig, PRETRAIN_FLAGS, required=("data",))
     _add_optim_flags(t)
     t.set_defaults(func=_train)
 
@@ -617,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
     ad.add_argument("--r", type=int, default=8, help="LoRA rank")
     ad.add_argument("--alpha", type=float, default=16.0, help="LoRA: the update is scaled by alpha / r")
-    _add_optim_flags(ad, lr=5e-5, max_steps=1000, warmup=20)
+    _add_optim_flags(ad, lr=5e-5, max_steps=1000, warmup_steps=20)
     ad.set_defaults(func=_adapt)
 
     g = sub.add_parser("generate", help="continue a prompt (every GenerationConfig option is a flag)")
