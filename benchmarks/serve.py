@@ -1,13 +1,19 @@
 """Serving benchmark: throughput and latency of `dlm serve` at 1, 8 and 32 concurrent clients, batching on and off;
-and a soak mode that keeps N clients busy for S seconds and reports 5xx answers and the server's memory over time.
+the same with batching on for requests of `n` samples (1, 4, 8), seeded and unseeded; and a soak mode that keeps
+N clients busy for S seconds and reports 5xx answers and the server's memory over time.
 
     python benchmarks/serve.py                                  # default model -> benchmarks/results/serve.json
+    python benchmarks/serve.py --samples --seconds 15           # n 1/4/8 x seeded/unseeded (key "samples")
     python benchmarks/serve.py --soak 60 --clients 16           # soak: 5xx count and RSS over time (same JSON)
     python benchmarks/serve.py --model tiny-random --quick      # smoke run on a random tiny model, seconds
 
 The server runs as `dlm serve` in a subprocess (its RSS is measured from /proc); the clients are closed-loop
 (each sends its next request when the last one is answered) asyncio tasks sending /v1/completions with prompts
 of different lengths. "Batching off" is `--batch-size 1`; "on" is `--batch-size` = the most clients (32).
+`--samples`: one server with batching on (`--batch-size` = the most clients, counted in rows, so a batch holds
+32 / n requests of n samples); each request asks for `n` samples at `--sample-temperature`, with a seed of its own
+(seeded: every request a different seed, as clients asking for reproducible samples do) or none (unseeded).
+Seeded and unseeded requests batch alike (dlm.server.batching); the rows of the table show what n costs.
 """
 
 from __future__ import annotations
@@ -68,12 +74,12 @@ def rss_mb(pid: int) -> float | None:
 
 
 @contextmanager
-def server(model: str, batch_size: int, args: argparse.Namespace):
+def server(model: str, batch_size: int, args: argparse.Namespace, max_n: int = 8):
     """`dlm serve` in a subprocess on a free port -> (base URL, pid); terminated on exit."""
     port = free_port()
     cmd = [sys.executable, "-m", "dlm.cli", "serve", "--model", model, "--port", str(port), "--batch-size",
            str(batch_size), "--batch-wait-ms", str(args.batch_wait_ms), "--queue-size", "1024", "--timeout", "600",
-           "--max-tokens", str(max(args.max_tokens, 512)), "--log-level", "warning"]
+           "--max-tokens", str(max(args.max_tokens, 512)), "--max-n", str(max_n), "--log-level", "warning"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -114,6 +120,15 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+def cpu_name() -> str:
+    """The CPU's model name and torch's capability level (AVX2, AVX512, AMX...), for the results."""
+    import torch
+
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -121,8 +136,10 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
-async def load(url: str, clients: int, seconds: float, body: dict, on_sample=None, sample_every: float = 0.0):
-    """`clients` closed-loop clients for `seconds` -> (latencies of 200s, status counts, completion tokens)."""
+async def load(url: str, clients: int, seconds: float, body: dict, on_sample=None, sample_every: float = 0.0,
+               seeded: bool = False):
+    """`clients` closed-loop clients for `seconds` -> (latencies of 200s, status counts, completion tokens).
+    seeded: every request carries a seed of its own (client i's k-th request: seed 1000 i + k)."""
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     tokens = [0]
@@ -134,7 +151,8 @@ async def load(url: str, clients: int, seconds: float, body: dict, on_sample=Non
             k += 1
             t0 = time.perf_counter()
             try:
-                r = await http.post("/v1/completions", json={**body, "prompt": PROMPTS[k % len(PROMPTS)]})
+                seed = {"seed": 1000 * i + k} if seeded else {}
+                r = await http.post("/v1/completions", json={**body, **seed, "prompt": PROMPTS[k % len(PROMPTS)]})
                 status = str(r.status_code)
             except httpx.HTTPError as e:
                 r, status = None, type(e).__name__
@@ -169,24 +187,49 @@ def throughput(model: str, args: argparse.Namespace) -> list[dict]:
         with server(model, batch_size, args) as (url, pid):
             httpx.post(url + "/v1/completions", json={**request_body(args), "prompt": "warm up"}, timeout=600)
             for clients in levels:
-                before = scrape(url)
-                t0 = time.perf_counter()
-                lat, statuses, tokens = asyncio.run(load(url, clients, args.seconds, request_body(args)))
-                elapsed = time.perf_counter() - t0
-                after = scrape(url)
-                batches = after["dlm_batches_total"] - before["dlm_batches_total"]
-                jobs = after["dlm_batched_requests_total"] - before["dlm_batched_requests_total"]
-                row = {"batching": batching, "batch_size": batch_size, "clients": clients, "requests": len(lat),
-                       "seconds": round(elapsed, 2), "requests_per_s": round(len(lat) / elapsed, 3),
-                       "tokens_per_s": round(tokens / elapsed, 1),
-                       "p50_ms": round(1000 * percentile(lat, 0.5), 1) if lat else None,
-                       "p99_ms": round(1000 * percentile(lat, 0.99), 1) if lat else None,
-                       "mean_batch": round(jobs / batches, 2) if batches else None, "statuses": statuses,
-                       "server_rss_mb": rss_mb(pid)}
+                row = {"batching": batching, "batch_size": batch_size, **measure(url, pid, clients,
+                                                                                request_body(args), args)}
                 rows.append(row)
                 print(f"  batching {batching:3} clients {clients:3}: {row['requests_per_s']:8.2f} req/s  "
                       f"p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  mean batch {row['mean_batch']}",
                       file=sys.stderr)
+    return rows
+
+
+def measure(url: str, pid: int, clients: int, body: dict, args: argparse.Namespace, seeded: bool = False) -> dict:
+    """One cell: `clients` closed-loop clients for args.seconds -> req/s, tokens/s, p50/p99, mean batch."""
+    before = scrape(url)
+    t0 = time.perf_counter()
+    lat, statuses, tokens = asyncio.run(load(url, clients, args.seconds, body, seeded=seeded))
+    elapsed = time.perf_counter() - t0
+    after = scrape(url)
+    batches = after["dlm_batches_total"] - before["dlm_batches_total"]
+    jobs = after["dlm_batched_requests_total"] - before["dlm_batched_requests_total"]
+    return {"clients": clients, "requests": len(lat), "seconds": round(elapsed, 2),
+            "requests_per_s": round(len(lat) / elapsed, 3), "tokens_per_s": round(tokens / elapsed, 1),
+            "p50_ms": round(1000 * percentile(lat, 0.5), 1) if lat else None,
+            "p99_ms": round(1000 * percentile(lat, 0.99), 1) if lat else None,
+            "mean_batch": round(jobs / batches, 2) if batches else None, "statuses": statuses,
+            "server_rss_mb": rss_mb(pid)}
+
+
+def samples(model: str, args: argparse.Namespace) -> list[dict]:
+    """Batching on; n 1/4/8 samples per request, seeded and unseeded, at each client level."""
+    levels = [int(c) for c in args.levels.split(",")]
+    ns = [int(n) for n in args.ns.split(",")]
+    rows = []
+    with server(model, max(levels), args, max_n=max(ns)) as (url, pid):
+        base = {**request_body(args), "temperature": args.sample_temperature}
+        httpx.post(url + "/v1/completions", json={**base, "n": max(ns), "prompt": "warm up"}, timeout=600)
+        for n in ns:
+            for seeded in (False, True):
+                for clients in levels:
+                    row = {"n": n, "seeded": seeded, "batch_size": max(levels),
+                           **measure(url, pid, clients, {**base, "n": n}, args, seeded)}
+                    rows.append(row)
+                    print(f"  n {n} {'seeded  ' if seeded else 'unseeded'} clients {clients:3}: "
+                          f"{row['requests_per_s']:8.2f} req/s  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  "
+                          f"mean batch {row['mean_batch']}", file=sys.stderr)
     return rows
 
 
@@ -226,6 +269,14 @@ def markdown(result: dict) -> str:
             bad = sum(n for s, n in r["statuses"].items() if s != "200")
             lines.append(f"| {r['batching']} | {r['clients']} | {r['requests_per_s']} | {r['tokens_per_s']} | "
                          f"{r['p50_ms']} | {r['p99_ms']} | {r['mean_batch']} | {bad} |")
+    if result.get("samples"):
+        lines += ["", "| n | seed | clients | req/s | samples/s | tokens/s | p50 ms | p99 ms | mean batch (requests) "
+                      "| non-200 |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in result["samples"]:
+            bad = sum(n for s, n in r["statuses"].items() if s != "200")
+            lines.append(f"| {r['n']} | {'seeded' if r['seeded'] else 'unseeded'} | {r['clients']} | "
+                         f"{r['requests_per_s']} | {round(r['requests_per_s'] * r['n'], 2)} | {r['tokens_per_s']} | "
+                         f"{r['p50_ms']} | {r['p99_ms']} | {r['mean_batch']} | {bad} |")
     if result.get("soak"):
         s = result["soak"]
         lines += ["", f"Soak: {s['clients']} clients for {s['seconds']} s, {s['requests']} requests, {s['5xx']} 5xx, "
@@ -249,6 +300,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16, help="soak mode: concurrent clients")
     ap.add_argument("--batch-size", type=int, default=0, help="soak mode: server batch size (0: = clients)")
     ap.add_argument("--sample-every", type=float, default=5.0, help="soak mode: RSS sampling period (s)")
+    ap.add_argument("--samples", action="store_true", help="n samples per request, seeded and unseeded, batching "
+                    "on (key 'samples'; skips the other runs)")
+    ap.add_argument("--ns", default="1,4,8", help="--samples: samples per request, comma-separated")
+    ap.add_argument("--sample-temperature", type=float, default=0.7, help="--samples: temperature of the requests")
     ap.add_argument("--quick", action="store_true", help="2 s per level, 16 tokens in 8 steps: a smoke run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     args = ap.parse_args()
@@ -260,13 +315,18 @@ def main() -> None:
         model = str(tiny_random_checkpoint(Path(tmp) / "tiny-random")) if args.model == "tiny-random" else args.model
         out = Path(args.out)
         result = json.loads(out.read_text()) if out.exists() else {}
-        result["meta_soak" if args.soak else "meta"] = {
+        key = "meta_soak" if args.soak else "meta_samples" if args.samples else "meta"
+        result[key] = {
             "model": args.model, "python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "steps": args.steps,
             "block_length": args.block_length, "batch_wait_ms": args.batch_wait_ms, "threads": args.threads,
-            "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "cpu": cpu_name(), **({"seconds": args.seconds, "ns": args.ns, "temperature": args.sample_temperature}
+                                  if args.samples else {})}
         if args.soak:
             result["soak"] = soak(model, args)
+        elif args.samples:
+            result["samples"] = samples(model, args)
         else:
             result["throughput"] = throughput(model, args)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -451,13 +451,13 @@ def test_batches_group_equal_options_and_respect_the_row_budget(lm):
                 Job("infill", ["w [MASK] x"], {}, False, 10)]
         for job in jobs:
             batcher.submit(job)
-        taken = [batcher._take() for _ in range(5)]
+        taken = [batcher._take() for _ in range(4)]
         return jobs, taken
 
     jobs, taken = asyncio.run(scenario())
-    assert taken == [[jobs[0], jobs[2], jobs[4]],  # 1 + 2 + 1 rows fill the budget of 4
-                     [jobs[1]], [jobs[3]],  # other steps; a seed decodes alone
-                     [jobs[5]], [jobs[6]]]  # the rest of `a`; infill alone
+    assert taken == [[jobs[0], jobs[2], jobs[3]],  # 1 + 2 + 1 rows fill the budget of 4 (a seed batches too)
+                     [jobs[1]],  # other steps
+                     [jobs[4], jobs[5]], [jobs[6]]]  # the rest of `a`; infill alone
     assert batcher.depth == 0
 
 

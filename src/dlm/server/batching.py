@@ -1,12 +1,15 @@
 """The model's one worker: a bounded queue of jobs, grouped into batches and decoded together on a thread.
 
-Requests whose decoding options are equal (every GenerationConfig field but the prompt) share one call of
-`DiffusionLM.generate` with a list of prompts: the library left-pads prompts of different lengths and masks the
-pads out, so a row's text is the one it would get alone. A job with a `seed` is decoded alone (the library draws
-one generator per call, so a seeded row's noise would depend on its neighbours), and so is an infill job
-(`DiffusionLM.infill` takes one text), and so is a "call" job (structured outputs and the control endpoints: a
-function of the model run on this thread, see structured.py). Streaming jobs get every denoising step of their own
-rows; a batch whose jobs have all gone (client disconnected or timed out) is abandoned at the next step.
+Requests whose decoding options are equal (every GenerationConfig field but the prompt, the seed and `n`) share
+one call of `DiffusionLM.generate` with a list of prompts, each repeated for its request's n samples: the library
+left-pads prompts of different lengths and masks the pads out, and every row draws its noise from its own
+generator (dlm.sampling.noise), so a row's text is the one it would get alone. Seeded and unseeded requests batch
+together: a request seeded `s` gets the generators seeded s + i for its rows i (the library's own rule, so it gives
+the same text alone, batched, or as `DiffusionLM.generate(..., seed=s, num_samples=n)`), an unseeded one fresh
+seeds. An infill job is decoded alone (`DiffusionLM.infill` takes one text), and so is a "call" job (structured
+outputs and the control endpoints: a function of the model run on this thread, see structured.py). Streaming
+jobs get every denoising step of their own rows; a batch whose jobs have all gone (client disconnected or timed
+out) is abandoned at the next step.
 
     batcher = Batcher(lm, batch_size=8, batch_wait_ms=5, queue_size=64); batcher.start()
     job = Job("generate", ["ROMEO:"], lm.sampling, stream=False, timeout=60); batcher.submit(job)
@@ -28,6 +31,7 @@ import torch
 
 from dlm.config import GenerationConfig
 from dlm.pipeline import DiffusionLM
+from dlm.sampling.noise import RowGenerators
 
 log = logging.getLogger("dlm.server")
 
@@ -86,8 +90,8 @@ class Job:
         self._messages: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         n = options.num_samples if isinstance(options, GenerationConfig) else 1
         self.rows = len(prompts) * n
-        if kind == "generate" and isinstance(options, GenerationConfig) and options.seed is None:
-            self.key: Any = json.dumps(options.to_dict(), sort_keys=True)
+        if kind == "generate" and isinstance(options, GenerationConfig):  # seed and n are per job: not in the key
+            self.key: Any = json.dumps(options.replace(seed=None, num_samples=1).to_dict(), sort_keys=True)
         else:
             self.key = ("alone", id(self))
 
@@ -283,8 +287,9 @@ class Batcher:
 
     def _decode_generate(self, batch: list[Job], emitted: list[bool]) -> list[JobResult]:
         opts: GenerationConfig = batch[0].options  # type: ignore[assignment]
-        n = opts.num_samples
-        prompts = [p for job in batch for p in job.prompts]
+        # Each job's prompts repeated n times (its own n), as the library lays out num_samples: prompt p's sample j
+        # is the job's row p * n + j. So jobs with different n share the call too.
+        prompts = [p for job in batch for p in job.prompts for _ in range(job.options.num_samples)]  # type: ignore
         spans, row = [], 0
         for job in batch:
             spans.append((row, row + job.rows))
@@ -305,8 +310,13 @@ class Batcher:
             last["xt"] = out.xt
             last["steps"] += 1
 
-        texts = self.lm.generate(prompts, config=opts, callback=callback)
-        rows = [t for group in texts for t in group] if n > 1 else list(texts)
+        # One generator per row: job j's rows i seeded seed_j + i (fresh seeds for an unseeded job).
+        device = self.lm.device
+        generators = [g for job in batch for g in RowGenerators.seeded(job.options.seed, job.rows,  # type: ignore
+                                                                       device).generators]
+        texts = self.lm.generate(prompts, config=opts.replace(seed=None, num_samples=1), callback=callback,
+                                 generator=RowGenerators(generators))
+        rows = list(texts)
         xt = last["xt"].cpu()  # the final canvas (B, L): which rows reached [EOS], how many tokens they hold
         region = xt[:, xt.shape[1] - opts.max_new_tokens:]
         tok = self.lm.tokenizer
