@@ -5,8 +5,9 @@ upstream bf16 convention loses nothing) is exported and loaded back with dlm's o
 identical logits (float32, exactly) and identical block-sampler tokens. tests/data/export/sdar-tiny is that
 model's SDAR export, committed with `reference.safetensors`: logits and greedy generations computed once by the
 UPSTREAM SDAR code (JetAstra/SDAR modeling_sdar.py and its evaluation's block_diffusion_generate, CPU stand-ins
-for the flash-attn kernels; reference_meta.json says exactly how). The export of the same seeded model must be
-byte-identical to the committed weights, and dlm must match upstream on it. No upstream code runs here.
+for the flash-attn kernels; reference_meta.json says exactly how); tests/data/export/fast-dllm-v2-tiny is the same for
+the Qwen2.5-shaped variant and Fast-dLLM v2's hub modeling.py. The export of the same seeded model must be
+byte-identical to each committed folder, and dlm must match upstream on it. No upstream code runs here.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from dlm.tokenizer import ByteTokenizer
 
 DATA = Path(__file__).parent / "data" / "export"
 SDAR_EXPORT = DATA / "sdar-tiny"
+FAST_EXPORT = DATA / "fast-dllm-v2-tiny"
+FAST_MODEL = {"block_size": 8, "qk_norm": False, "logits_shift": True, "qkv_bias": True}  # Qwen2.5-shaped
 SEED = 20261202
 BLOCK = 4
 
 
-def tiny_block_model(seed: int = SEED, **model: object):
+def tiny_block_model(seed: int = SEED, block_size: int = BLOCK, **model: object):
     """(network, CheckpointConfig, ByteTokenizer) of a tiny bd3lm model with blocks of 4, Qwen3-shaped by default
     (qk_norm on, grouped-query attention), weights drawn in sorted-name order from `seed`: norms 1 + 0.1 randn,
     the embedding std 0.5, q/k std 0.2, the head std 1.0 (sharp enough that the confidence threshold commits
@@ -52,9 +55,9 @@ def tiny_block_model(seed: int = SEED, **model: object):
             else:
                 value = z * next((s for k, s in std.items() if k in name), 0.15)
             p.copy_(value.to(torch.bfloat16).float())
-    process = ProcessConfig(process="bd3lm", **{**PROCESSES.get("bd3lm").defaults, "block_size": BLOCK})
+    process = ProcessConfig(process="bd3lm", **{**PROCESSES.get("bd3lm").defaults, "block_size": block_size})
     cfg = CheckpointConfig(model=m, process=process)
-    cfg.sampling = cfg.sampling.replace(sampler="block", block_length=BLOCK)
+    cfg.sampling = cfg.sampling.replace(sampler="block", block_length=block_size)
     return net, cfg, ByteTokenizer()
 
 
@@ -303,3 +306,46 @@ def test_an_upstream_folder_loaded_and_exported_is_that_folder_again(tmp_path, n
     assert back.config.sampling == lm.config.sampling and back.tokenizer.stop_ids == lm.tokenizer.stop_ids
     ids = load_file(src / "reference.safetensors")["input_ids"]
     assert torch.equal(back.logits(ids), lm.logits(ids))
+
+
+# ----- the committed Fast-dLLM v2 export and the upstream hub code's outputs on it ------------------------------
+def shifted(raw: torch.Tensor) -> torch.Tensor:
+    """Fast-dLLM v2's generate(): a forward's logits moved one place right, position 0 keeping its own."""
+    return torch.cat([raw[:, :1], raw[:, :-1]], 1)
+
+
+@pytest.fixture(scope="module")
+def committed_fast():
+    return DiffusionLM.from_pretrained(str(FAST_EXPORT)), load_file(FAST_EXPORT / "reference.safetensors")
+
+
+def test_fast_dllm_v2_export_of_the_seeded_model_is_byte_identical(tmp_path):
+    from dlm.formats.export import export_model
+
+    net, cfg, tok = tiny_block_model(**FAST_MODEL)
+    files = export_model(tmp_path / "x", net, cfg, tok, "fast_dllm_v2", dtype=torch.bfloat16)
+    for name in files:
+        assert (tmp_path / "x" / name).read_bytes() == (FAST_EXPORT / name).read_bytes(), name
+
+
+def test_dlm_matches_the_upstream_fast_dllm_v2_code_on_the_export(committed_fast):
+    from dlm.models.common import BlockCache
+
+    lm, ref = committed_fast
+    ids = ref["input_ids"]
+    close(lm.logits(ids), shifted(ref["logits"]), lm)
+    with torch.no_grad():
+        cache = BlockCache()
+        lm.model(ids[:, :16], cache=cache.extend(), block_size=8)
+        close(lm.model(ids[:, 16:], cache=cache, block_size=8), shifted(ref["logits_cached_block3"]), lm)
+
+
+@pytest.mark.parametrize("key, sub_block", [("gen_output_short_24_sub8", None), ("gen_output_short_24_sub4", 4),
+                                            ("gen_output_long_32_sub8", None)])
+def test_generation_on_the_fast_dllm_v2_export_equals_upstream(committed_fast, key, sub_block):
+    """Upstream generate(threshold=0.9, block_size=8, small_block_size=8 or 4, temperature 0): the loader's
+    defaults (sub-blocks of 8, each later block's first token AR), token for token."""
+    lm, ref = committed_fast
+    p, expect = ref[f"gen_prompt_{key.split('_')[2]}"], ref[key]
+    ours = lm.generate(p, max_new_tokens=expect.shape[1] - p.shape[1], sub_block=sub_block)
+    assert torch.equal(ours, expect)
