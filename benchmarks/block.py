@@ -15,17 +15,39 @@
    and the time per token of each block as the sequence grows (the block cache's cost grows only with attention
    over the cached keys; the full-attention canvas is recomputed in part at every step).
 
-    python benchmarks/block.py --threads 1 --clipped 1 16         # ~75 min on one (shared) thread here
-    python benchmarks/block.py --quick --out /tmp/block           # smoke run (~1 min)
+3. Speed at equal quality (`--matched`, added to the JSON of the last run as the key "matched"). The same two
+   models; for each sampler its speed knob is swept: the block sampler at 1 token/step, thresholds
+   `--block-thresholds` and 2 tokens/step; LLaDA + dual cache at 1 token/step, Fast-dLLM's threshold rule (dual
+   cache) at `--dllm-thresholds` and 2 tokens/step; LLaDA without a cache as the exact reference (up to
+   `--nocache-max` tokens). Greedy, `--samples` held-out 32-byte prompts per length. Quality of every setting:
+   the SmolLM2-135M judge's perplexity of the continuations given their prompts (dlm.eval.judge, as `dlm judge`;
+   standard error over the prompts) and agreement, the fraction of the new tokens equal to the same sampler's
+   1-token-per-step greedy decode of the same prompt (benchmarks/sampling.py's definition). The matched setting
+   of a sampler is the one with the fewest forwards per token (then the most tokens/s) among those whose
+   agreement is >= `--agreement-min` and whose judge perplexity is at most (1 + `--ppl-tolerance`) x the
+   sampler's own 1-token-per-step value; it and the 1-token-per-step row are then timed twice more on the first
+   prompt (the fastest of 3). Every setting runs in a fresh subprocess: peak memory is the growth of the
+   process's resident set (VmHWM after Linux's clear_refs peak reset, minus VmRSS before) over its sampling,
+   after one 16-token warm-up; the time per token by position comes from the step events.
 
-Writes JSON and a PNG to `--out` (default benchmarks/results/block.{json,png}) and prints markdown tables.
+    python benchmarks/block.py --threads 1 --clipped 1 16         # ~75 min on one (shared) thread here
+    python benchmarks/block.py --matched --threads 1              # part 3 only, ~30 min on one shared thread
+    python benchmarks/block.py --quick --out /tmp/block           # smoke run (~1 min)
+    python benchmarks/block.py --matched --quick --out /tmp/block # smoke run of part 3 (the trained runs)
+
+Writes JSON and a PNG to `--out` (default benchmarks/results/block.{json,png}; part 3 also block_matched.png)
+and prints markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,8 +57,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from dlm.config import ModelConfig, TrainConfig  # noqa: E402
+from dlm.data import load_corpus, split_documents  # noqa: E402
 from dlm.eval.heldout import evaluate_text  # noqa: E402
 from dlm.pipeline import DiffusionLM  # noqa: E402
 from dlm.precision import cpu_name  # noqa: E402
@@ -73,7 +97,7 @@ def bound(run: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def clip_search(run: Path, args: argparse.Namespace) -> dict[str, Any]:
     """BD3LM's data-driven clipping on held-out windows: the interval of least per-block loss variance."""
-    from dlm.data import TokenStream, load_corpus, split_documents, tokenize_documents
+    from dlm.data import TokenStream, tokenize_documents
     from dlm.losses import LOSSES
     from dlm.processes.block import search_clip
 
@@ -102,13 +126,14 @@ def timed(lm: DiffusionLM, prompt: str, **opts: Any) -> dict[str, Any]:
     try:
         def note(event):
             stamps.append((time.perf_counter() - t0, int((event.output.xt != lm.tokenizer.mask_id).sum())))
-        lm.generate(prompt, callback=note, seed=0, **opts)
+        ids = lm.generate(torch.tensor([lm.tokenizer.encode(prompt)]), callback=note, seed=0, **opts)
     finally:
         lm.model.forward = inner
     seconds = time.perf_counter() - t0
     n = opts["max_new_tokens"]
     return {"seconds": seconds, "tokens_per_s": n / seconds, "forwards": calls["n"],
-            "forwards_per_token": calls["n"] / n, "positions_per_token": calls["tokens"] / n, "stamps": stamps}
+            "forwards_per_token": calls["n"] / n, "positions_per_token": calls["tokens"] / n, "stamps": stamps,
+            "new_ids": ids[0, -n:].tolist()}
 
 
 def per_token_curve(stamps: list[tuple[float, int]], n_prompt: int, chunk: int) -> list[tuple[int, float]]:
@@ -121,11 +146,21 @@ def per_token_curve(stamps: list[tuple[float, int]], n_prompt: int, chunk: int) 
     return out
 
 
-def speed(runs: Path, args: argparse.Namespace) -> dict[str, Any]:
-    block = DiffusionLM.from_pretrained(runs / "bd3lm-16")
-    full = DiffusionLM.from_pretrained(runs / f"bd3lm-{args.seq_len}")
+def load_full(runs: Path, seq_len: int) -> DiffusionLM:
+    """The L-block model sampled as a full-attention (MDLM) model."""
+    full = DiffusionLM.from_pretrained(runs / f"bd3lm-{seq_len}")
     full.config.process.process = "masked"  # the same network, sampled as a full-attention (MDLM) model
     full._process = None
+    return full
+
+
+def load_models(runs: Path, seq_len: int) -> tuple[DiffusionLM, DiffusionLM]:
+    """The block-16 model and the L-block model sampled as a full-attention (MDLM) model."""
+    return DiffusionLM.from_pretrained(runs / "bd3lm-16"), load_full(runs, seq_len)
+
+
+def speed(runs: Path, args: argparse.Namespace) -> dict[str, Any]:
+    block, full = load_models(runs, args.seq_len)
     prompt = "ROMEO:\n"
     P = len(block.tokenizer.encode(prompt))
     rows: dict[str, Any] = {}
@@ -145,11 +180,247 @@ def speed(runs: Path, args: argparse.Namespace) -> dict[str, Any]:
             lm.config.model.max_len = P + n + 32
             tries = [timed(lm, prompt, max_new_tokens=n, temperature=0.0, **opts) for _ in range(args.repeats)]
             r = min(tries, key=lambda x: x["seconds"])  # the least disturbed of the tries (a shared machine)
+            r.pop("new_ids")
             r["ms_per_token_curve"] = per_token_curve(r.pop("stamps"), P, max(16, n // 8))
             rows[f"{name} @ {n}"] = {"sampler": name, "new_tokens": n, **r}
             print(f"{name:34s} n={n:4d}: {r['tokens_per_s']:7.1f} tok/s, {r['forwards_per_token']:.3f} forwards/token",
                   flush=True)
     return rows
+
+
+# ---- 3. speed at equal quality, memory and time per token against the length -------------------------------
+
+REFERENCE = {"block": "block, 1 token/step", "dual": "llada + dual cache, 1 token/step",
+             "nocache": "llada, no cache, 1 token/step"}
+
+
+def sweep(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every setting timed at n new tokens: (family, name, model, generate options)."""
+    dual = {"block_length": 16, "cache": "dual"}
+    out = [("block", REFERENCE["block"], "block", {"sampler": "block", "steps": n})]
+    out += [("block", f"block, threshold {t:g}", "block", {"sampler": "block", "steps": n, "threshold": t})
+            for t in args.block_thresholds]
+    out.append(("block", "block, 2 tokens/step", "block", {"sampler": "block", "steps": n // 2}))
+    out.append(("dual", REFERENCE["dual"], "full", {"sampler": "llada", "steps": n, **dual}))
+    out += [("dual", f"fast_dllm {t:g} + dual cache", "full", {"sampler": "fast_dllm", "steps": n, "threshold": t,
+                                                              **dual}) for t in args.dllm_thresholds]
+    out.append(("dual", "llada + dual cache, 2 tokens/step", "full", {"sampler": "llada", "steps": n // 2, **dual}))
+    if n <= args.nocache_max:  # the exact full-attention decode: every step recomputes the whole canvas
+        out.append(("nocache", REFERENCE["nocache"], "full", {"sampler": "llada", "steps": n, "block_length": 16}))
+    return [{"family": f, "name": name, "model": m, "opts": o} for f, name, m, o in out]
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak() -> bool:
+    """Linux: writing 5 to clear_refs sets the peak resident set (VmHWM) to the current one."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One setting in a fresh process: a warm-up, then every prompt once (peak memory over these), then
+    `retimes` more runs of the first prompt. -> new ids, forwards, seconds, peak RSS growth, time by position."""
+    torch.set_num_threads(spec["threads"])
+    runs, n, opts = Path(spec["runs"]), spec["n"], spec["opts"]
+    lm = DiffusionLM.from_pretrained(runs / "bd3lm-16") if spec["model"] == "block" else load_full(runs,
+                                                                                                 spec["seq_len"])
+    prompts = spec["prompts"]
+    P = max(len(lm.tokenizer.encode(p)) for p in prompts)
+    lm.config.model.max_len = P + n + 32  # nothing slides: the context holds the whole output
+    timed(lm, prompts[0], **{**opts, "max_new_tokens": 16, "steps": max(1, opts["steps"] * 16 // n)},
+          temperature=0.0)  # warm-up: the first forward's one-time allocations and lazy initialisation
+    rss0, reset = _status_kb("VmRSS"), _reset_peak()
+    first = [timed(lm, p, max_new_tokens=n, temperature=0.0, **opts) for p in prompts]
+    peak_kb = _status_kb("VmHWM") - rss0 if reset else None
+    tries = [first[0], *(timed(lm, prompts[0], max_new_tokens=n, temperature=0.0, **opts)
+                         for _ in range(spec["retimes"]))]
+    best = min(tries, key=lambda r: r["seconds"])
+    return {"new_ids": [r["new_ids"] for r in first], "forwards_per_token": [r["forwards_per_token"] for r in first],
+            "positions_per_token": [r["positions_per_token"] for r in first],
+            "seconds": [r["seconds"] for r in first], "seconds_prompt0": [r["seconds"] for r in tries],
+            "peak_rss_growth_mb": None if peak_kb is None else peak_kb / 1024,
+            "ms_per_token_curve": per_token_curve(best["stamps"], len(lm.tokenizer.encode(prompts[0])),
+                                                  max(16, n // 8))}
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker failed for {spec['opts']}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def agreement(ids: list[list[int]], ref: list[list[int]]) -> float:
+    """The fraction of new tokens equal to the reference decode's at the same position."""
+    return sum(int(a == b) for x, y in zip(ids, ref, strict=True) for a, b in zip(x, y, strict=True)) / sum(
+        len(x) for x in ids)
+
+
+def judged(lm: DiffusionLM, ids: list[list[int]], prompts: list[str], judge) -> dict[str, Any]:
+    """The judge's perplexity of the continuations (cut at [EOS]) given their prompts, with its standard error
+    over the prompts (delta method on the mean per-prompt log perplexity)."""
+    from dlm.eval.judge import generative_perplexity
+
+    texts = [lm.decode_new(x) for x in ids]
+    r = generative_perplexity(texts, prompts, judge=judge).to_dict()
+    logs = [math.log(x) for x in r["per_text_perplexity"]]
+    m = len(logs)
+    sd = math.sqrt(sum((x - sum(logs) / m) ** 2 for x in logs) / (m - 1)) if m > 1 else float("nan")
+    return {"perplexity": r["perplexity"], "perplexity_se": r["perplexity"] * sd / math.sqrt(m),
+            "per_prompt_perplexity": r["per_text_perplexity"], "judge_tokens": r["n_tokens"],
+            "unigram_entropy": r["unigram_entropy"], "distinct_2": r["distinct_2"], "example": texts[0][:120]}
+
+
+def pick(rows: dict[str, Any], family: str, args: argparse.Namespace) -> str:
+    """The matched setting: fewest forwards per token, then most tokens/s, among the family's settings with
+    agreement >= agreement_min and judge perplexity <= (1 + ppl_tolerance) x the 1-token-per-step value."""
+    ref = rows[REFERENCE[family]]
+    ok = [k for k, r in rows.items() if r["family"] == family and r["agreement"] >= args.agreement_min
+          and r["perplexity"] <= (1 + args.ppl_tolerance) * ref["perplexity"]]
+    return min(ok, key=lambda k: (rows[k]["forwards_per_token"], -rows[k]["sweep_tokens_per_s"]))
+
+
+def matched(runs: Path, args: argparse.Namespace, save) -> dict[str, Any]:
+    from families import prompts_from
+
+    from dlm.eval.judge import load_judge
+
+    lm = DiffusionLM.from_pretrained(runs / "bd3lm-16")  # its tokenizer and decode_new (both models: bytes)
+    _, val = split_documents(load_corpus("shakespeare"), TrainConfig.val_fraction)
+    prompts = [lm.tokenizer.decode(p) for p in prompts_from(val, lm.tokenizer, max(args.samples), 32)]
+    judge = load_judge()
+    out: dict[str, Any] = {
+        "config": {"lengths": args.matched_lengths, "samples": args.samples, "prompts": prompts,
+                   "block_thresholds": args.block_thresholds, "dllm_thresholds": args.dllm_thresholds,
+                   "agreement_min": args.agreement_min, "ppl_tolerance": args.ppl_tolerance,
+                   "nocache_max": args.nocache_max, "threads": args.threads, "runs": str(runs),
+                   "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                   "torch": torch.__version__, "nice": os.nice(0), "load_average_start": os.getloadavg(),
+                   "machine": platform.machine(),
+                   "memory": "growth of the resident set (VmHWM after clear_refs minus VmRSS) over the sampling "
+                             "of every prompt, in a fresh process per setting after a 16-token warm-up",
+                   "judge": "SmolLM2-135M-Instruct (dlm.eval.judge.load_judge)"},
+        "lengths": {}}
+    t_start = time.perf_counter()
+    for n, k in zip(args.matched_lengths, args.samples, strict=True):
+        rows: dict[str, Any] = {}
+        for st in sweep(n, args):
+            spec = {"runs": str(runs), "seq_len": args.seq_len, "model": st["model"], "opts": st["opts"], "n": n,
+                    "prompts": prompts[:k], "threads": args.threads, "retimes": 0}
+            r = run_worker(spec)
+            fw = r.pop("forwards_per_token")
+            rows[st["name"]] = {"family": st["family"], "opts": st["opts"], "new_tokens": n, "samples": k,
+                                "forwards_per_token": sum(fw) / k, "forwards_per_token_per_prompt": fw,
+                                "positions_per_token": sum(r.pop("positions_per_token")) / k,
+                                "sweep_tokens_per_s": n * k / sum(r["seconds"]), "load_average": os.getloadavg(),
+                                **r}
+            print(f"n={n:4d} {st['name']:36s} {rows[st['name']]['forwards_per_token']:.3f} forwards/token "
+                  f"{rows[st['name']]['sweep_tokens_per_s']:7.1f} tok/s peak +{_mb(r['peak_rss_growth_mb'])} "
+                  f"({time.perf_counter() - t_start:.0f} s)", flush=True)
+        exact = rows.get(REFERENCE["nocache"])
+        for r in rows.values():
+            r["agreement"] = agreement(r["new_ids"], rows[REFERENCE[r["family"]]]["new_ids"])
+            if exact is not None:  # with the exact full-attention decode (the dual cache is an approximation)
+                r["agreement_with_exact_full"] = (agreement(r["new_ids"], exact["new_ids"])
+                                                  if r["family"] != "block" else None)
+            r.update(judged(lm, r["new_ids"], prompts[:k], judge))
+        chosen = {f: pick(rows, f, args) for f in ("block", "dual")}
+        for name in {*(REFERENCE[f] for f in chosen), *chosen.values()} | ({REFERENCE["nocache"]} if exact else set()):
+            r = rows[name]  # the fastest of 3 runs of the first prompt (the sweep's run and two more)
+            more = run_worker({"runs": str(runs), "seq_len": args.seq_len, "model": "block" if r["family"] == "block"
+                               else "full", "opts": r["opts"], "n": n, "prompts": prompts[:1],
+                               "threads": args.threads, "retimes": args.repeats - 1})
+            tries = [r["seconds_prompt0"][0], *more["seconds_prompt0"]]
+            r["seconds_prompt0"] = tries
+            r["tokens_per_s"] = n / min(tries)
+            r["forwards_per_token_prompt0"] = r["forwards_per_token_per_prompt"][0]
+            if min(more["seconds_prompt0"]) < tries[0]:
+                r["ms_per_token_curve"] = more["ms_per_token_curve"]
+        for r in rows.values():
+            r.pop("new_ids")
+        out["lengths"][str(n)] = {"rows": rows, "matched": chosen}
+        out["config"]["seconds"] = time.perf_counter() - t_start
+        out["config"]["load_average_end"] = os.getloadavg()
+        save(out)
+        print(matched_table(out, n), flush=True)
+    return out
+
+
+def _mb(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f} MB"
+
+
+def matched_table(m: dict[str, Any], n: int) -> str:
+    L = m["lengths"][str(n)]
+    lines = [f"\n{n} new tokens, {L['rows'][REFERENCE['block']]['samples']} prompts:",
+             "| sampler | setting | forwards/token | tokens/s | judge ppl | agreement | peak memory |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in L["rows"].items():
+        mark = " (matched)" if name in L["matched"].values() else ""
+        tps = f"{r['tokens_per_s']:.0f} (best of 3)" if "tokens_per_s" in r else f"{r['sweep_tokens_per_s']:.0f}"
+        lines.append(f"| {r['family']} | {name}{mark} | {r['forwards_per_token']:.3f} | {tps} | "
+                     f"{r['perplexity']:.1f} ± {r['perplexity_se']:.1f} | {r['agreement']:.3f} | "
+                     f"+{_mb(r['peak_rss_growth_mb'])} |")
+    return "\n".join(lines)
+
+
+def plot_matched(m: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.5))
+    colors = {"block": "C0", "dual": "C1", "nocache": "C2"}
+    markers = ["o", "s", "^", "D"]
+    lengths = list(m["lengths"])
+    for i, n in enumerate(lengths):
+        for name, r in m["lengths"][n]["rows"].items():
+            chosen = name in m["lengths"][n]["matched"].values()
+            a.scatter(r["forwards_per_token"], r["perplexity"], color=colors[r["family"]], marker=markers[i % 4],
+                      s=60 if chosen else 20, edgecolors="k" if chosen else "none")
+    for i, n in enumerate(lengths):
+        a.scatter([], [], color="gray", marker=markers[i % 4], label=f"{n} new tokens")
+    for f, col in colors.items():
+        a.scatter([], [], color=col, label=REFERENCE[f].split(",")[0])
+    a.set_xlabel("forwards per token (each sweep: 1 token/step, thresholds, 2 tokens/step)")
+    a.set_ylabel("judge perplexity (SmolLM2-135M)")
+    a.set_yscale("log")
+    a.set_title("quality against the speed knob (large marker: matched)")
+    a.legend(fontsize=7)
+    n = lengths[-1]
+    for name, r in m["lengths"][n]["rows"].items():
+        if name in REFERENCE.values() or name in m["lengths"][n]["matched"].values():
+            if r["ms_per_token_curve"]:
+                xs, ys = zip(*r["ms_per_token_curve"], strict=True)
+                b.plot(xs, ys, marker="o", label=name)
+    b.set_xlabel("tokens generated")
+    b.set_ylabel("ms per token (over the last chunk)")
+    b.set_title(f"time per token by position ({n} new tokens)")
+    b.legend(fontsize=7)
+    for name in REFERENCE.values():
+        pts = [(int(k), v["rows"][name]["peak_rss_growth_mb"]) for k, v in m["lengths"].items() if name in v["rows"]]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            c.plot(xs, ys, marker="o", label=name)
+    c.set_xscale("log", base=2)
+    c.set_xlabel("new tokens")
+    c.set_ylabel("peak resident-set growth while sampling (MB)")
+    c.set_title("memory against the length")
+    c.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -200,10 +471,38 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="retrain runs that exist (default: resume / reuse them)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 steps, short evaluation and lengths")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--matched", action="store_true",
+                    help="part 3 only: speed at equal quality, memory and time per token (adds 'matched' to the JSON)")
+    ap.add_argument("--matched-lengths", type=int, nargs="+", default=[128, 512, 2048])
+    ap.add_argument("--samples", type=int, nargs="+", default=[6, 4, 3], help="prompts per length of --matched")
+    ap.add_argument("--block-thresholds", type=float, nargs="+", default=[0.9, 0.5, 0.3, 0.2])
+    ap.add_argument("--dllm-thresholds", type=float, nargs="+", default=[0.9, 0.5, 0.3, 0.2])
+    ap.add_argument("--agreement-min", type=float, default=0.9)
+    ap.add_argument("--ppl-tolerance", type=float, default=0.10)
+    ap.add_argument("--nocache-max", type=int, default=512, help="time LLaDA without a cache up to this length")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
     if args.quick:
         args.steps, args.eval_windows, args.eval_samples, args.lengths, args.clip_windows = 20, 16, 1, [32, 64], 16
+        args.matched_lengths, args.samples, args.nocache_max = [32, 64], [2, 2], 64
     torch.set_num_threads(args.threads)
+    if args.matched:
+        out = Path(args.out)
+        previous = out / "block.json"
+        results = json.loads(previous.read_text()) if previous.exists() else {}
+
+        def save(m: dict[str, Any]) -> None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "block.json").write_text(json.dumps({**results, "matched": m}, indent=2) + "\n")
+
+        m = matched(Path(args.runs), args, save)
+        plot_matched(m, out / "block_matched.png")
+        for n in m["lengths"]:
+            print(matched_table(m, int(n)))
+        return
     args.clipped = args.blocks if args.clipped is None else args.clipped
     runs = Path(args.runs)
     names = ["ar", *(f"bd3lm-{b}" for b in [*args.blocks, args.seq_len])]
