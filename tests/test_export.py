@@ -349,3 +349,30 @@ def test_generation_on_the_fast_dllm_v2_export_equals_upstream(committed_fast, k
     p, expect = ref[f"gen_prompt_{key.split('_')[2]}"], ref[key]
     ours = lm.generate(p, max_new_tokens=expect.shape[1] - p.shape[1], sub_block=sub_block)
     assert torch.equal(ours, expect)
+
+
+def test_a_qwen3_model_adapted_to_blocks_fits_sdar(tmp_path):
+    """The route docs/block.md gives: `dlm adapt --mode block` on a Qwen3 folder (qk_norm, no biases, no shift)
+    is an SDAR network; it exports, and loads back to the same logits. [MASK] goes to the tokenizer's first free
+    row (here 314; Qwen3's at full size is 151669, SDAR's mask id)."""
+    import shutil
+
+    from dlm.adapt import to_diffusion
+
+    qwen3 = tmp_path / "qwen3"
+    shutil.copytree(Path(__file__).parent / "data" / "hf" / "sdar-tiny", qwen3)
+    cfg = json.loads((qwen3 / "config.json").read_text())
+    for key in ("block_size", "mask_token_id", "auto_map"):
+        cfg.pop(key)
+    (qwen3 / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen3",
+                                                   "architectures": ["Qwen3ForCausalLM"]}))
+    ar = DiffusionLM.from_pretrained(str(qwen3))
+    net, acfg, tok = to_diffusion(ar.model, ar.config, ar.tokenizer, mode="block", block_size=BLOCK)
+    from dlm.formats.export import export_model
+
+    export_model(tmp_path / "sdar", net.eval(), acfg, tok, "sdar", dtype=torch.float32)
+    back = DiffusionLM.from_pretrained(str(tmp_path / "sdar"))
+    assert back.tokenizer.mask_id == tok.mask_id == len(ar.tokenizer.hf)
+    ids = torch.randint(0, 290, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back.logits(ids), net(ids, block_size=BLOCK))
