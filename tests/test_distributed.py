@@ -179,15 +179,15 @@ def test_launcher_passes_the_same_flags_without_its_own(tmp_path):
 
 
 def test_batch_not_divisible_by_ranks_and_accumulation_is_refused():
-    from dlm.config import CheckpointConfig, ConfigError
+    from dlm.config import ConfigError
     from dlm.distributed import DistEnv
     from dlm.models import build_model
     from dlm.trainer import Trainer
 
     cfg = TrainConfig(batch_size=6, grad_accum=2)
     with pytest.raises(ConfigError, match="multiple of ranks x grad_accum = 2 x 2"):
-        Trainer(build_model(ModelConfig.preset("tiny", max_len=32)), LOSSES.build("masked_elbo"), None, None, None,
-                cfg, CheckpointConfig(), ByteTokenizer(), dist=DistEnv(rank=0, world_size=2))
+        Trainer(build_model(ModelConfig.preset("tiny", max_len=32)), LOSSES.build("masked_elbo"), None, None, cfg,
+                dist=DistEnv(rank=0, world_size=2))
 
 
 def test_load_model_state_checks_the_keys_first():

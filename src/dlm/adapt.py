@@ -270,10 +270,12 @@ def adapt(model: str | Path, acfg: AdaptConfig, tcfg: TrainConfig, lora: LoRACon
 
 def _adapt(model: str | Path, acfg: AdaptConfig, tcfg: TrainConfig, lora: LoRAConfig | None, env: DistEnv,
            show_progress: bool) -> dict[str, Any]:
+    from dlm.callbacks import run_callbacks
     from dlm.checkpoint import load_pretrained
     from dlm.data import load_corpus, split_documents, tokenize_documents
     from dlm.lora import apply_lora, finish_fit, merged_weights
     from dlm.pipeline import resolve_model_path
+    from dlm.precision import set_threads
     from dlm.processes.masked import build_process
     from dlm.trainer import Trainer
 
@@ -282,8 +284,7 @@ def _adapt(model: str | Path, acfg: AdaptConfig, tcfg: TrainConfig, lora: LoRACo
         raise ConfigError("adapt takes neither random_length_prob nor FSDP with LoRA")
     if tcfg.seq_len < 2:
         raise ConfigError(f"seq_len must be >= 2 ([BOS] and one token), got {tcfg.seq_len}")
-    if tcfg.threads > 0:
-        torch.set_num_threads(tcfg.threads)
+    set_threads(tcfg.threads)  # before the (maybe large) model loads
     docs = load_corpus(tcfg.data)  # a missing corpus fails before the (maybe large) model loads
     net, cfg, tok = load_pretrained(resolve_model_path(model), map_location="cpu")
     net, cfg, tok = to_diffusion(net, cfg, tok, acfg.mode, acfg.block_size)
@@ -307,8 +308,8 @@ def _adapt(model: str | Path, acfg: AdaptConfig, tcfg: TrainConfig, lora: LoRACo
     else:
         loss_fn = ShiftedMaskedLoss(anneal, clock, antithetic=cfg.process.antithetic)
     process = build_process(cfg.process, tok, cfg.model.vocab_size)
-    trainer = Trainer(net, loss_fn, process, data, None, tcfg, cfg, tok, show_progress=show_progress, dist=env,
-                      export=export)
+    trainer = Trainer(net, loss_fn, process, data, tcfg, run_callbacks(cfg, tok, export=export), dist=env,
+                      show_progress=show_progress)
     history = trainer.fit()
     summary = {"out": str(Path(tcfg.out)), "steps": trainer.step, "mode": acfg.mode, "anneal_steps": anneal,
                "tokens": trainer.step * tcfg.batch_size * (tcfg.seq_len - 1)}

@@ -161,6 +161,7 @@ def finetune(sft: SFTConfig, tcfg: TrainConfig, model: str = "default", lora: Lo
 
 def _finetune(sft: SFTConfig, tcfg: TrainConfig, model: str, lora: LoRAConfig | None, env: DistEnv,
               show_progress: bool) -> dict[str, Any]:
+    from dlm.callbacks import run_callbacks
     from dlm.checkpoint import load_pretrained
     from dlm.lora import apply_lora, finish_fit, merged_weights
     from dlm.losses import SFTLoss
@@ -193,8 +194,8 @@ def _finetune(sft: SFTConfig, tcfg: TrainConfig, model: str, lora: LoRAConfig | 
 
         loss_fn = BlockSFTLoss.from_config(cfg.process)
     process = build_process(cfg.process, tok, cfg.model.vocab_size)
-    trainer = Trainer(net, loss_fn, process, data, None, tcfg, cfg, tok, show_progress=show_progress, dist=env,
-                      export=export)
+    trainer = Trainer(net, loss_fn, process, data, tcfg, run_callbacks(cfg, tok, export=export), dist=env,
+                      show_progress=show_progress)
     history = trainer.fit()
     summary = {"out": str(Path(tcfg.out)), "steps": trainer.step, "chats": len(data), "dropped": data.dropped}
     return finish_fit(trainer, history, summary, lora, cfg, tok, env.is_main)

@@ -8,6 +8,7 @@ the run's default GenerationConfig, so `dlm generate --model RUN` samples it wit
 
     train(TrainConfig(data="shakespeare", out="runs/x", max_steps=2000), ModelConfig.preset("small"))  # precision auto
     train(tcfg, ModelConfig.preset("small", arch="dit"), process_config("sedd-uniform"))
+    build_trainer(tcfg, model_cfg, pcfg, tok, train_stream, val_stream).fit()   # the same loop on your own data
 
 Under torchrun (`torchrun --nproc-per-node 2 -m dlm.train --data shakespeare --out runs/x`) every rank runs this
 recipe; dlm.distributed joins them and dlm.trainer splits each global batch between them (docs/training.md).
@@ -16,13 +17,23 @@ recipe; dlm.distributed joins them and dlm.trainer splits each global batch betw
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dlm.checkpoint import CONFIG, TOKENIZER, prepare_run_dir, resolve_checkpoint_dir, run_checkpoints
 from dlm.config import CheckpointConfig, ConfigError, GenerationConfig, ModelConfig, ProcessConfig, TrainConfig
-from dlm.data import TokenStream, load_corpus, split_documents, tokenize_documents, unigram_entropy_bits
+from dlm.data import (
+    Batches,
+    Objective,
+    TokenStream,
+    WithObjective,
+    load_corpus,
+    split_documents,
+    tokenize_documents,
+    unigram_entropy_bits,
+)
 from dlm.losses import LOSSES
 from dlm.models import MODELS, build_model, count_params
 from dlm.process import PROCESSES, build_process
@@ -30,9 +41,12 @@ from dlm.schedules import SCHEDULES
 from dlm.tokenizer import Tokenizer, build_tokenizer
 
 if TYPE_CHECKING:
+    from dlm.callbacks import Callback
     from dlm.distributed import DistEnv
+    from dlm.trainer import Trainer
 
-__all__ = ["train", "validate", "validate_train", "build_process", "process_config", "generation_defaults"]
+__all__ = ["train", "build_trainer", "validate", "validate_train", "build_process", "process_config",
+           "generation_defaults"]
 
 
 def process_config(name: str, **overrides: Any) -> ProcessConfig:
@@ -86,6 +100,36 @@ def validate_train(tcfg: TrainConfig) -> None:
     tcfg.validate()
 
 
+def build_trainer(tcfg: TrainConfig, model_cfg: ModelConfig, pcfg: ProcessConfig, tok: Tokenizer, train: Batches,
+                  val: TokenStream | None = None, *, chars_per_token: float = 1.0, device: str = "cpu",
+                  dist: DistEnv | None = None, show_progress: bool = True, extra: dict[str, Any] | None = None,
+                  callbacks: Sequence[Callback] = ()) -> Trainer:
+    """A Trainer for a new network of `model_cfg` (its vocab_size sized for `tok`), seeded by tcfg.seed: the loss and
+    process of `pcfg`, `train` with the data objective of the configs (dlm.data.Objective), and the run callbacks
+    (held-out bound on `val` when given, checkpoints with the family's sampling defaults, the log) then `callbacks`.
+    What `dlm train` runs, and the benchmarks; `extra` joins the checkpoint config's extra (data, n_params).
+
+        trainer = build_trainer(tcfg, ModelConfig.preset("tiny", vocab_size=tok.vocab_size), pcfg, tok, stream, val)
+        history = trainer.fit()
+    """
+    from dlm.callbacks import run_callbacks
+    from dlm.distributed import DistEnv
+    from dlm.trainer import Trainer
+
+    validate(model_cfg, pcfg, tcfg)
+    torch.manual_seed(tcfg.seed)
+    model = build_model(model_cfg)
+    loss_fn = LOSSES.get(pcfg.loss).from_config(pcfg, bos_id=tok.bos_id)
+    process = build_process(pcfg, tok, model_cfg.vocab_size)
+    ckpt_cfg = CheckpointConfig(model=model_cfg, process=pcfg, sampling=generation_defaults(pcfg),
+                                extra={"data": tcfg.data, "n_params": count_params(model), **(extra or {})})
+    objective = Objective.from_configs(pcfg, tcfg, tok.pad_id)
+    data = WithObjective(train, objective) if objective.active else train
+    return Trainer(model, loss_fn, process, data, tcfg, [*run_callbacks(ckpt_cfg, tok, val, chars_per_token),
+                                                         *callbacks],
+                   dist=dist or DistEnv(device=device), show_progress=show_progress)
+
+
 def train(tcfg: TrainConfig, model_cfg: ModelConfig | None = None, pcfg: ProcessConfig | None = None,
           device: str = "cpu", show_progress: bool = True) -> dict[str, Any]:
     """Train (or resume) a model; returns a summary with the final held-out bits/char and the unigram baseline.
@@ -132,22 +176,14 @@ def _train(tcfg: TrainConfig, model_cfg: ModelConfig | None, pcfg: ProcessConfig
     n_chars = sum(len(d.text) + 1 for d in val_docs)  # +1: the [EOS] after each document counts as a char
     chars_per_token = (len(val_tokens) / n_chars) if val_tokens is not None and n_chars else 1.0
 
-    torch.manual_seed(tcfg.seed)
-    model = build_model(model_cfg)
-    loss_fn = LOSSES.get(pcfg.loss).from_config(pcfg, bos_id=tok.bos_id)
-    process = build_process(pcfg, tok, model_cfg.vocab_size)
-    ckpt_cfg = CheckpointConfig(model=model_cfg, process=pcfg, sampling=generation_defaults(pcfg),
-                                extra={"data": tcfg.data, "n_params": count_params(model)})
-    from dlm.trainer import Trainer
-
-    trainer = Trainer(model, loss_fn, process, train_stream, val_stream, tcfg, ckpt_cfg, tok, chars_per_token=
-                      chars_per_token, show_progress=show_progress, dist=env)
+    trainer = build_trainer(tcfg, model_cfg, pcfg, tok, train_stream, val_stream, chars_per_token=chars_per_token,
+                            dist=env, show_progress=show_progress)
     history = trainer.fit()
     evals = [h for h in history if "val_bits_per_char" in h]
     summary = {
         "out": str(out),
         "steps": trainer.step,
-        "n_params": count_params(model),
+        "n_params": count_params(trainer.raw),
         "train_tokens": len(train_tokens),
         "val_tokens": len(val_tokens) if val_tokens is not None else 0,
         "final_val_bits_per_char": evals[-1]["val_bits_per_char"] if evals else None,

@@ -1,10 +1,11 @@
-"""One explicit training loop that knows nothing of which model or loss it trains.
+"""One explicit training loop that knows nothing of which model, loss, data objective or metric it trains.
 
-AdamW, linear warmup + cosine decay, gradient clipping, optional bf16 autocast, EMA of the weights, periodic
-held-out ELBO in bits per token / char, atomic checkpoints with the optimizer, EMA and step, exact resume, a
-`rich` progress bar and a JSONL log (`log.jsonl`). The batch and the diffusion noise of step s are pure
-functions of (seed, s), so a run killed at any point and resumed from its last checkpoint logs the same losses
-as an uninterrupted run.
+AdamW, linear warmup + cosine decay, gradient clipping, optional bf16 autocast, an EMA of the weights, a `rich`
+progress bar; the rest of a run is callbacks (dlm.callbacks): the held-out ELBO (EvalCallback), atomic checkpoints
+with the optimizer, EMA and step, and exact resume (CheckpointCallback), the JSONL log (JsonlLog). The data objective
+(span infilling, random-length cropping) is the data's: dlm.data.Objective, applied as the batches are drawn. The
+batch and the diffusion noise of step s are pure functions of (seed, s), so a run killed at any point and resumed
+from its last checkpoint logs the same losses as an uninterrupted run.
 
 Under torchrun (dlm.distributed) each of N ranks builds the step's global batch of B rows and computes its rows
 [rank B/N, (rank + 1) B/N), in `grad_accum` micro-batches; the loss draws its noise for the whole global batch
@@ -14,37 +15,23 @@ count, such as masked_unweighted or the infilling objective's maskable tokens, a
 Rank 0 alone logs, shows progress and writes checkpoints; those hold full state dicts keyed by name, so a run
 resumes on any number of ranks. Only parameters that require gradients are trained (LoRA freezes the rest).
 
-    Trainer(model, loss_fn, process, train, val, cfg, ckpt_cfg, tokenizer).fit()
+    Trainer(model, loss_fn, process, data, tcfg, run_callbacks(ckpt_cfg, tok, val=val)).fit()
+    dlm.train.build_trainer(tcfg, model_cfg, pcfg, tok, train, val)   # the same, built from configs
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from dlm.checkpoint import (
-    LATEST,
-    TRAINER_STATE,
-    atomic_write_text,
-    clean_temporaries,
-    latest_intact_state,
-    note,
-    prepare_run_dir,
-    prune_checkpoints,
-    save_pretrained,
-    truncate_log,
-)
-from dlm.config import CheckpointConfig, ConfigError, TrainConfig
-from dlm.data import Batch, Batches, TokenStream, _mix, random_length
+from dlm.callbacks import Callback
+from dlm.config import ConfigError, TrainConfig
+from dlm.data import Batch, Batches, _mix
 from dlm.distributed import (
     DistEnv,
     as_local,
@@ -55,11 +42,9 @@ from dlm.distributed import (
     load_optimizer_state,
     unwrap,
 )
-from dlm.eval.elbo import elbo_bits
 from dlm.losses import Loss, Rows
 from dlm.precision import autocast, resolve_precision, set_threads
-from dlm.process import ForwardProcess, span_infill_example
-from dlm.tokenizer import Tokenizer
+from dlm.process import ForwardProcess
 
 STATE_FORMAT = 2  # 2: state dicts keyed by parameter name (any number of ranks); 1: optimizer state by index
 
@@ -73,15 +58,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 class Trainer:
-    def __init__(self, model: torch.nn.Module, loss_fn: Loss, process: ForwardProcess | None,
-                 train: Batches, val: TokenStream | None, cfg: TrainConfig, ckpt_cfg: CheckpointConfig,
-                 tokenizer: Tokenizer, device: str = "cpu", chars_per_token: float = 1.0,
-                 show_progress: bool = True, dist: DistEnv | None = None,
-                 export: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
-        """`train` gives each step's global batch (TokenStream, dlm.sft.ChatData); `dist` the rank (one process by
-        default); `export` maps the gathered weights to those a checkpoint saves as its model (LoRA: merged)."""
+    def __init__(self, model: torch.nn.Module, loss_fn: Loss, process: ForwardProcess | None, data: Batches,
+                 cfg: TrainConfig, callbacks: Sequence[Callback] = (), *, dist: DistEnv | None = None,
+                 show_progress: bool = True) -> None:
+        """`data` gives each step's global batch (a TokenStream, dlm.data.WithObjective, dlm.sft.ChatData);
+        `callbacks` evaluate, save and log (dlm.callbacks.run_callbacks); `dist` the rank and device (one process
+        on the CPU by default)."""
         cfg.validate()
-        self.dist = dist or DistEnv(device=device)
+        self.dist = dist or DistEnv()
         split = self.dist.world_size * cfg.grad_accum
         if cfg.batch_size % split:
             raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of ranks x grad_accum = "
@@ -90,14 +74,9 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.device)  # auto: bf16 where native (dlm.precision)
         self.model = self.dist.wrap(model.to(self.device), fsdp=cfg.fsdp)  # what forward and backward go through
         self.raw = unwrap(self.model)  # the network itself (FSDP2 shards it in place)
-        self.loss_fn = loss_fn
-        self.process = process
-        self.train_data, self.val_data = train, val
-        self.cfg, self.ckpt_cfg, self.tokenizer = cfg, ckpt_cfg, tokenizer
-        self.chars_per_token = chars_per_token
+        self.loss_fn, self.process, self.data, self.cfg = loss_fn, process, data, cfg
+        self.callbacks = list(callbacks)
         self.show_progress = show_progress and self.dist.is_main
-        self.export = export
-        self.out = Path(cfg.out)
         self.params = [(n, p) for n, p in self.raw.named_parameters() if p.requires_grad]
         decay = [p for _, p in self.params if p.dim() >= 2]
         no_decay = [p for _, p in self.params if p.dim() < 2]
@@ -106,28 +85,15 @@ class Trainer:
         # EMA of the trained parameters, sharded like them under FSDP; swapped in to evaluate and to save.
         self.ema = [p.detach().clone() for _, p in self.params] if cfg.ema > 0 else None
         self.step = 0
+        self.resumed = False
         self.history: list[dict[str, Any]] = []
+        self._console: Any = None  # the progress bar's console while fit() runs
 
-    # ----- data -----------------------------------------------------------------------------------------------
     def batch(self, step: int) -> Batch:
         """The global batch of a step, (B, L): a pure function of (seed, step); every rank builds it whole."""
-        b = self.train_data.sample(step, self.cfg.batch_size, self.cfg.seed)
-        p = self.ckpt_cfg.process.infill_prob
-        if p > 0 and b.maskable is None:  # pretraining windows; SFT batches come with their response mask
-            g = torch.Generator().manual_seed(_mix(self.cfg.seed + 7, step))
-            x0 = b.x0
-            rows = torch.rand(x0.shape[0], generator=g) < p
-            maskable = torch.ones_like(x0, dtype=torch.bool)
-            pad = self.tokenizer.pad_id
-            for i in rows.nonzero().flatten().tolist():
-                x0[i], maskable[i] = span_infill_example(x0[i], pad, self.ckpt_cfg.process.max_span, g)
-            b = Batch(x0, maskable)
-        if self.cfg.random_length_prob > 0:
-            g = torch.Generator().manual_seed(_mix(self.cfg.seed + 11, step))
-            b = random_length(b, self.cfg.random_length_prob, g)
-        return b
+        return self.data.sample(step, self.cfg.batch_size, self.cfg.seed)
 
-    # ----- weights and checkpoints ----------------------------------------------------------------------------
+    # ----- weights and state ----------------------------------------------------------------------------------
     @contextmanager
     def ema_weights(self) -> Iterator[None]:
         """The EMA weights in place of the trained ones (evaluation, saving); nothing without EMA."""
@@ -145,10 +111,9 @@ class Trainer:
                 for s, (_, p) in zip(saved, self.params, strict=True):
                     p.copy_(s)
 
-    def save_checkpoint(self) -> Path:
-        """Every rank helps gather the full state; rank 0 writes it under a temporary name and renames it."""
-        name = f"ckpt-{self.step:06d}"
-        final = self.out / name
+    def gather_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(the trainer state to resume from, the inference weights: the EMA ones when kept, frozen weights
+        included). Every rank must call it: under DDP / FSDP it gathers the full state dicts, keyed by name."""
         model_state = gather_model_state(self.model, trainable_only=True)
         opt_state = gather_optimizer_state(self.model, self.opt)
         with self.ema_weights():  # the weights a checkpoint's model.safetensors holds
@@ -159,37 +124,12 @@ class Trainer:
             else:
                 inference = model_state
         ema_state = {k: inference[k] for k in model_state} if self.ema is not None else None
-        if self.dist.is_main:
-            tmp = self.out / f".tmp-{name}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            weights = self.export(inference) if self.export is not None else inference
-            save_pretrained(tmp, weights, self.ckpt_cfg, self.tokenizer)
-            state = {"format": STATE_FORMAT, "step": self.step, "model": model_state, "optimizer": opt_state,
-                     "ema": ema_state, "train_config": self.cfg.to_dict()}
-            torch.save(state, tmp / TRAINER_STATE)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)  # the checkpoint appears complete or not at all
-            atomic_write_text(self.out / LATEST, name + "\n")
-            prune_checkpoints(self.out, self.cfg.keep_checkpoints)
-        self.dist.barrier()
-        return final
+        state = {"format": STATE_FORMAT, "step": self.step, "model": model_state, "optimizer": opt_state,
+                 "ema": ema_state, "train_config": self.cfg.to_dict()}
+        return state, inference
 
-    def maybe_resume(self) -> bool:
-        """Load the newest intact checkpoint of the run folder (saved on any number of ranks), if there is one.
-
-        A corrupt trainer_state.pt or a `latest` naming a missing folder is skipped with one line saying so; the
-        log keeps each step once: records after the checkpoint (or all of them, for a new run) are dropped.
-        """
-        found = latest_intact_state(self.out)
-        if found is None:
-            if self.dist.is_main:
-                self._truncate_log(0)  # a run killed before its first checkpoint starts again from step 0
-            return False
-        _, state, why = found
-        if why is not None and self.dist.is_main:
-            note(why)
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Resume from a `gather_state` state (written on any number of ranks, or format 1 by one process)."""
         if self.ema is not None and state["ema"] is not None:
             load_model_state(self.model, state["ema"])  # through the model: it shards them as it shards weights
             self.ema = [p.detach().clone() for _, p in self.params]
@@ -199,34 +139,23 @@ class Trainer:
         else:  # written by one process before distributed training: the same parameter order
             self.opt.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
-        if self.dist.is_main:
-            self._truncate_log(self.step)
-        return True
+        self.resumed = True
 
-    def _truncate_log(self, step: int) -> None:
-        """Drop log lines written after the checkpoint we resume from (they will be written again) and torn ones."""
-        why = truncate_log(self.out / "log.jsonl", step)
-        if why is not None:
-            note(why)
-
-    def _log(self, record: dict[str, Any]) -> None:
+    # ----- what callbacks call --------------------------------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        """One record of the run (kept in `history`, handed to every callback's on_log)."""
         self.history.append(record)
-        if self.dist.is_main:
-            with open(self.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        for cb in self.callbacks:
+            cb.on_log(self, record)
 
-    # ----- evaluation -----------------------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
-        """Held-out ELBO of the (EMA) weights; every rank evaluates the same windows (FSDP needs them all)."""
-        if self.val_data is None:
-            return {}
-        windows = self.val_data.windows(self.cfg.eval_batches * self.cfg.batch_size)
-        with self.ema_weights():
-            r = elbo_bits(self.raw, windows, self.tokenizer.mask_id, self.tokenizer.bos_id, n_samples=1,
-                          batch_size=self.cfg.batch_size, seed=self.cfg.seed, autocast=self.precision == "bf16",
-                          loss_fn=self.loss_fn, process=self.process)
-        return {"val_bits_per_token": r.bits_per_token, "val_bits_per_char": r.bits_per_token * self.chars_per_token,
-                "val_stderr": r.stderr_bits_per_token}
+    def print(self, message: str) -> None:
+        """A line for the user, from rank 0, through the progress bar's console while it is drawn."""
+        if self.dist.is_main:
+            if self._console is None:
+                from rich.console import Console
+
+                self._console = Console()
+            self._console.log(message)
 
     # ----- the loop -------------------------------------------------------------------------------------------
     def micro_batches(self, batch: Batch) -> Iterator[tuple[Batch, Rows | None]]:
@@ -274,25 +203,19 @@ class Trainer:
 
         cfg = self.cfg
         set_threads(cfg.threads)
-        prepare_run_dir(self.out)
-        if self.dist.is_main:
-            removed = clean_temporaries(self.out)  # what a kill during a checkpoint write left
-            if removed:
-                note(f"removed {len(removed)} unfinished file(s) of an interrupted run in {self.out}: "
-                     f"{', '.join(removed[:4])}{' ...' if len(removed) > 4 else ''}")
-        self.dist.barrier()
-        resumed = self.maybe_resume()
-        if self.dist.is_main:
-            atomic_write_text(self.out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        state = next((st for cb in self.callbacks if (st := cb.restore_state(self)) is not None), None)
+        if state is not None:
+            self.load_state(state)
         progress = Progress(
             TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), disable=not self.show_progress,
         )
+        self._console = progress.console
         with progress:
             task = progress.add_task("train", total=cfg.max_steps, completed=self.step, loss=float("nan"), tps=0.0)
-            if resumed and self.dist.is_main:
-                progress.console.log(f"resumed from step {self.step} in {self.out}")
+            for cb in self.callbacks:
+                cb.on_fit_start(self)
             t_last, tokens_since = time.perf_counter(), 0.0
             while self.step < cfg.max_steps:
                 stats = self.train_step(self.step)
@@ -304,14 +227,12 @@ class Trainer:
                     now = time.perf_counter()
                     tps = tokens_since / max(now - t_last, 1e-9)  # the global batch's tokens, all ranks together
                     t_last, tokens_since = now, 0.0
-                    self._log({"step": self.step, **stats, "tokens_per_s": tps})
+                    self.log({"step": self.step, **stats, "tokens_per_s": tps})
                     progress.update(task, loss=stats["loss"], tps=tps)
                 progress.update(task, completed=self.step)
-                if self.val_data is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
-                    ev = self.evaluate()
-                    self._log({"step": self.step, **ev})
-                    if self.dist.is_main:
-                        progress.console.log(f"step {self.step}: val {ev['val_bits_per_char']:.4f} bits/char")
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
-                    self.save_checkpoint()
+                for cb in self.callbacks:
+                    cb.on_step_end(self, stats)
+            for cb in self.callbacks:
+                cb.on_fit_end(self)
+        self._console = None
         return self.history
