@@ -26,22 +26,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from train_default import configs  # noqa: E402
 
-from dlm.config import CheckpointConfig  # noqa: E402
+from dlm.callbacks import EvalCallback  # noqa: E402
 from dlm.data import TokenStream, load_corpus, split_documents, tokenize_documents  # noqa: E402
-from dlm.losses import LOSSES  # noqa: E402
-from dlm.models import build_model  # noqa: E402
-from dlm.process import build_process  # noqa: E402
+from dlm.precision import set_threads  # noqa: E402
 from dlm.tokenizer import build_tokenizer  # noqa: E402
-from dlm.train import generation_defaults, validate  # noqa: E402
-from dlm.trainer import Trainer  # noqa: E402
+from dlm.train import build_trainer  # noqa: E402
 
 
 def curve(run: Path) -> list[tuple[int, float]]:
@@ -56,23 +51,17 @@ def train_early_ar(args, out: Path) -> list[tuple[int, float]]:
     tcfg = tcfg.replace(out=str(out), eval_every=args.early_every, ckpt_every=10**9)
     train_docs, val_docs = split_documents(load_corpus(tcfg.data), tcfg.val_fraction)
     tok = build_tokenizer(tcfg.tokenizer, (d.text for d in train_docs))
-    mcfg = mcfg.replace(vocab_size=tok.vocab_size)
-    validate(mcfg, pcfg, tcfg)
-    torch.manual_seed(tcfg.seed)
-    model = build_model(mcfg)
-    ckpt = CheckpointConfig(model=mcfg, process=pcfg, sampling=generation_defaults(pcfg), extra={})
-    trainer = Trainer(model, LOSSES.get(pcfg.loss).from_config(pcfg, bos_id=tok.bos_id),
-                      build_process(pcfg, tok, mcfg.vocab_size),
-                      TokenStream(tokenize_documents(train_docs, tok), tcfg.seq_len),
-                      TokenStream(tokenize_documents(val_docs, tok), tcfg.seq_len), tcfg, ckpt, tok,
-                      show_progress=False)
-    torch.set_num_threads(args.threads)
+    val = TokenStream(tokenize_documents(val_docs, tok), tcfg.seq_len)
+    trainer = build_trainer(tcfg, mcfg.replace(vocab_size=tok.vocab_size), pcfg, tok,
+                            TokenStream(tokenize_documents(train_docs, tok), tcfg.seq_len), show_progress=False)
+    evaluator = EvalCallback(val, tok)  # chars_per_token 1, as this benchmark always evaluated: bits per byte
+    set_threads(args.threads)
     points = []
     for step in range(args.early_steps):
         trainer.train_step(step)
         trainer.step = step + 1
         if (step + 1) % args.early_every == 0:
-            points.append((step + 1, trainer.evaluate()["val_bits_per_char"]))
+            points.append((step + 1, evaluator.evaluate(trainer)["val_bits_per_char"]))
             print(json.dumps({"ar_early_step": step + 1, "val_bits_per_char": points[-1][1]}), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "curve.json").write_text(json.dumps(points) + "\n")

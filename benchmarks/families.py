@@ -44,7 +44,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from dlm.config import CheckpointConfig, ModelConfig, ProcessConfig, TrainConfig  # noqa: E402
+from dlm.callbacks import Callback, EvalCallback  # noqa: E402
+from dlm.config import ModelConfig, ProcessConfig, TrainConfig  # noqa: E402
 from dlm.data import (  # noqa: E402
     TokenStream,
     load_corpus,
@@ -53,12 +54,11 @@ from dlm.data import (  # noqa: E402
     unigram_entropy_bits,
 )
 from dlm.eval.heldout import evaluate_text  # noqa: E402
-from dlm.losses import LOSSES  # noqa: E402
-from dlm.models import build_model, count_params  # noqa: E402
+from dlm.models import count_params  # noqa: E402
 from dlm.pipeline import DiffusionLM  # noqa: E402
-from dlm.process import build_process  # noqa: E402
+from dlm.precision import set_threads  # noqa: E402
 from dlm.tokenizer import build_tokenizer  # noqa: E402
-from dlm.train import generation_defaults, process_config, validate  # noqa: E402
+from dlm.train import build_trainer, process_config  # noqa: E402
 from dlm.trainer import Trainer  # noqa: E402
 
 FAMILIES = ["masked", "sedd-absorbing", "sedd-uniform", "d3pm-absorbing", "d3pm-uniform", "ar"]
@@ -67,19 +67,17 @@ FAMILIES = ["masked", "sedd-absorbing", "sedd-uniform", "d3pm-absorbing", "d3pm-
 MASKED_SAMPLING = {"sampler": "mdlm", "temperature": 1.0, "block_length": 0}
 
 
-class TimedTrainer(Trainer):
-    """Records the training seconds (evaluation excluded) at every evaluation."""
+class TrainClock(Callback):
+    """The training seconds (evaluation excluded) at every evaluation: the run's learning curve."""
 
-    def fit(self):
-        self.t_start, self.eval_seconds = time.perf_counter(), 0.0
-        return super().fit()
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.evals = next(cb for cb in trainer.callbacks if isinstance(cb, EvalCallback))
+        self.t_start, self.curve = time.perf_counter(), []
 
-    def evaluate(self) -> dict[str, float]:
-        t0 = time.perf_counter()
-        out = super().evaluate()
-        train_s = t0 - self.t_start - self.eval_seconds
-        self.eval_seconds += time.perf_counter() - t0
-        return {**out, "train_seconds": train_s}
+    def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        train_s = time.perf_counter() - self.t_start - self.evals.seconds
+        self.curve.append({"step": trainer.step, "train_seconds": train_s,
+                           "val_bits_per_char": metrics["val_bits_per_char"]})
 
 
 def configs(family: str, args) -> tuple[ModelConfig, ProcessConfig]:
@@ -100,23 +98,17 @@ def setup(args) -> dict[str, Any]:
             * len(val_tokens) / n_chars}
 
 
-def build(family: str, args, data, max_steps: int, out: Path) -> TimedTrainer:
+def build(family: str, args, data, max_steps: int, out: Path) -> Trainer:
     tok = data["tok"]
     mcfg, pcfg = configs(family, args)
-    mcfg = mcfg.replace(vocab_size=tok.vocab_size)
     warmup = max(1, min(200, max_steps // 10))
     tcfg = TrainConfig(data="shakespeare", out=str(out), max_steps=max_steps, batch_size=args.batch_size,
                        seq_len=args.seq_len, lr=args.lr, warmup_steps=warmup, bf16=not args.fp32, ema=args.ema,
                        eval_every=max(1, max_steps // args.points), eval_batches=args.eval_batches,
                        ckpt_every=max_steps, log_every=max(1, max_steps // 50), seed=0, threads=args.threads)
-    validate(mcfg, pcfg, tcfg)
-    torch.manual_seed(0)
-    model = build_model(mcfg)
-    ckpt = CheckpointConfig(model=mcfg, process=pcfg, sampling=generation_defaults(pcfg),
-                            extra={"data": "shakespeare", "n_params": count_params(model)})
-    return TimedTrainer(model, LOSSES.get(pcfg.loss).from_config(pcfg, bos_id=tok.bos_id),
-                        build_process(pcfg, tok, mcfg.vocab_size), data["train"], data["val"], tcfg, ckpt, tok,
-                        device=args.device, chars_per_token=data["chars_per_token"], show_progress=False)
+    return build_trainer(tcfg, mcfg.replace(vocab_size=tok.vocab_size), pcfg, tok, data["train"], data["val"],
+                         chars_per_token=data["chars_per_token"], device=args.device, show_progress=False,
+                         callbacks=[TrainClock()])
 
 
 def calibrate(family: str, args, data, tmp: Path) -> float:
@@ -283,7 +275,7 @@ def main() -> None:
         args.steps, args.calibration_steps = [8, 32], 3
         if args.minutes == ap.get_default("minutes"):
             args.minutes = 0.5
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     data = setup(args)
     runs = Path(args.runs)
     result: dict[str, Any] = {"minutes_per_family": None if args.max_steps else args.minutes,
@@ -313,13 +305,13 @@ def main() -> None:
             print(f"{fam}: {sec_per_step:.3f} s/step -> {max_steps} steps in {args.minutes} min", flush=True)
         trainer = build(fam, args, data, max_steps, runs / fam)
         t0 = time.perf_counter()
-        history = trainer.fit()
+        trainer.fit()
         wall = time.perf_counter() - t0
-        curve = [{"step": h["step"], "train_seconds": h["train_seconds"], "val_bits_per_char": h["val_bits_per_char"]}
-                 for h in history if "val_bits_per_char" in h]
+        clock = next(cb for cb in trainer.callbacks if isinstance(cb, TrainClock))
+        curve = clock.curve
         lm = DiffusionLM.from_pretrained(str(runs / fam), device=args.device)
         heldout = evaluate_text(lm, "shakespeare", n_samples=args.eval_samples, max_windows=args.eval_windows)
-        train_seconds = wall - trainer.eval_seconds
+        train_seconds = wall - clock.evals.seconds
         result["families"][fam] = {"n_params": count_params(trainer.model), "steps": max_steps,
                                    "train_seconds": train_seconds, "seconds_per_step": train_seconds / max_steps,
                                    "tokens": max_steps * args.batch_size * args.seq_len, "curve": curve,

@@ -41,18 +41,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from dlm.config import CheckpointConfig, ModelConfig, ProcessConfig, TrainConfig  # noqa: E402
+from dlm.config import ModelConfig, ProcessConfig, TrainConfig  # noqa: E402
 from dlm.data import Document, TokenStream, load_corpus, split_documents, tokenize_documents  # noqa: E402
 from dlm.eval.complete import complete  # noqa: E402
 from dlm.eval.conditional import conditional_loglik  # noqa: E402
 from dlm.eval.reversal import Fact, Question, answer_of, make_facts, questions, training_text  # noqa: E402
-from dlm.losses import LOSSES  # noqa: E402
-from dlm.models import build_model, count_params  # noqa: E402
+from dlm.models import count_params  # noqa: E402
 from dlm.pipeline import DiffusionLM  # noqa: E402
-from dlm.process import build_process  # noqa: E402
+from dlm.precision import set_threads  # noqa: E402
 from dlm.tokenizer import ByteTokenizer  # noqa: E402
-from dlm.train import generation_defaults, validate  # noqa: E402
-from dlm.trainer import Trainer  # noqa: E402
+from dlm.train import build_trainer, validate  # noqa: E402
 
 ARCHS = {"dlm": "llada", "ar": "ar"}
 
@@ -69,15 +67,10 @@ def train_on_text(arch: str, text: str, args, out: Path) -> tuple[DiffusionLM, d
                        log_every=max(1, args.max_steps // 10), seed=0, threads=args.threads)
     validate(mcfg, pcfg, tcfg)
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: the trainer would resume an old one
-    torch.manual_seed(0)
-    model = build_model(mcfg)
-    ckpt = CheckpointConfig(model=mcfg, process=pcfg, sampling=generation_defaults(pcfg),
-                            extra={"data": "reversal-facts", "n_params": count_params(model)})
-    trainer = Trainer(model, LOSSES.get(pcfg.loss).from_config(pcfg, bos_id=tok.bos_id),
-                      build_process(pcfg, tok, mcfg.vocab_size), stream, stream, tcfg, ckpt, tok, show_progress=False)
+    trainer = build_trainer(tcfg, mcfg, pcfg, tok, stream, stream, show_progress=False)
     t0 = time.perf_counter()
     history = trainer.fit()
-    info = {"n_params": count_params(model), "steps": args.max_steps, "train_seconds": time.perf_counter() - t0,
+    info = {"n_params": count_params(trainer.raw), "steps": args.max_steps, "train_seconds": time.perf_counter() - t0,
             "final_train_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None)}
     return DiffusionLM.from_pretrained(str(out)), info
 
@@ -252,7 +245,7 @@ def main() -> None:
     ap.add_argument("--runs", default=str(ROOT / "runs/reversal"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/reversal.json"))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     result: dict[str, Any] = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                               "threads": args.threads}
     if args.part in ("facts", "both"):
