@@ -69,10 +69,11 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, L, D)
         flat = x.reshape(-1, x.shape[-1])  # (N, D)
-        idx, w = self.route(flat)
-        out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
+        idx, w = self.route(flat)  # (N, k)
+        picked = flat.new_empty(*idx.shape, flat.shape[-1])  # (N, k, D): each token's experts' outputs
         for e in idx.unique().tolist():
             rows, slot = (idx == e).nonzero(as_tuple=True)
-            out.index_add_(0, rows, self.experts[e](flat[rows]).float() * w[rows, slot, None])
-        y = out.to(x.dtype).view_as(x)
+            picked[rows, slot] = self.experts[e](flat[rows])
+        # summed over k in float32 in the router's order, as upstream (deterministic on every device)
+        y = (picked.float() * w[..., None]).sum(1).to(x.dtype).view_as(x)
         return y if self.shared is None else y + self.shared(x)
