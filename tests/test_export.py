@@ -376,3 +376,12 @@ def test_a_qwen3_model_adapted_to_blocks_fits_sdar(tmp_path):
     ids = torch.randint(0, 290, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(back.logits(ids), net(ids, block_size=BLOCK))
+
+
+def test_a_tensor_without_a_qwen_name_is_refused(tmp_path):
+    from dlm.formats.export import export_model
+
+    net, cfg, tok = tiny_block_model()
+    net.blocks[0].attn.register_buffer("scale", torch.ones(1))  # e.g. a quantized layer's scale
+    with pytest.raises(ConfigError, match=r"'blocks.0.attn.scale' that the Qwen layout has no name for"):
+        export_model(tmp_path / "out", net, cfg, tok, "sdar")

@@ -14,6 +14,7 @@ written silently different.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ _LAYER = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", 
           "attn.o_proj": "self_attn.o_proj", "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
           "ff.gate": "mlp.gate_proj", "ff.up": "mlp.up_proj", "ff.down": "mlp.down_proj",
           "attn_norm": "input_layernorm", "ff_norm": "post_attention_layernorm"}
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.([\w.]+)\.(weight|bias)$")
 _TOP = {"wte.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight",
         "lm_head.weight": "lm_head.weight"}
 
@@ -112,10 +114,11 @@ def hf_state_dict(model: nn.Module, dtype: torch.dtype | None, qkv_bias: bool = 
         if key in _TOP:
             out[_TOP[key]] = tensor
             continue
-        head, layer, rest = key.split(".", 2)  # blocks.N.<module>.<weight|bias>
-        module, kind = rest.rsplit(".", 1)
-        if head != "blocks" or module not in _LAYER:
-            raise ConfigError(f"the network has a parameter {key!r} that the Qwen layout has no name for")
+        m = _BLOCK_KEY.match(key)  # blocks.N.<module>.<weight|bias>
+        if m is None or m.group(2) not in _LAYER:
+            raise ConfigError(f"the network has a tensor {key!r} that the Qwen layout has no name for (a quantized "
+                              "or LoRA-wrapped model? export its float weights, merged)")
+        layer, module, kind = m.groups()
         out[f"model.layers.{layer}.{_LAYER[module]}.{kind}"] = tensor
         if qkv_bias and module in ("attn.q_proj", "attn.k_proj", "attn.v_proj") and kind == "weight" \
                 and f"blocks.{layer}.{module}.bias" not in sd:
