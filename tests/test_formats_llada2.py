@@ -152,7 +152,8 @@ def test_bfloat16_stays_close_to_upstream_bfloat16(tiny):
 # ----- generation: the checkpoint's defaults equal upstream generate() ---------------------------------------
 @pytest.mark.parametrize("key, prompt", [("gen_output_short_59", "gen_prompt_short"),
                                          ("gen_output_long_56", "gen_prompt_long"),
-                                         ("gen_output_37_59", "gen_prompt_37")], ids=["short", "long", "37"])
+                                         ("gen_output_37_59", "gen_prompt_37"),
+                                         ("gen_output_32_64", "gen_prompt_32")], ids=["short", "long", "37", "32"])
 def test_default_generation_equals_upstream(tiny, key, prompt):
     """Defaults: blocks of 32, threshold 0.95, one token per step planned, greedy (upstream's defaults)."""
     lm, ref = tiny
@@ -192,6 +193,7 @@ def test_stops_after_the_block_holding_eos_as_upstream(tiny):
     p, expect = ref["gen_prompt_short"], ref["gen_output_short_59_stop"]
     stop, n = int(meta["runs"]["gen_output_short_59_stop"]["kwargs"]["eos_id"]), expect.shape[1]
     assert int(expect[0, -1]) == stop and n < p.shape[1] + 59
+    assert torch.equal(ref["gen_output_short_59_stop_early"], expect[:, p.shape[1]:])  # eos_early_stop: the same
     sampler = SAMPLERS.build("block", mask_id=lm.tokenizer.mask_id, config=lm.config.sampling)
     events = list(block_steps(lm.model, p, None, sampler, block_size=32, max_new_tokens=59,
                               steps=lm.config.sampling.steps, eos_id=stop))
