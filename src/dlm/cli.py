@@ -82,6 +82,8 @@ def add_config_flags(p: argparse.ArgumentParser, cls: type, flags: dict[str, str
         flag = _FLAG_SPELLING.get(name, "--" + name.replace("_", "-"))
         tp = next((t for t in typing.get_args(hints[name]) if t is not type(None)), hints[name])
         default = defaults.get(name, fields[name].default)
+        if default is not None and name not in required and tp is not bool:  # the default shown is the one used
+            help_text = f"{help_text} (default: %(default)s)" if help_text else "default: %(default)s"
         if name in required:
             p.add_argument(flag, dest=name, required=True, help=help_text)
         elif tp is bool:
