@@ -47,7 +47,9 @@ class DLMEvalLM(LM):
         from dlm.pipeline import DiffusionLM
 
         if threads:
-            torch.set_num_threads(int(threads))
+            from dlm.precision import set_threads
+
+            set_threads(int(threads))
         device = device or "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
             # the harness's command line passes --device cuda by default, even on a machine without one
