@@ -33,7 +33,7 @@ GENERATION_CONFIG = "generation_config.json"
 TRAINER_STATE = "trainer_state.pt"
 LATEST = "latest"
 CKPT_NAME = re.compile(r"^ckpt-(\d+)$")
-TMP_CKPT = re.compile(r"^\.tmp-ckpt-\d+-\d+$")  # Trainer.save_checkpoint's folder before its rename
+TMP_CKPT = re.compile(r"^\.tmp-ckpt-\d+-\d+$")  # CheckpointCallback.save's folder before its rename
 TMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # atomic_write_bytes / atomic_save before their rename
 
 
