@@ -40,13 +40,26 @@ class Expert(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
+class Router(nn.Module):
+    """The router's weight (E, D), applied in float32. Not an nn.Linear, so that int8 quantization
+    (dlm.quantize) leaves it exact: the routing is a top-k choice, which rounding would change."""
+
+    def __init__(self, d_model: int, n_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, E) float32
+        return F.linear(x.float(), self.weight.float())
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         assert cfg.moe_experts and cfg.moe_d_ff, "MoE needs ModelConfig.moe_experts and moe_d_ff"
         self.n_experts, self.top_k, self.scale = cfg.moe_experts, cfg.moe_top_k, cfg.moe_scale
         self.groups, self.topk_groups = cfg.moe_groups, cfg.moe_topk_groups
-        self.router = nn.Linear(cfg.d_model, cfg.moe_experts, bias=False)
+        self.router = Router(cfg.d_model, cfg.moe_experts)
         # A parameter (so that checkpoints carry it) that no gradient reaches: it only enters the top-k choice.
         self.expert_bias = nn.Parameter(torch.zeros(cfg.moe_experts), requires_grad=False)
         self.experts = nn.ModuleList(Expert(cfg.d_model, cfg.moe_d_ff) for _ in range(cfg.moe_experts))
@@ -55,7 +68,7 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, D) -> the chosen experts (N, k) and their weights (N, k), float32."""
         N = x.shape[0]
-        s = torch.sigmoid(F.linear(x.float(), self.router.weight.float()))  # (N, E)
+        s = torch.sigmoid(self.router(x))  # (N, E)
         biased = s + self.expert_bias.detach().float()
         group_score = biased.view(N, self.groups, -1).topk(2, dim=-1).values.sum(-1)  # (N, G)
         best = group_score.topk(self.topk_groups, dim=-1).indices  # (N, G')
