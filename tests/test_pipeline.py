@@ -20,6 +20,14 @@ def test_generate_text_returns_a_continuation(lm):
     assert "[MASK]" not in out
     # greedy decoding is deterministic
     assert out == lm.generate("ROMEO:\n", max_new_tokens=32, steps=16, block_length=16, seed=0)
+    # the text is the decoded tail of the ids call: the prompt kept verbatim, exactly 32 new tokens, none special
+    tok = lm.tokenizer
+    prompt = tok.encode("ROMEO:\n")
+    ids = lm.generate(torch.tensor([prompt]), max_new_tokens=32, steps=16, block_length=16, seed=0)
+    assert ids.shape == (1, len(prompt) + 32) and ids[0, : len(prompt)].tolist() == prompt
+    new = ids[0, len(prompt):].tolist()
+    assert not {tok.mask_id, tok.bos_id} & set(new)  # suppress_special bans them
+    assert out == lm.decode_new(new)
 
 
 def test_generate_ids_keeps_the_prompt_and_leaves_no_mask(lm):
@@ -66,6 +74,12 @@ def test_bad_input_gives_clear_errors(lm):
     with pytest.raises(SamplingError, match="context"):
         lm.generate("x" * 200, max_new_tokens=64, steps=64, block_length=64)
     assert isinstance(lm.generate("ROMEO:", max_new_tokens=30, steps=30, block_length=16), str)  # last block 14
+    events = list(lm.stream("ROMEO:", max_new_tokens=30, steps=30, block_length=16))
+    # 16 then 14 masks, 15 steps per block split as LLaDA's plan: 2, 1, ..., 1 | 1, ..., 1, 0 (a step that commits
+    # nothing runs no forward pass and shows no event)
+    assert [e.block for e in events] == [0] * 15 + [1] * 14
+    assert [int(e.output.committed.sum()) for e in events] == [2] + [1] * 28
+    assert not (events[-1].output.xt == lm.tokenizer.mask_id).any()
     with pytest.raises(SamplingError, match="multiple of the number of blocks"):
         lm.generate("ROMEO:", max_new_tokens=32, steps=7, block_length=16)
     with pytest.raises(SamplingError, match="no gap"):
@@ -181,12 +195,17 @@ def test_guidance_and_filters_run_through_the_pipeline(lm):
     guided = lm.generate(prompts, max_new_tokens=8, steps=8, block_length=8, cfg_scale=1.5)
     plain = lm.generate(prompts, max_new_tokens=8, steps=8, block_length=8)
     assert len(guided) == 2 and all(isinstance(t, str) for t in guided)
+    tok = lm.tokenizer
+    prompt = tok.encode("ROMEO:\n")
+    ids = lm.generate(torch.tensor([prompt]), max_new_tokens=8, steps=8, block_length=8, cfg_scale=1.5)
+    assert ids[0, : len(prompt)].tolist() == prompt and lm.decode_new(ids[0, len(prompt):].tolist()) == guided[0]
     assert guided == [lm.generate(p, max_new_tokens=8, steps=8, block_length=8, cfg_scale=1.5) for p in prompts]
     assert plain == [lm.generate(p, max_new_tokens=8, steps=8, block_length=8) for p in prompts]
     out = lm.generate("ROMEO:\n", max_new_tokens=16, steps=16, block_length=16, temperature=1.0, top_k=1, seed=1)
     assert out == lm.generate("ROMEO:\n", max_new_tokens=16, steps=16, block_length=16, temperature=1.0, top_k=1,
                               seed=2)  # top_k=1 leaves nothing to sample
-    assert isinstance(lm.infill("To be, [MASK:4] to be", cfg_scale=1.0, seed=0), str)
+    filled = lm.infill("To be, [MASK:4] to be", cfg_scale=1.0, seed=0)
+    assert filled.startswith("To be, ") and filled.endswith(" to be") and "[MASK" not in filled
 
 
 @pytest.mark.parametrize("options", [
@@ -201,6 +220,13 @@ def test_every_sampler_runs_from_the_pipeline(lm, options):
     ids = lm.generate(["ROMEO:\n", "Ay"], max_new_tokens=16, steps=8, block_length=16, seed=0, **options)
     again = lm.generate(["ROMEO:\n", "Ay"], max_new_tokens=16, steps=8, block_length=16, seed=0, **options)
     assert ids == again and all(isinstance(t, str) for t in ids)
+    # the same call on ids: the prompt kept, 16 new tokens, no [MASK] or [BOS] left, and the text is their decoding
+    tok = lm.tokenizer
+    prompt = tok.encode("ROMEO:\n")
+    out = lm.generate(torch.tensor([prompt]), max_new_tokens=16, steps=8, block_length=16, seed=0, **options)
+    assert out.shape == (1, len(prompt) + 16) and out[0, : len(prompt)].tolist() == prompt
+    assert not {tok.mask_id, tok.bos_id} & set(out[0].tolist())
+    assert lm.decode_new(out[0, len(prompt):].tolist()) == ids[0]
 
 
 def test_threshold_decoding_and_caches_save_forward_passes(lm):
@@ -256,3 +282,129 @@ def test_windowed_head_gives_the_same_tokens_as_the_full_head(lm, monkeypatch):
     assert lm.generate(prompts, temperature=0.8, top_k=20, **kw) == sampled
     assert lm.infill("To be, or not to be, [MASK] is the question.", max_span=16, seed=0) == infilled
     assert all(w is None for w in calls)
+
+
+# ----- behaviour on a hand-built network whose logits the test controls ------------------------------------------
+class ScriptedNet(torch.nn.Module):
+    """Fixed random logits that depend on the position, the token before it and the mean over the canvas: the
+    commit order and the prompt (guidance) matter, and the test can recompute every step. [MASK] and [BOS] have
+    the highest logits everywhere (the sampler must ban them); of the rest only printable ASCII can win (never
+    [EOS] or [PAD], so deferring them changes nothing, and a byte is a character)."""
+
+    causal = False
+    needs_time = False
+
+    def __init__(self, vocab: int, max_len: int = 128, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.base = torch.randn(max_len, vocab, generator=g) * 2.0  # (L, V)
+        self.pair = torch.randn(vocab, vocab, generator=g) * 2.0  # (V, V): the previous token's vote
+        self.context = torch.randn(vocab, vocab, generator=g) * 4.0  # (V, V): every token's vote everywhere
+        self.base[:, [i for i in range(vocab) if not 32 <= i < 127]] = -50.0
+        self.base[:, [257, 259]] = 50.0  # ByteTokenizer's [MASK] and [BOS]
+        self.calls = 0
+
+    def forward(self, x, t=None, attention_mask=None):
+        self.calls += 1
+        B, L = x.shape
+        prev = torch.cat([torch.zeros(B, 1, dtype=x.dtype), x[:, :-1]], 1)  # (B, L)
+        return self.base[:L][None] + self.pair[prev] + self.context[x].mean(1, keepdim=True)  # (B, L, V)
+
+
+def _scripted_lm():
+    from dlm.config import CheckpointConfig, ModelConfig
+    from dlm.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    cfg = CheckpointConfig(model=ModelConfig.preset("tiny", max_len=128))
+    return DiffusionLM(ScriptedNet(tok.vocab_size), tok, cfg)
+
+
+def _reference_greedy(net, tok, prompt: list[int], gen: int, steps: int, block: int, scale: float = 0.0):
+    """LLaDA's greedy low-confidence decode written out: per block, steps // n_blocks steps committing the most
+    confident masked positions of the block (the count split as evenly as possible, the remainder first), the
+    prediction the argmax of the (guided) logits with [MASK], [BOS] and [PAD] banned."""
+    P, n_blocks = len(prompt), gen // block
+    per_block = steps // n_blocks
+    x = torch.tensor([prompt + [tok.mask_id] * gen])  # (1, P + gen)
+    prompt_mask = torch.zeros_like(x, dtype=torch.bool)
+    prompt_mask[:, :P] = True
+    for b in range(n_blocks):
+        hi = P + (b + 1) * block
+        plan = [block // per_block + (i < block % per_block) for i in range(per_block)]
+        for k in plan:
+            logits = net(x).double()  # (1, L, V)
+            if scale:
+                uncond = net(x.masked_fill(prompt_mask, tok.mask_id)).double()
+                logits = uncond + (scale + 1) * (logits - uncond)
+            logits[..., [tok.mask_id, tok.bos_id, tok.pad_id]] = -torch.inf
+            conf, x0 = logits.softmax(-1).max(-1)  # (1, L)
+            masked = x == tok.mask_id
+            masked[:, hi:] = False
+            conf = torch.where(masked, conf, -torch.inf)
+            top = conf[0].topk(k).indices
+            x[0, top] = x0[0, top]
+    return x
+
+
+def test_greedy_decode_is_the_argmax_of_the_model_at_every_commit():
+    lm = _scripted_lm()
+    tok, net = lm.tokenizer, lm.model
+    prompt = tok.encode("xy")
+    kw = dict(max_new_tokens=16, steps=8, block_length=8, temperature=0.0)
+    events = []
+    net.calls = 0
+    ids = lm.generate(torch.tensor([prompt]), callback=events.append, **kw)
+    assert net.calls == 8  # one forward per planned step, no more
+    assert torch.equal(ids, _reference_greedy(net, tok, prompt, 16, 8, 8))
+    # step by step: each commit is the model's argmax on the canvas it saw, at its most confident masked positions
+    before = torch.tensor([prompt + [tok.mask_id] * 16])
+    for i, e in enumerate(events):
+        assert (e.block, e.step) == (i // 4, i)
+        committed = e.output.committed[0]
+        assert int(committed.sum()) == 2  # 8 masks per block over 4 steps
+        logits = net(before)[0].double()
+        logits[:, [tok.mask_id, tok.bos_id, tok.pad_id]] = -torch.inf
+        conf, x0 = logits.softmax(-1).max(-1)
+        masked = before[0] == tok.mask_id
+        masked[len(prompt) + 8 * (e.block + 1):] = False
+        assert committed.nonzero()[:, 0].tolist() == sorted(torch.where(masked, conf, -1.0).topk(2).indices.tolist())
+        assert torch.equal(e.output.xt[0][committed], x0[committed])
+        assert torch.equal(e.output.xt[0][~committed], before[0][~committed])  # nothing else changes
+        before = e.output.xt
+    assert torch.equal(before, ids)
+    # the text API: the prompt is not repeated, exactly max_new_tokens bytes come back
+    text = lm.generate("xy", **kw)
+    assert text == tok.decode(ids[0, len(prompt):].tolist()) and len(tok.encode(text)) == 16
+
+
+def test_guided_greedy_decode_mixes_conditional_and_unconditional_logits():
+    lm = _scripted_lm()
+    tok, net = lm.tokenizer, lm.model
+    prompt = tok.encode("hello")
+    kw = dict(max_new_tokens=8, steps=8, block_length=8, temperature=0.0)
+    net.calls = 0
+    guided = lm.generate(torch.tensor([prompt]), cfg_scale=1.5, **kw)
+    assert net.calls == 8  # the conditional and unconditional copies share one forward
+    assert torch.equal(guided, _reference_greedy(net, tok, prompt, 8, 8, 8, scale=1.5))
+    assert not torch.equal(guided, lm.generate(torch.tensor([prompt]), **kw))  # guidance changed the answer
+
+
+def test_infill_on_a_known_network_fills_the_gap_greedily_and_keeps_the_rest():
+    lm = _scripted_lm()
+    tok, net = lm.tokenizer, lm.model
+    events = []
+    net.calls = 0
+    out = lm.infill("ab[MASK:4]cd", seed=0, callback=events.append)
+    assert out.startswith("ab") and out.endswith("cd") and len(tok.encode(out)) == 8
+    assert net.calls == 4 and [int(e.output.committed.sum()) for e in events] == [1, 1, 1, 1]  # steps = masks
+    # one commit per step, the whole canvas one block: the suffix is seen from the first step (no left-to-right)
+    canvas = tok.encode("ab") + [tok.mask_id] * 4 + tok.encode("cd")
+    x = torch.tensor([canvas])
+    for _ in range(4):
+        logits = net(x).double()
+        logits[..., [tok.mask_id, tok.bos_id]] = -torch.inf  # [PAD] may close a gap (it never wins here)
+        conf, x0 = logits.softmax(-1).max(-1)
+        best = int(torch.where(x == tok.mask_id, conf, -torch.inf)[0].argmax())
+        x[0, best] = x0[0, best]
+    assert out == tok.decode(x[0].tolist())
