@@ -242,8 +242,11 @@ def test_fast_dllm_v2_export_loads_back_to_identical_logits_and_tokens(tmp_path,
     ("sdar", {}, {"process": "masked", "block_size": 0}, "process 'masked' .*--process bd3lm --block-size N"),
     ("sdar", {"arch": "ar"}, {}, "autoregressive model .*dlm adapt --mode block"),
     ("sdar", {"arch": "dit"}, {}, "arch 'dit', not the RMSNorm / RoPE / SwiGLU transformer"),
+    ("sdar", {"rotary_dim": 8}, {}, "RoPE over head_dim=16.*partial RoPE, rotary_dim=8"),
+    ("fast_dllm_v2", {"moe_experts": 4, "moe_d_ff": 32, "logits_shift": True, "qk_norm": False}, {},
+     "dense SwiGLU transformer; this model has mixture-of-experts layers"),
     ("fast_dllm_v2", {}, {}, "fast_dllm_v2 needs qk_norm=False .*; fast_dllm_v2 needs logits_shift=True"),
-], ids=["qk_norm", "qkv_bias", "logits_shift", "two", "not-block", "ar", "dit", "fast-qwen3"])
+], ids=["qk_norm", "qkv_bias", "logits_shift", "two", "not-block", "ar", "dit", "partial-rope", "moe", "fast-qwen3"])
 def test_a_model_the_layout_cannot_hold_is_refused_in_one_line(tmp_path, fmt, model, process, match):
     from dlm.formats.export import export_model
 

@@ -89,6 +89,12 @@ def block_model_problems(fmt: str, cfg: CheckpointConfig, want: dict[str, tuple[
     elif p.process != "bd3lm" or p.block_size < 1:
         wrong.append(f"{fmt} runs block-causal attention and this model was trained with process {p.process!r} "
                      "(full attention): train it with --process bd3lm --block-size N")
+    if m.rotary_dim not in (None, m.head_dim):
+        wrong.append(f"{fmt} rotates every channel of a head (RoPE over head_dim={m.head_dim}); this model has "
+                     f"partial RoPE, rotary_dim={m.rotary_dim}")
+    if m.moe_experts:
+        wrong.append(f"{fmt} is a dense SwiGLU transformer; this model has mixture-of-experts layers "
+                     f"(moe_experts={m.moe_experts})")
     for name, (value, why) in want.items():
         have = getattr(m, name)
         if have != value:
