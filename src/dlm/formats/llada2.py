@@ -175,15 +175,16 @@ class LLaDA2Format(Format):
                                     or not 0 <= mask_id < model_cfg.vocab_size):
             raise CheckpointError(f"{folder}/config.json: mask_token_id={mask_id!r} is not a token id below "
                                   f"vocab_size={model_cfg.vocab_size}")
+        big = model_cfg.vocab_size > MASK_ID  # a real vocabulary: generate()'s hard-coded [MASK] row exists
+        if mask_id is None and big:
+            mask_id = MASK_ID  # what upstream's generate() uses whatever the tokenizer says
         if any((folder / f).exists() for f in TOKENIZER_FILES):
             tok = causal_tokenizer(folder, config, model_cfg.vocab_size, mask_id=mask_id,
                                    mask_token=None if mask_id is not None else MASK_TOKEN,
                                    generation_stops=False)  # upstream stops at eos_id only
         else:  # no tokenizer files: upstream generate()'s hard-coded ids, where the embedding has those rows
-            big = model_cfg.vocab_size > MASK_ID
             tok = causal_tokenizer(folder, {"eos_token_id": EOS_ID if big else None, **config},
-                                   model_cfg.vocab_size, mask_id=mask_id if mask_id is not None else
-                                   (MASK_ID if big else None), generation_stops=False)
+                                   model_cfg.vocab_size, mask_id=mask_id, generation_stops=False)
         convert = converter(model_cfg, bool(config.get("tie_word_embeddings", False)))
         model = load_weights(folder, model_cfg, build_model, convert, dtype, device, allow_pickle)
         for name, p in model.named_parameters():
