@@ -258,3 +258,23 @@ def test_export_then_load_keeps_the_moe_model(tmp_path, tiny):
     assert again.config.model == lm.config.model and again.config.sampling == lm.config.sampling
     assert again.tokenizer.mask_id == lm.tokenizer.mask_id and again.tokenizer.eos_id == lm.tokenizer.eos_id
     assert torch.equal(again.logits(ref["input_ids"]), lm.logits(ref["input_ids"]))
+
+
+def test_a_real_vocabulary_takes_generate_s_mask_id(tmp_path):
+    """With LLaDA2.0-mini's vocabulary (157184 rows) [MASK] is generate()'s hard-coded 156895 and, without
+    tokenizer files, eos its hard-coded 156892."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    cfg = json.loads((TINY / "config.json").read_text())
+    cfg.update(vocab_size=157184, pad_token_id=156892)
+    del cfg["eos_token_id"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    weights = load_file(TINY / "model.safetensors")
+    for name in ("model.word_embeddings.weight", "lm_head.weight"):
+        weights[name] = torch.zeros(157184, cfg["hidden_size"], dtype=torch.bfloat16)
+    save_file(weights, folder / "model.safetensors")
+    with pytest.warns(UserWarning):  # no tokenizer files: token ids only
+        lm = DiffusionLM.from_pretrained(str(folder))
+    assert (lm.tokenizer.mask_id, lm.tokenizer.eos_id) == (156895, 156892)
