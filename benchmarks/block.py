@@ -29,11 +29,16 @@
    prompt (the fastest of 3). Every setting runs in a fresh subprocess: peak memory is the growth of the
    process's resident set (VmHWM after Linux's clear_refs peak reset, minus VmRSS before) over its sampling,
    after one 16-token warm-up; the time per token by position comes from the step events.
+4. The cost at a real model's shape (`--device cuda --shape llada2-mini`, the key "shape"): a random network of
+   LLaDA2.0-mini's shape (MoE, 16B parameters) in bf16, the block sampler (blocks of 32) against LLaDA + dual
+   cache: tokens/s, forwards and positions per token, peak CUDA memory, time per token by position.
 
     python benchmarks/block.py --threads 1 --clipped 1 16         # ~75 min on one (shared) thread here
     python benchmarks/block.py --matched --threads 1              # part 3 only, ~30 min on one shared thread
     python benchmarks/block.py --quick --out /tmp/block           # smoke run (~1 min)
     python benchmarks/block.py --matched --quick --out /tmp/block # smoke run of part 3 (the trained runs)
+    python benchmarks/block.py --device cuda --shape llada2-mini   # part 4, on a GPU (not run here: no GPU)
+    python benchmarks/block.py --shape llada2-mini-tiny --shape-lengths 64 --repeats 1 --out /tmp/block  # its smoke run
 
 Writes JSON and a PNG to `--out` (default benchmarks/results/block.{json,png}; part 3 also block_matched.png)
 and prints markdown tables.
@@ -129,6 +134,8 @@ def timed(lm: DiffusionLM, prompt: str, **opts: Any) -> dict[str, Any]:
         ids = lm.generate(torch.tensor([lm.tokenizer.encode(prompt)]), callback=note, seed=0, **opts)
     finally:
         lm.model.forward = inner
+    if ids.is_cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     n = opts["max_new_tokens"]
     return {"seconds": seconds, "tokens_per_s": n / seconds, "forwards": calls["n"],
@@ -423,6 +430,97 @@ def plot_matched(m: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# ---- 4. the sampling cost at a real model's shape (random weights; meant for a GPU) --------------------------
+
+# inclusionAI/LLaDA2.0-mini's config.json (the shape only): 20 layers, d 2048, 16 heads / 4 KV heads of 128, the
+# first layer dense (5120), then 256 experts of 512 (8 routed in 4 of 8 groups, one shared), vocabulary 157,184;
+# about 16B parameters, 1.4B active per token.
+LLADA2_MINI = {"hidden_size": 2048, "num_hidden_layers": 20, "num_attention_heads": 16, "num_key_value_heads": 4,
+               "head_dim": 128, "intermediate_size": 5120, "moe_intermediate_size": 512, "num_experts": 256,
+               "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "num_shared_experts": 1,
+               "first_k_dense_replace": 1, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+               "score_function": "sigmoid", "partial_rotary_factor": 0.5, "rope_theta": 600000,
+               "rms_norm_eps": 1e-6, "use_qk_norm": True, "use_qkv_bias": False, "use_bias": False,
+               "max_position_embeddings": 32768, "vocab_size": 157184, "tie_word_embeddings": False}
+SHAPES = {"llada2-mini": LLADA2_MINI,  # the same structure scaled down, to run the mode's code on a CPU
+          "llada2-mini-tiny": {**LLADA2_MINI, "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128,
+                               "moe_intermediate_size": 32, "num_experts": 16, "num_experts_per_tok": 4,
+                               "n_group": 4, "topk_group": 2}}
+
+
+def shape_models(shape: str, device: str, dtype: torch.dtype) -> tuple[DiffusionLM, DiffusionLM, int]:
+    """A random network of `shape` on `device` -> (as a block-32 bd3lm model, as a full-attention masked model,
+    parameters). The two share the weights."""
+    from dlm.config import CheckpointConfig
+    from dlm.formats.llada2 import BLOCK_LENGTH, EOS_ID, MASK_ID, model_config
+    from dlm.models import build_model, count_params
+    from dlm.tokenizer import ByteTokenizer
+
+    cfg = model_config(SHAPES[shape], Path(f"<{shape}>"))
+
+    class Vocab(ByteTokenizer):  # bytes below 256; LLaDA2's mask and EOS ids where the vocabulary holds them
+        def __init__(self) -> None:
+            super().__init__()
+            self.vocab_size = cfg.vocab_size
+            if cfg.vocab_size > MASK_ID:
+                self.mask_id, self.eos_id, self.pad_id = MASK_ID, EOS_ID, EOS_ID
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = build_model(cfg).to(dtype).eval()
+    block = DiffusionLM(net, Vocab(), CheckpointConfig(model=cfg, process=process_config(
+        "bd3lm", block_size=BLOCK_LENGTH)), device=device)
+    full = DiffusionLM(net, Vocab(), CheckpointConfig(model=cfg, process=process_config("masked")), device=device)
+    return block, full, count_params(net)
+
+
+def shape_speed(args: argparse.Namespace) -> dict[str, Any]:
+    """The speed table on a random model of a real shape: tokens/s, forwards and positions per token, peak memory
+    (CUDA: torch's peak allocated bytes over the generation; CPU: the resident set's peak growth) and the time per
+    token by position, for the block sampler (blocks of 32, LLaDA2's) and LLaDA + dual cache (blocks of 32).
+    Greedy after a random 32-token prompt; random weights are rarely confident, so the thresholds save nothing
+    here: the rows give the cost per forward at that scale, not the parallel decoding's savings."""
+    from dlm.formats.llada2 import THRESHOLD
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.shape_dtype]
+    block, full, n_params = shape_models(args.shape, args.device, dtype)
+    cuda = args.device.startswith("cuda")
+    prompt = block.tokenizer.decode(torch.randint(32, 127, (32,), generator=torch.Generator().manual_seed(0)).tolist())
+    out: dict[str, Any] = {"config": {"shape": args.shape, "device": args.device, "dtype": args.shape_dtype,
+                                      "parameters": n_params, "lengths": args.shape_lengths, "repeats": args.repeats,
+                                      "gpu": torch.cuda.get_device_name() if cuda else None,
+                                      "cpu": cpu_name(), "torch": torch.__version__}, "rows": {}}
+    for n in args.shape_lengths:
+        dual = {"block_length": 32, "cache": "dual"}
+        setups = {"block, 1 token/step": (block, {"sampler": "block", "steps": n}),
+                  f"block, threshold {THRESHOLD:g}": (block, {"sampler": "block", "steps": n, "threshold": THRESHOLD}),
+                  "llada + dual cache, 1 token/step": (full, {"sampler": "llada", "steps": n, **dual}),
+                  "fast_dllm 0.9 + dual cache": (full, {"sampler": "fast_dllm", "steps": n, "threshold": 0.9, **dual})}
+        for name, (lm, opts) in setups.items():
+            lm.config.model.max_len = 32 + n + 32
+            timed(lm, prompt, **{**opts, "max_new_tokens": 32, "steps": max(1, opts["steps"] * 32 // n)},
+                  temperature=0.0)  # warm-up
+            tries, peaks = [], []
+            for _ in range(args.repeats):
+                if cuda:
+                    torch.cuda.synchronize()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                else:
+                    base, _ = _status_kb("VmRSS") * 1024, _reset_peak()
+                tries.append(timed(lm, prompt, max_new_tokens=n, temperature=0.0, **opts))
+                peaks.append((torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024) - base)
+            r = min(tries, key=lambda x: x["seconds"])
+            r.pop("new_ids")
+            r["ms_per_token_curve"] = per_token_curve(r.pop("stamps"), 32, max(16, n // 8))
+            out["rows"][f"{name} @ {n}"] = {"sampler": name, "new_tokens": n, "peak_memory_mb": max(peaks) / 2**20,
+                                           **r}
+            print(f"{name:34s} n={n:4d}: {r['tokens_per_s']:8.1f} tok/s, {r['forwards_per_token']:.3f} forwards/token, "
+                  f"{r['positions_per_token']:.0f} positions/token, peak +{max(peaks) / 2**20:.0f} MB", flush=True)
+    return out
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -480,10 +578,24 @@ def main() -> None:
     ap.add_argument("--agreement-min", type=float, default=0.9)
     ap.add_argument("--ppl-tolerance", type=float, default=0.10)
     ap.add_argument("--nocache-max", type=int, default=512, help="time LLaDA without a cache up to this length")
+    ap.add_argument("--shape", choices=sorted(SHAPES),
+                    help="part 4 only: the speed table on a random model of this real shape (adds 'shape' to the JSON)")
+    ap.add_argument("--device", default="cpu", help="with --shape: cuda (the mode is meant for a GPU) or cpu")
+    ap.add_argument("--shape-dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--shape-lengths", type=int, nargs="+", default=[128, 512, 2048])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.shape:
+        torch.set_num_threads(args.threads)
+        out = Path(args.out)
+        previous = out / "block.json"
+        results = json.loads(previous.read_text()) if previous.exists() else {}
+        results.setdefault("shape", {})[f"{args.shape} on {args.device}"] = shape_speed(args)
+        out.mkdir(parents=True, exist_ok=True)
+        previous.write_text(json.dumps(results, indent=2) + "\n")
         return
     if args.quick:
         args.steps, args.eval_windows, args.eval_samples, args.lengths, args.clip_windows = 20, 16, 1, [32, 64], 16
