@@ -55,7 +55,8 @@ class Format:
 # The formats register themselves in their own modules (their matches never overlap: ours has no model_type),
 # imported on the first lookup: the registry lives with its base class, and no format imports the package.
 FORMATS: Registry[type[Format]] = Registry("checkpoint format", plugins=tuple(
-    f"dlm.formats.{m}" for m in ("native", "llada", "dream", "mdlm", "sedd", "hf_causal", "fast_dllm_v2", "sdar", "llada2")))
+    f"dlm.formats.{m}" for m in ("native", "llada", "dream", "mdlm", "sedd", "hf_causal", "fast_dllm_v2", "sdar",
+                                 "llada2")))
 
 
 # The small files any format or tokenizer may read; each must be a regular file under io.METADATA_LIMIT.
