@@ -165,9 +165,30 @@ def test_chat_templates_render_as_upstream():
 @pytest.mark.parametrize("folder", [LLADA, DREAM], ids=["llada", "dream"])
 def test_chat_runs_end_to_end(folder):
     lm = DiffusionLM.from_pretrained(str(folder))
-    answer = lm.chat([{"role": "user", "content": "Write a function."}], max_new_tokens=16, steps=8,
-                     block_length=8 if folder == LLADA else 0)
+    messages = [{"role": "user", "content": "Write a function."}]
+    opts = dict(max_new_tokens=16, steps=8, block_length=8 if folder == LLADA else 0)
+    seen = []  # every canvas the network sees
+    hook = lm.model.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    try:
+        answer = lm.chat(messages, **opts)
+    finally:
+        hook.remove()
     assert isinstance(answer, str)
+    tok = lm.tokenizer
+    # the network sees the model's own template (with the assistant's turn opened) and 16 masks after it
+    template = tok.apply_chat_template(messages, add_generation_prompt=True)
+    if folder == LLADA:
+        assert template == "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nWrite a function." \
+                           "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    else:
+        assert template.endswith("<|im_start|>user\nWrite a function.<|im_end|>\n<|im_start|>assistant\n")
+    prompt = tok.encode(template)
+    assert seen and seen[0].shape == (1, len(prompt) + 16) and seen[0][0, : len(prompt)].tolist() == prompt
+    assert (seen[0][0, len(prompt):] == tok.mask_id).all()
+    # the answer is the generation after the template, cut at the first stop id, specials left out
+    new = lm.generate(torch.tensor([prompt]), **opts)[0, len(prompt):].tolist()
+    end = next((i for i, t in enumerate(new) if t in tok.stop_ids), len(new))
+    assert answer == tok.decode([t for t in new[:end] if t != tok.pad_id])
 
 
 def test_cli_generates_from_an_upstream_folder(capsys):
@@ -176,6 +197,8 @@ def test_cli_generates_from_an_upstream_folder(capsys):
     main(["generate", "hello", "--model", str(DREAM), "--max-new-tokens", "8", "--steps", "8", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["prompt"] == "hello" and isinstance(out["completion"], str)
+    # the CLI's completion is the library's for the same options (the folder's saved defaults for the rest)
+    assert out["completion"] == DiffusionLM.from_pretrained(str(DREAM)).generate("hello", max_new_tokens=8, steps=8)
 
 
 def test_export_then_load_gives_the_same_logits(tmp_path, llada):
