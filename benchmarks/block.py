@@ -382,6 +382,40 @@ def matched_table(m: dict[str, Any], n: int) -> str:
     return "\n".join(lines)
 
 
+def matched_summary(m: dict[str, Any]) -> str:
+    """The docs' tables: speed at the matched setting, growth with the length, and the sweeps."""
+    lengths = list(m["lengths"])
+    names = {"block": "block (exact cache)", "dual": "LLaDA + dual cache"}
+    out = ["| new tokens | sampler | matched setting | forwards / token | tokens/s matched (1 token/step) | "
+           "judge ppl matched (1 token/step) | agreement | unigram entropy |", "|---|---|---|---|---|---|---|---|"]
+    for n in lengths:
+        L = m["lengths"][n]
+        for f, name in L["matched"].items():
+            r, ref = L["rows"][name], L["rows"][REFERENCE[f]]
+            out.append(f"| {n} | {names[f]} | {name.split(', ', 1)[-1] if f == 'block' else name} | "
+                       f"{r['forwards_per_token']:.3f} | {r['tokens_per_s']:.0f} ({ref['tokens_per_s']:.0f}) | "
+                       f"{r['perplexity']:.0f} ± {r['perplexity_se']:.0f} ({ref['perplexity']:.0f} ± "
+                       f"{ref['perplexity_se']:.0f}) | {r['agreement']:.3f} | {r['unigram_entropy']:.2f} |")
+    out += ["", "| sampler, 1 token/step | " + " | ".join(f"ms/token at {n}" for n in lengths) + " | positions/token | "
+            + " | ".join(f"peak RSS growth at {n}" for n in lengths) + " |", "|---" * (2 + 2 * len(lengths)) + "|"]
+    for f in ("block", "dual", "nocache"):
+        rows = [m["lengths"][n]["rows"].get(REFERENCE[f]) for n in lengths]
+        out.append(f"| {REFERENCE[f]} | " + " | ".join(f"{1000 / r['tokens_per_s']:.2f}" if r else "-" for r in rows)
+                   + " | " + " / ".join(f"{r['positions_per_token']:.0f}" if r else "-" for r in rows) + " | "
+                   + " | ".join(f"{r['peak_rss_growth_mb']:.1f} MB" if r and r['peak_rss_growth_mb'] is not None
+                                else "-" for r in rows) + " |")
+    out += ["", "| setting | " + " | ".join(f"{n}: forwards/token, agreement, judge ppl" for n in lengths) + " |",
+            "|---" * (1 + len(lengths)) + "|"]
+    for name in m["lengths"][lengths[0]]["rows"]:
+        cells = []
+        for n in lengths:
+            r = m["lengths"][n]["rows"].get(name)
+            cells.append("-" if r is None else f"{r['forwards_per_token']:.3f}, {r['agreement']:.3f}, "
+                         f"{r['perplexity']:.0f} ± {r['perplexity_se']:.0f}")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def plot_matched(m: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -583,6 +617,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="with --shape: cuda (the mode is meant for a GPU) or cpu")
     ap.add_argument("--shape-dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--shape-lengths", type=int, nargs="+", default=[128, 512, 2048])
+    ap.add_argument("--print-matched", action="store_true", help="with --matched: print the last run's tables")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -610,10 +645,14 @@ def main() -> None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "block.json").write_text(json.dumps({**results, "matched": m}, indent=2) + "\n")
 
-        m = matched(Path(args.runs), args, save)
+        if args.print_matched:  # the tables of the last --matched run, and its plot again
+            m = results["matched"]
+        else:
+            m = matched(Path(args.runs), args, save)
         plot_matched(m, out / "block_matched.png")
         for n in m["lengths"]:
             print(matched_table(m, int(n)))
+        print("\n" + matched_summary(m))
         return
     args.clipped = args.blocks if args.clipped is None else args.clipped
     runs = Path(args.runs)
