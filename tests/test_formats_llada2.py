@@ -278,3 +278,28 @@ def test_a_real_vocabulary_takes_generate_s_mask_id(tmp_path):
     with pytest.warns(UserWarning):  # no tokenizer files: token ids only
         lm = DiffusionLM.from_pretrained(str(folder))
     assert (lm.tokenizer.mask_id, lm.tokenizer.eos_id) == (156895, 156892)
+
+
+@pytest.mark.slow  # builds 5,000 expert modules on meta (about 10 s idle)
+def test_the_real_llada2_mini_config_maps_to_its_16b_model():
+    """LLaDA2.0-mini's config.json (inclusionAI/dFactory configs/model_configs/llada2_mini, model_type as on the hub)
+    builds, on meta, the model card's 16B parameters with 1.4B active per token."""
+    from dlm.formats.llada2 import model_config
+    from dlm.models import build_model
+
+    config = {"model_type": "llada2_moe", "num_hidden_layers": 20, "hidden_size": 2048, "intermediate_size": 5120,
+              "first_k_dense_replace": 1, "hidden_act": "silu", "max_position_embeddings": 16384,
+              "moe_intermediate_size": 512, "norm_topk_prob": True, "num_experts_per_tok": 8,
+              "num_attention_heads": 16, "num_experts": 256, "num_key_value_heads": 4, "rope_theta": 600000,
+              "rope_scaling": None, "tie_word_embeddings": False, "use_bias": False, "rms_norm_eps": 1e-06,
+              "head_dim": 128, "num_shared_experts": 1, "use_qkv_bias": False, "vocab_size": 157184,
+              "rotary_dim": 64, "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4,
+              "score_function": "sigmoid", "partial_rotary_factor": 0.5}
+    m = model_config(config, Path("LLaDA2.0-mini"))
+    assert (m.rope_dim, m.head_dim, m.kv_heads, m.moe_groups, m.moe_topk_groups) == (64, 128, 4, 8, 4)
+    with torch.device("meta"):
+        net = build_model(m)
+    total = sum(p.numel() for p in net.parameters())
+    routed = sum(p.numel() for n, p in net.named_parameters() if ".experts." in n)
+    active = total - routed + routed * m.moe_top_k // m.moe_experts
+    assert round(total / 1e9, 1) == 16.3 and round(active / 1e9, 1) == 1.4
