@@ -237,7 +237,10 @@ def test_chat_without_a_template_uses_the_sft_format(saved, capsys):
     ids = torch.tensor([chat_prompt(lm.tokenizer, messages)])
     assert answer == lm.decode_new(lm.generate(ids, **opts)[0, ids.shape[1]:].tolist())
     main(["chat", "hi", "--model", str(folder), "--max-new-tokens", "8", "--steps", "8", "--block-length", "8"])
-    assert isinstance(capsys.readouterr().out, str)
+    printed = capsys.readouterr().out
+    assert isinstance(printed, str)
+    # the CLI prints the library's answer to the same one-message conversation
+    assert printed == lm.chat([{"role": "user", "content": "hi"}], max_new_tokens=8, steps=8, block_length=8) + "\n"
 
 
 def test_export_writes_a_folder_that_loads_the_same(tmp_path, saved, capsys):

@@ -172,6 +172,11 @@ def test_cached_block_sampling_equals_uncached(folder):
     assert torch.equal(outs[0], outs[1])
     text = lm.generate("hello", max_new_tokens=8)
     assert isinstance(text, str)
+    # the text is the decoded tail of the same call on ids: the prompt kept, 8 new tokens, no [MASK] left
+    prompt = lm.tokenizer.encode("hello")
+    ids = lm.generate(torch.tensor([prompt]), max_new_tokens=8)
+    assert ids.shape == (1, len(prompt) + 8) and ids[0, : len(prompt)].tolist() == prompt
+    assert not (ids == lm.tokenizer.mask_id).any() and text == lm.decode_new(ids[0, len(prompt):].tolist())
 
 
 # ----- config errors: one line each ---------------------------------------------------------------------------
@@ -202,6 +207,7 @@ def test_cli_generates_from_a_block_folder(folder, capsys):
     main(["generate", "hello", "--model", str(folder), "--max-new-tokens", "8", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["prompt"] == "hello" and isinstance(out["completion"], str)
+    assert out["completion"] == DiffusionLM.from_pretrained(str(folder)).generate("hello", max_new_tokens=8)
 
 
 @pytest.mark.parametrize("folder", [FAST, SDAR], ids=["fast-dllm-v2", "sdar"])
