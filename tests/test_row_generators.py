@@ -118,3 +118,15 @@ def test_temperature_zero_is_unchanged_by_the_rows():
     lm = _lm("llada-confidence")
     greedy = GenerationConfig(temperature=0.0, sampler="llada", max_new_tokens=NEW, steps=NEW, block_length=4)
     assert lm.generate(PROMPTS, config=greedy, seed=0) == lm.generate(PROMPTS, config=greedy, seed=123)
+
+
+def test_the_autoregressive_baseline_draws_per_row_too():
+    cfg = ModelConfig.preset("tiny", arch="ar", max_len=64)
+    torch.manual_seed(0)
+    lm = DiffusionLM(build_model(cfg).eval(), ByteTokenizer(), CheckpointConfig(
+        model=cfg, process=process_config("masked", loss="ar"), sampling=GenerationConfig(temperature=1.0,
+                                                                                          max_new_tokens=NEW)))
+    assert lm.is_causal
+    batched = lm.generate(PROMPTS, generator=RowGenerators.from_seeds([5, 11, 12, 13]))
+    assert batched[0] == lm.generate(PROMPTS[0], seed=5) and batched[2] == lm.generate(PROMPTS[2], seed=12)
+    assert len(set(lm.generate(PROMPTS[0], seed=3, num_samples=4))) == 4
