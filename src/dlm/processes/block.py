@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dlm.processes.masked import PROCESSES, ForwardProcess
+from dlm.processes.masked import PROCESSES, ForwardProcess, absorb
 from dlm.schedules import SCHEDULES, NoiseSchedule
 
 if TYPE_CHECKING:
@@ -118,11 +118,7 @@ class BlockProcess(ForwardProcess):
         if t.dim() == 1:
             t = t[:, None].expand(B, n_blocks(L, self.block_size))
         p_mask = per_position(self.schedule.move_chance(t).to(torch.float32), L, self.block_size)  # (B, L)
-        u = torch.rand(x0.shape, generator=generator, device=x0.device)
-        is_masked = u < p_mask
-        if maskable is not None:
-            is_masked &= maskable
-        return torch.where(is_masked, torch.full_like(x0, self.mask_id), x0), is_masked
+        return absorb(x0, p_mask, self.mask_id, generator, maskable)
 
     def prior_sample(self, batch: int, length: int, device: str | torch.device = "cpu") -> torch.Tensor:
         return torch.full((batch, length), self.mask_id, dtype=torch.long, device=device)

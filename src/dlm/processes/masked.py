@@ -70,6 +70,27 @@ class ForwardProcess:
         return self.schedule.t_for_move_chance(frac).clamp(0.0, 1.0).float()
 
 
+def absorb(x0: torch.Tensor, p_mask: torch.Tensor, mask_id: int, generator: torch.Generator | None = None,
+           maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The absorbing draw every masked process shares: x0 (B, L), p_mask (B, 1) or (B, L) float32 -> xt (B, L),
+    is_masked (B, L) bool, each position [MASK] with its probability (one uniform per position, drawn over
+    (B, L) whatever p_mask's shape, so the same generator masks alike), never outside `maskable`."""
+    u = torch.rand(x0.shape, generator=generator, device=x0.device)
+    is_masked = u < p_mask
+    if maskable is not None:
+        is_masked &= maskable
+    return torch.where(is_masked, torch.full_like(x0, mask_id), x0), is_masked
+
+
+def drop_mask_logit(logits: torch.Tensor, mask_id: int, inplace: bool = False) -> torch.Tensor:
+    """logits (..., V) with [MASK]'s logit at -inf: x0 is never [MASK], so it leaves the softmax (MDLM's SUBS).
+    `inplace` writes into `logits` (no copy of a (B, L, V) tensor; only where no gradient flows through it)."""
+    if inplace:
+        logits[..., mask_id] = -torch.inf
+        return logits
+    return logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), -torch.inf)
+
+
 @PROCESSES.register("masked")
 class MaskedProcess(ForwardProcess):
     """Absorbing-state diffusion: xt_i = [MASK] with probability 1 - alpha(t), else x0_i."""
@@ -80,12 +101,7 @@ class MaskedProcess(ForwardProcess):
                  maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x0: (B, L), t: (B,), maskable: (B, L) bool or None -> xt (B, L), is_masked (B, L) bool."""
         p_mask = self.schedule.move_chance(t).to(torch.float32)[:, None]  # (B, 1)
-        u = torch.rand(x0.shape, generator=generator, device=x0.device)
-        is_masked = u < p_mask
-        if maskable is not None:
-            is_masked &= maskable
-        xt = torch.where(is_masked, torch.full_like(x0, self.mask_id), x0)
-        return xt, is_masked
+        return absorb(x0, p_mask, self.mask_id, generator, maskable)
 
     def prior_sample(self, batch: int, length: int, device: str | torch.device = "cpu") -> torch.Tensor:
         return torch.full((batch, length), self.mask_id, dtype=torch.long, device=device)

@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from dlm.processes.masked import PROCESSES, ForwardProcess
+from dlm.processes.masked import PROCESSES, ForwardProcess, absorb, drop_mask_logit
 
 
 def uniform_tokens(V: int, mask_id: int, shape: tuple[int, ...], generator: torch.Generator | None = None,
@@ -154,11 +154,7 @@ class AbsorbingGraph(Graph):
     def q_sample(self, x0, t, generator=None, maskable=None):
         """x0 (B, L), t (B,) -> xt (B, L), is_masked (B, L) bool: the draws of MaskedProcess."""
         p_mask = self.schedule.move_chance(t).to(torch.float32)[:, None]  # (B, 1)
-        u = torch.rand(x0.shape, generator=generator, device=x0.device)
-        is_masked = u < p_mask
-        if maskable is not None:
-            is_masked &= maskable
-        return torch.where(is_masked, torch.full_like(x0, self.mask_id), x0), is_masked
+        return absorb(x0, p_mask, self.mask_id, generator, maskable)
 
     def prior_sample(self, batch, length, device="cpu"):
         return torch.full((batch, length), self.mask_id, dtype=torch.long, device=device)
@@ -242,8 +238,7 @@ class UniformGraph(Graph):
         return self.random_tokens((batch, length), None, device)
 
     def log_score(self, raw, xt, sigma):
-        ls = raw.index_fill(-1, torch.tensor([self.mask_id], device=raw.device), -torch.inf)
-        return ls.scatter(-1, xt[..., None], 0.0)
+        return drop_mask_logit(raw, self.mask_id).scatter(-1, xt[..., None], 0.0)
 
     def score_entropy(self, log_score, xt, x0, sigma):
         V = log_score.shape[-1]
