@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from dlm.processes.block import block_logits, check_clip, n_blocks, per_position
-from dlm.processes.masked import ForwardProcess
+from dlm.processes.masked import ForwardProcess, drop_mask_logit
 from dlm.registry import Registry
 from dlm.schedules import sample_t
 
@@ -312,7 +312,7 @@ class D3PMHybrid(GraphLoss):
         k = (u * T).long().clamp(0, T - 1) + 1  # (B,) uniform on 1..T (stratified when u is)
         xt, moved = corrupt(process.q_sample_k, x0, k, _gen_for(x0, generator), maskable, rows)
         logits = model(xt, k.float() / T).float()  # (B, L, V)
-        logits = logits.index_fill(-1, torch.tensor([process.mask_id], device=x0.device), -torch.inf)
+        logits = drop_mask_logit(logits, process.mask_id)  # p~(x0 | x_k) never [MASK]
         log_p0 = torch.log_softmax(logits.double(), -1)  # (B, L, V): p~(x0 | x_k), never [MASK]
         q = process.posterior(xt, k - 1, k, x0)  # (B, L, V) float64
         p = process.posterior(xt, k - 1, k, log_p0.exp())

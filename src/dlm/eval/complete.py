@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from dlm.sampling.processors import special_ids_to_suppress
+
 
 @torch.no_grad()
 def ar_decode(lm: Any, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
@@ -21,7 +23,7 @@ def ar_decode(lm: Any, prompt_ids: list[int], max_new_tokens: int, temperature: 
     at temperature 0, else sampling; [MASK], [PAD] and [BOS] are banned; stops after a token in `stop_ids`."""
     tok = lm.tokenizer
     g = torch.Generator().manual_seed(seed if seed is not None else 0)
-    banned = [tok.mask_id] + [i for i in (tok.bos_id, tok.pad_id) if i is not None and i != tok.eos_id]
+    banned = special_ids_to_suppress(tok)  # as the samplers ban them
     seq = [tok.bos_id, *prompt_ids]
     new: list[int] = []
     for _ in range(max_new_tokens):

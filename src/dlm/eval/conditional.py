@@ -23,7 +23,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from dlm.eval.elbo import llada_nats, mask_counts, mask_exactly, stratified_u
 from dlm.losses import token_ce
+from dlm.sampling.processors import special_ids_to_suppress
 
 
 class LogLik(NamedTuple):
@@ -49,8 +51,7 @@ def _fit(prompt: list[int], answer: list[int], room: int) -> list[int]:
 
 def stratified_counts(n: int, La: int, generator: torch.Generator) -> torch.Tensor:
     """n mask counts in 1..La: one uniform offset and n evenly spaced quantiles of U{1..La} -> (n,) long."""
-    u = (torch.rand(1, generator=generator, dtype=torch.float64) + torch.arange(n, dtype=torch.float64) / n) % 1.0
-    return (u * La).floor().long().clamp(0, La - 1) + 1
+    return mask_counts(stratified_u(n, generator, torch.float64), La)
 
 
 @torch.no_grad()
@@ -80,16 +81,13 @@ def _masked_loglik(lm: Any, prompt: list[int], answer: list[int], suffix: list[i
     for start in range(0, n_samples, batch_size):
         l = counts[start: start + batch_size]  # (B,)
         B = l.numel()
-        ranks = torch.rand(B, La, generator=g).argsort(1).argsort(1)  # a random permutation of the answer
         is_masked = torch.zeros(B, N, dtype=torch.bool)
-        is_masked[:, P: P + La] = ranks < l[:, None]  # exactly l[b] masked answer positions, the rest never
+        is_masked[:, P: P + La] = mask_exactly(l, La, g)  # exactly l[b] masked answer positions, the rest never
         is_masked = is_masked.to(lm.device)
         xt = torch.where(is_masked, mask_id, x0.expand(B, -1))  # (B, N)
         t = _model_time(lm, xt)  # (B,) the time a time-conditioned network sees for this canvas
         logits = lm.model(xt, t).float()  # (B, N, V)
-        logits[..., mask_id] = -torch.inf  # the clean answer is never [MASK] (SUBS), as in elbo.py
-        ce = token_ce(logits, x0.expand(B, -1)).double()  # (B, N)
-        estimates[start: start + B] = ((ce * is_masked).sum(1) * (La / l.to(lm.device).double())).cpu()
+        estimates[start: start + B] = llada_nats(logits, x0.expand(B, -1), is_masked, l, La, mask_id).cpu()
     stderr = float(estimates.std() / math.sqrt(n_samples)) if n_samples > 1 else float("nan")
     return LogLik(-float(estimates.mean()), stderr)
 
@@ -137,7 +135,7 @@ def answer_is_greedy(lm: Any, prompt_ids: list[int], answer_ids: list[int]) -> b
         return bool((lm.model(seq, None)[0, P:].argmax(-1) == target).all())
     tok = lm.tokenizer
     # Banned as the sampler bans them (dlm.sampling.processors): [MASK], and [BOS] / [PAD] unless they are [EOS].
-    banned = [tok.mask_id] + [i for i in (tok.bos_id, tok.pad_id) if i is not None and i != tok.eos_id]
+    banned = special_ids_to_suppress(tok)
     canvas = torch.tensor([prompt + [tok.mask_id] * La], device=lm.device)  # (1, P + La)
     for _ in range(La):
         is_masked = canvas[0] == tok.mask_id  # (P + La,)

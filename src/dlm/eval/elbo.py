@@ -21,6 +21,7 @@ import torch
 
 from dlm.losses import Loss, token_ce
 from dlm.process import ForwardProcess
+from dlm.processes.masked import drop_mask_logit
 
 
 @dataclass
@@ -42,6 +43,32 @@ class ElboResult:
             return 0.0
         L = self.n_tokens / n
         return float(self.nats_per_window.std() / math.sqrt(n)) / L / math.log(2)
+
+
+# ----- LLaDA's estimator, shared with the conditional likelihood (eval/conditional.py) ----------------------------
+def stratified_u(n: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """n stratified uniforms: one uniform offset plus n evenly spaced quantiles, mod 1 -> (n,)."""
+    return (torch.rand(1, generator=generator, dtype=dtype) + torch.arange(n, dtype=dtype) / n) % 1.0
+
+
+def mask_counts(u: torch.Tensor, n: int) -> torch.Tensor:
+    """Uniforms (B,) -> mask counts (B,) long in 1..n (U{1..n} when u is uniform)."""
+    return (u * n).floor().long().clamp(0, n - 1) + 1
+
+
+def mask_exactly(counts: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """counts (B,) -> (B, n) bool with exactly counts[b] True positions in row b, chosen uniformly."""
+    ranks = torch.rand(counts.numel(), n, generator=generator).argsort(1).argsort(1)  # random permutation ranks
+    return ranks < counts[:, None]
+
+
+def llada_nats(logits: torch.Tensor, target: torch.Tensor, is_masked: torch.Tensor, counts: torch.Tensor,
+               n: int, mask_id: int) -> torch.Tensor:
+    """LLaDA's estimate (Nie et al. 2025, eq. 6) -> (B,) float64 nats: (n / l) * the masked positions' cross-entropy,
+    logits (B, L, V) of the canvas with l = counts[b] of its n scorable positions masked (is_masked (B, L)).
+    [MASK]'s logit leaves the softmax (MDLM's SUBS), written into `logits` (no gradient flows here)."""
+    ce = token_ce(drop_mask_logit(logits, mask_id, inplace=True), target).double()  # (B, L)
+    return (ce * is_masked).sum(1) * (n / counts.to(logits.device).double())
 
 
 @torch.no_grad()
@@ -79,14 +106,13 @@ def elbo_bits(model: torch.nn.Module, windows: torch.Tensor, mask_id: int, bos_i
                 continue
             for _ in range(n_samples):
                 # Stratified mask counts: one uniform offset, B evenly spaced quantiles of U{1..L}.
-                u = (torch.rand(1, generator=g) + torch.arange(B) / B) % 1.0  # (B,)
+                u = stratified_u(B, g)  # (B,)
                 if own_estimator:  # the same stratified u, as the family's time
                     est = loss_fn.sequence_nll(model, x0, process, u.to(device), g)  # (B,) nats per window
                     per_window[start: start + B] += est.double().cpu() / n_samples
                     continue
-                n_mask = (u * L).floor().long().clamp(0, L - 1) + 1  # (B,) in 1..L
-                ranks = torch.rand(B, L, generator=g).argsort(1).argsort(1)  # random permutation ranks
-                is_masked = (ranks < n_mask[:, None]).to(device)  # exactly n_mask[b] masked positions
+                n_mask = mask_counts(u, L)  # (B,) in 1..L
+                is_masked = mask_exactly(n_mask, L, g).to(device)  # exactly n_mask[b] masked positions
                 xt = torch.where(is_masked, torch.full_like(x0, mask_id), x0)
                 target = x0
                 if bos_prefix:  # (B, 1 + L): the [BOS] column is clean and scores nothing
@@ -95,12 +121,10 @@ def elbo_bits(model: torch.nn.Module, windows: torch.Tensor, mask_id: int, bos_i
                     is_masked = torch.cat([torch.zeros_like(is_masked[:, :1]), is_masked], 1)
                 t = None if not timed else (process.model_time(xt) if process is not None
                                             else (n_mask.double() / L).float().to(device))
-                logits = model(xt, t)  # (B, L, V)
-                # x0 is never [MASK]: its logit leaves the softmax (MDLM's SUBS). Loaded MDLM / LLaDA never
-                # trained it; for our models it changes the bound by < 1e-7 bits/char.
-                logits[..., mask_id] = -torch.inf
-                ce = token_ce(logits, target).double()  # (B, L), or (B, 1 + L) with bos_prefix
-                est = (ce * is_masked).sum(1) * (L / n_mask.to(device).double())  # (B,) nats per window
+                # x0 is never [MASK] (SUBS). Loaded MDLM / LLaDA never trained its logit; for our models dropping
+                # it changes the bound by < 1e-7 bits/char. (B,) nats per window; with bos_prefix the target and
+                # the mask are (B, 1 + L)
+                est = llada_nats(model(xt, t), target, is_masked, n_mask, L, mask_id)
                 per_window[start: start + B] += est.cpu() / n_samples
     model.train(was_training)
     return ElboResult(per_window, n_tokens=N * L, n_samples=n_samples, exact=causal)
