@@ -299,7 +299,8 @@ class ScriptedNet(torch.nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.base = torch.randn(max_len, vocab, generator=g) * 2.0  # (L, V)
         self.pair = torch.randn(vocab, vocab, generator=g) * 2.0  # (V, V): the previous token's vote
-        self.context = torch.randn(vocab, vocab, generator=g) * 4.0  # (V, V): every token's vote everywhere
+        # (V, V): every token's vote everywhere; small integers, so their sum is exact in any order or batch
+        self.context = torch.randint(-8, 9, (vocab, vocab), generator=g).float()
         self.base[:, [i for i in range(vocab) if not 32 <= i < 127]] = -50.0
         self.base[:, [257, 259]] = 50.0  # ByteTokenizer's [MASK] and [BOS]
         self.calls = 0
@@ -308,7 +309,7 @@ class ScriptedNet(torch.nn.Module):
         self.calls += 1
         B, L = x.shape
         prev = torch.cat([torch.zeros(B, 1, dtype=x.dtype), x[:, :-1]], 1)  # (B, L)
-        return self.base[:L][None] + self.pair[prev] + self.context[x].mean(1, keepdim=True)  # (B, L, V)
+        return self.base[:L][None] + self.pair[prev] + self.context[x].sum(1, keepdim=True) / L  # (B, L, V)
 
 
 def _scripted_lm():
@@ -333,10 +334,11 @@ def _reference_greedy(net, tok, prompt: list[int], gen: int, steps: int, block: 
         hi = P + (b + 1) * block
         plan = [block // per_block + (i < block % per_block) for i in range(per_block)]
         for k in plan:
-            logits = net(x).double()  # (1, L, V)
-            if scale:
-                uncond = net(x.masked_fill(prompt_mask, tok.mask_id)).double()
+            logits = net(x)  # (1, L, V) float32
+            if scale:  # mixed in float32 as the pipeline mixes them, then scored in float64 as the sampler scores
+                uncond = net(x.masked_fill(prompt_mask, tok.mask_id))
                 logits = uncond + (scale + 1) * (logits - uncond)
+            logits = logits.double()
             logits[..., [tok.mask_id, tok.bos_id, tok.pad_id]] = -torch.inf
             conf, x0 = logits.softmax(-1).max(-1)  # (1, L)
             masked = x == tok.mask_id
