@@ -44,7 +44,7 @@ def _ragged(lengths=(3, 9, 8, 17), seed: int = 0) -> tuple[torch.Tensor, torch.T
 
 
 def _run(net, ids, mask, cache=True, window=None, **opts):
-    cfg = GenerationConfig(sampler="block", **{k: v for k, v in opts.items() if k in GenerationConfig.__annotations__})
+    cfg = GenerationConfig(sampler="block", **{k: v for k, v in opts.items() if k in GenerationConfig.option_names()})
     sampler = SAMPLERS.build("block", mask_id=MASK, config=cfg, eos_id=EOS, pad_id=TOK.pad_id)
     events = list(block_steps(net, ids, mask, sampler, torch.Generator().manual_seed(0), block_size=BS,
                               max_new_tokens=opts.get("max_new_tokens", 14), steps=opts.get("steps", 14),

@@ -19,7 +19,6 @@ Every error the user can fix is printed as one line `dlm: error: ...` with exit 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import typing
@@ -270,29 +269,35 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only linear layers (CPU inference)")
 
 
-def _generation_fields() -> list[tuple[str, Any]]:
-    from dlm.config import GenerationConfig
+def _generation_fields() -> list[tuple[str, Any, str]]:
+    """(name, type, help) of every generation option: GenerationConfig's common fields, then each sampler's own
+    (its `Options`, declared beside it), named once with the samplers that read it."""
+    from dlm.config import GenerationConfig, all_sampler_options
 
     hints = typing.get_type_hints(GenerationConfig)
-    return [(f.name, hints[f.name]) for f in dataclasses.fields(GenerationConfig)]
+    out = [(name, hints[name], "") for name in GenerationConfig.common_names()]
+    for name, (readers, tp, _) in all_sampler_options().items():
+        out.append((name, tp, f"{', '.join(readers)} sampler{'s' if len(readers) > 1 else ''} only"))
+    return out
 
 
 def add_generation_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per GenerationConfig field (--max-new-tokens, --cfg-scale, ...), typed from the dataclass."""
-    for name, tp in _generation_fields():
+    """One flag per generation option (--max-new-tokens, --cfg-scale, --threshold, ...), typed from the dataclasses
+    (GenerationConfig's common fields and each sampler's Options)."""
+    for name, tp, doc in _generation_fields():
         if name in skip:
             continue
         flag = "--" + name.replace("_", "-")
         args = [t for t in typing.get_args(tp) if t is not type(None)] or [tp]
         base = args[0]
         if base is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc or None)
         else:
-            p.add_argument(flag, type=base, default=None, metavar=base.__name__.upper())
+            p.add_argument(flag, type=base, default=None, metavar=base.__name__.upper(), help=doc or None)
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name, _ in _generation_fields()
+    return {name: getattr(args, name) for name, _, _ in _generation_fields()
             if getattr(args, name, None) is not None}
 
 

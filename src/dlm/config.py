@@ -334,10 +334,51 @@ class SFTConfig(_Config):
 
 
 @dataclass
+class SamplerOptions(_Config):
+    """The options one sampler reads beyond GenerationConfig's common ones. Each sampler declares a subclass beside
+    its class (`Sampler.Options`: `FastDLLMOptions`, `DreamOptions`, ...); a sampler that reads none keeps this empty
+    one. Fields of the same name in two samplers mean the same thing (same type and default: tested)."""
+
+    def validate(self) -> SamplerOptions:
+        _check_finite(self)
+        return self
+
+    def draws_noise(self) -> bool:
+        """Whether these options make even a temperature-0 decode random (Dream's alg_temp)."""
+        return False
+
+
+def sampler_options(sampler: str) -> type[SamplerOptions]:
+    """The options class of a registered sampler (dlm.sampling.SAMPLERS[sampler].Options)."""
+    from dlm.sampling.sampler import SAMPLERS  # the samplers register their options beside their classes
+
+    return SAMPLERS.get(sampler).Options
+
+
+def all_sampler_options() -> dict[str, tuple[list[str], Any, Any]]:
+    """Every sampler option by name -> (the samplers that read it, its type, its default)."""
+    from dlm.sampling.sampler import SAMPLERS
+
+    out: dict[str, tuple[list[str], Any, Any]] = {}
+    for name in SAMPLERS.names():
+        cls = SAMPLERS.get(name).Options
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            entry = out.setdefault(f.name, ([], hints[f.name], f.default))
+            entry[0].append(name)
+    return out
+
+
+@dataclass(init=False)  # __init__ takes the options flat
 class GenerationConfig(_Config):
     """Every option of DiffusionLM.generate / infill / stream; defaults saved with a checkpoint, overridable per call.
 
-    `validate()` checks the options against each other with errors that say which values would work.
+    The fields below are common to every sampler; `options` holds the chosen sampler's own (a `SamplerOptions`
+    subclass declared beside the sampler: threshold and factor for fast_dllm, eps and alg_temp for dream, ...).
+    Dicts, files and keyword overrides stay flat: `GenerationConfig.from_dict({"sampler": "fast_dllm",
+    "threshold": 0.9})`, `cfg.replace(threshold=0.95)`, `lm.generate(p, threshold=0.9)`; an option the sampler does
+    not read is an error naming the samplers that do. `validate()` checks the options against each other with
+    errors that say which values would work.
     """
 
     max_new_tokens: int = 128
@@ -350,25 +391,91 @@ class GenerationConfig(_Config):
     top_p: float | None = None
     repetition_penalty: float = 1.0  # > 1 discourages tokens already on the canvas (CTRL-style)
     cfg_scale: float = 0.0  # classifier-free guidance: uncond + (s + 1) (cond - uncond), prompt masked in uncond
-    eps: float = 1e-3  # dream / mdlm: the last timestep of the linear schedule 1 -> eps
-    alg_temp: float | None = None  # dream: > 0 samples which positions to commit instead of taking the top-k
-    threshold: float | None = None  # fast_dllm: commit every masked token with confidence >= threshold (>= 1)
-    factor: float | None = None  # fast_dllm factor decoding: commit the n best with (n + 1)(1 - c_n) < factor
     cache: str = "none"  # none, prefix, dual: Fast-dLLM KV caches, refreshed at each block
     ban_eos: bool = False  # never generate [EOS]
     defer_eos: bool = False  # an [EOS] is committed only when nothing else is left in the block
     stop_at_eos: bool = False  # variable length: a row stops once its block holds [EOS]; the rest becomes [EOS]
     num_samples: int = 1  # n samples of each prompt in one batched call
     max_span: int = 64  # length of a bare [MASK] gap in infill
-    sub_block: int = 0  # block sampler: decode each block in sub-blocks of this many tokens (Fast-dLLM v2); 0: none
-    # block sampler: a block's first token is decoded alone, first, from the finished block before it (Fast-dLLM v2
-    # commits it autoregressively before the block's diffusion steps)
-    ar_first_token: bool = False
     seed: int | None = None
     # Ban [MASK] and [BOS] (and [PAD] outside infilling gaps) from every prediction. dlm's own models keep it on;
     # upstream folders (LLaDA, Dream, MDLM, SEDD) load with it off, so that greedy generation equals their reference
     # samplers token for token (a committed [MASK] prediction then leaves the position masked, as upstream).
     suppress_special: bool = True
+    options: SamplerOptions = field(default_factory=SamplerOptions)  # the sampler's own (flat in dicts and files)
+
+    @classmethod
+    def common_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "options"]
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        """Every name a flat dict / keyword override may use: the common fields and every sampler's options."""
+        return set(cls.common_names()) | set(all_sampler_options())
+
+    def __init__(self, **kwargs: Any) -> None:
+        """Flat keywords, as from_dict: GenerationConfig(max_new_tokens=256, sampler="fast_dllm", threshold=0.9).
+        A key of another sampler's options is dropped when it holds that option's default (configs saved before
+        the options were split list every one), else refused with the samplers that read it."""
+        d = dict(kwargs)
+        nested = d.pop("options", {})
+        if isinstance(nested, SamplerOptions):
+            nested = nested.to_dict()
+        if not isinstance(nested, dict):
+            raise ConfigError(f"GenerationConfig.options must be an object, got {nested!r}")
+        common = {f.name: f for f in fields(self) if f.name != "options"}
+        sampler = d.get("sampler", common["sampler"].default)
+        if not isinstance(sampler, str):
+            raise ConfigError(f"GenerationConfig.sampler must be str, got {sampler!r}")
+        try:
+            own_cls = sampler_options(sampler)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        own = {f.name for f in fields(own_cls)}
+        theirs = all_sampler_options()
+        flat = {**nested, **{k: d.pop(k) for k in list(d) if k not in common}}
+        unknown = sorted(k for k in flat if k not in own and k not in theirs)
+        if unknown:
+            known = set(common) | set(theirs)
+            raise ConfigError(f"unknown GenerationConfig key(s) {unknown}{did_you_mean(unknown, known)}; known "
+                              f"keys: {sorted(known)}")
+        for k in [k for k in flat if k not in own]:
+            readers, _, default = theirs[k]
+            if flat[k] != default:
+                raise ConfigError(f"{k} is an option of the {' and '.join(readers)} sampler"
+                                  f"{'s' if len(readers) > 1 else ''}, not of {sampler!r}: give sampler="
+                                  f"{readers[0]!r} with it (or leave {k} out)")
+            del flat[k]
+        hints = typing.get_type_hints(type(self))
+        for name, f in common.items():
+            setattr(self, name, _check_type("GenerationConfig", name, d[name], hints[name]) if name in d else f.default)
+        self.options = own_cls.from_dict(flat)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GenerationConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(d).__name__}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat: the common fields, then the sampler's options."""
+        return {**{k: getattr(self, k) for k in self.common_names()}, **self.options.to_dict()}
+
+    def replace(self, **changes: Any) -> GenerationConfig:
+        """Keyword overrides, flat. A new `sampler` keeps the options of the old one that it reads too and drops
+        the rest (a checkpoint's threshold does not follow a switch to llada); a given option it does not read is
+        refused."""
+        base = self.to_dict()
+        sampler = changes.get("sampler", self.sampler)
+        if sampler != self.sampler and isinstance(sampler, str):
+            try:
+                keep = {f.name for f in fields(sampler_options(sampler))}
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            for f in fields(self.options):
+                if f.name not in keep:
+                    base.pop(f.name)
+        return type(self).from_dict({**base, **changes})
 
     def validate(self) -> GenerationConfig:
         def bad(msg: str) -> None:
@@ -391,24 +498,15 @@ class GenerationConfig(_Config):
             bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.cfg_scale < 0:
             bad(f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        if not 0.0 < self.eps < 1.0:
-            bad(f"eps must be in (0, 1), got {self.eps}")
-        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
-            bad(f"threshold must be in (0, 1], got {self.threshold}")
-        if self.factor is not None and self.factor <= 0:
-            bad(f"factor must be > 0, got {self.factor}")
         if self.cache not in ("none", "prefix", "dual"):
             bad(f"cache must be none, prefix or dual, got {self.cache!r}")
         if self.num_samples < 1:
             bad(f"num_samples must be >= 1, got {self.num_samples}")
         if self.max_span < 1:
             bad(f"max_span must be >= 1, got {self.max_span}")
-        if self.sub_block < 0:
-            bad(f"sub_block must be >= 1 (or 0: no sub-blocks), got {self.sub_block}")
-        if self.alg_temp is not None and self.alg_temp < 0:
-            bad(f"alg_temp must be >= 0, got {self.alg_temp}")
         if self.seed is not None:
             _check_seed(self.seed)
+        self.options.validate()
         return self
 
 
@@ -454,6 +552,8 @@ class CheckpointConfig(_Config):
             extra=d.get("extra", {}),
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "sampling": self.sampling.to_dict()}  # the sampling options flat, as saved
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 

@@ -299,8 +299,8 @@ class DiffusionLM:
         bs = self.block_size or opts.block_length or canvas.shape[1] - start
         yield from block_steps(self.model, canvas[:, :start], am[:, :start] if am is not None else None, sampler, g,
                                processors, block_size=bs, max_new_tokens=canvas.shape[1] - start, steps=opts.steps,
-                               eos_id=tok.eos_id, sub_block=opts.sub_block, window=max(self.max_len, 2 * bs),
-                               stop_ids=sorted(tok.stop_ids), ar_first_token=opts.ar_first_token)
+                               eos_id=tok.eos_id, sub_block=sampler.options.sub_block, window=max(self.max_len, 2 * bs),
+                               stop_ids=sorted(tok.stop_ids), ar_first_token=sampler.options.ar_first_token)
 
     def _check_family(self, sampler: Any, name: str) -> None:
         """A SEDD / D3PM checkpoint samples with its family's samplers, which take its process (graph, schedule)."""
@@ -315,7 +315,7 @@ class DiffusionLM:
                                 "decoding); it has no denoising steps to stream or fill")
         ids, am, kind = self._prompt_batch(prompt, attention_mask)
         n = opts.num_samples
-        if n > 1 and opts.temperature == 0 and opts.remasking != "random" and not opts.alg_temp:
+        if n > 1 and opts.temperature == 0 and opts.remasking != "random" and not opts.options.draws_noise():
             warnings.warn(f"num_samples={n} at temperature 0 gives {n} identical samples (greedy decoding is "
                           "deterministic); set temperature > 0 (or remasking='random') for diverse samples",
                           stacklevel=3)

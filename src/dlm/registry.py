@@ -17,10 +17,12 @@ T = TypeVar("T")
 
 class Registry(Generic[T]):
     """`plugins`: modules whose classes register here, imported on the first lookup (not at import time), so the
-    module that owns the registry never imports its plugins and no import cycle arises."""
+    module that owns the registry never imports its plugins and no import cycle arises. `name_attr`: an attribute
+    set on each registered class to the name it is registered under."""
 
-    def __init__(self, kind: str, plugins: tuple[str, ...] = ()) -> None:
+    def __init__(self, kind: str, plugins: tuple[str, ...] = (), name_attr: str | None = None) -> None:
         self.kind = kind
+        self._name_attr = name_attr  # set on each registered class: its registry name (e.g. Sampler.name)
         self._items: dict[str, T] = {}
         self._plugins = plugins
         self._loaded = not plugins
@@ -38,6 +40,8 @@ class Registry(Generic[T]):
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
+            if self._name_attr is not None:
+                setattr(obj, self._name_attr, name)
             return obj
 
         return deco

@@ -33,7 +33,7 @@ ceil(steps * block_size / max_new_tokens) of them (at most block_size).
 Streaming: each step yields a `StepEvent` whose `output.xt` is the (B, P + max_new_tokens) view of the prompt and
 the tokens so far ([MASK] where nothing is committed yet), as the other samplers' canvas is.
 
-    sampler = SAMPLERS.build("block", mask_id=tok.mask_id, config=GenerationConfig(threshold=0.9))
+    sampler = SAMPLERS.build("block", mask_id=tok.mask_id, threshold=0.9)
     for event in block_steps(net, prompt, prompt_mask, sampler, block_size=16, max_new_tokens=256, steps=256,
                              eos_id=tok.eos_id): ...
 """
@@ -41,21 +41,39 @@ the tokens so far ([MASK] where nothing is committed yet), as the other samplers
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from dlm.config import ConfigError
 from dlm.models.common import BlockCache
 from dlm.sampling.generate import SamplingError, StepEvent
 from dlm.sampling.llada import LLaDASampler
 from dlm.sampling.noise import Noise, subset
 from dlm.sampling.processors import LogitsProcessor, apply_processors
-from dlm.sampling.sampler import SAMPLERS, SamplerOutput
+from dlm.sampling.sampler import SAMPLERS, SamplerOutput, ThresholdOptions
+
+
+@dataclass
+class BlockOptions(ThresholdOptions):
+    sub_block: int = 0  # decode each block in sub-blocks of this many tokens (Fast-dLLM v2); 0: none
+    # A block's first token is decoded alone, first, from the finished block before it (Fast-dLLM v2 commits it
+    # autoregressively before the block's diffusion steps).
+    ar_first_token: bool = False
+
+    def validate(self) -> BlockOptions:
+        super().validate()
+        if self.sub_block < 0:
+            raise ConfigError(f"sub_block must be >= 1 (or 0: no sub-blocks), got {self.sub_block}")
+        return self
 
 
 @SAMPLERS.register("block")
 class BlockSampler(LLaDASampler):
     """k per step by confidence, or with `threshold` every mask above it and at least k (SDAR / Fast-dLLM v2)."""
 
+    Options = BlockOptions
+    options: BlockOptions
     variable_steps = True  # with a threshold a block may finish early; the loop steps while masks are left
     fixed_plan = False
     windowed = True
@@ -92,8 +110,8 @@ class BlockSampler(LLaDASampler):
         # Only the driver's region is predicted (and draws noise): a row's draws never depend on its neighbours.
         candidate, x0, confidence = self.predict(logits, xt, hi, generator, offset, self.eligible)
         n = self.commits_planned.to(xt.device)
-        if self.config.threshold is not None:
-            n = torch.maximum(n, (candidate & (confidence > self.config.threshold)).sum(1))
+        if self.options.threshold is not None:
+            n = torch.maximum(n, (candidate & (confidence > self.options.threshold)).sum(1))
         commit = self.remasking.select(confidence, candidate, torch.minimum(n, candidate.sum(1)))
         self.step_index += 1
         return SamplerOutput(xt=torch.where(commit, x0, xt), committed=commit & (x0 != self.mask_id), x0=x0,

@@ -23,6 +23,7 @@ that shift belongs to the model adapter, so this sampler receives logits already
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ import torch
 from dlm.config import ConfigError, GenerationConfig
 from dlm.sampling.noise import for_items, uniform
 from dlm.sampling.remasking import REMASKING, LowConfidence, Remasking
-from dlm.sampling.sampler import SAMPLERS, Sampler, SamplerOutput, gumbel_argmax
+from dlm.sampling.sampler import SAMPLERS, Sampler, SamplerOutput, TimestepOptions, gumbel_argmax
 
 ORIGIN = "origin"  # Dream's alg="origin": independent unmasking with probability 1 - s/t, no confidence ranking
 
@@ -93,6 +94,20 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_p: float | None,
 
 # ----- the sampler ------------------------------------------------------------------------------------------------
 
+@dataclass
+class DreamOptions(TimestepOptions):
+    alg_temp: float | None = None  # > 0 samples which positions to commit instead of taking the top-k
+
+    def validate(self) -> DreamOptions:
+        super().validate()
+        if self.alg_temp is not None and self.alg_temp < 0:
+            raise ConfigError(f"alg_temp must be >= 0 (0 or None: commit the most confident), got {self.alg_temp}")
+        return self
+
+    def draws_noise(self) -> bool:
+        return bool(self.alg_temp)
+
+
 @SAMPLERS.register("dream")
 class DreamSampler(Sampler):
     """Dream's `_sample` loop, one `step` per forward pass; see the module docstring.
@@ -102,15 +117,14 @@ class DreamSampler(Sampler):
     depend on it). With `origin` the counts are random; `commits_planned` is then what is still masked.
     """
 
+    Options = DreamOptions
+    options: DreamOptions
     applies_top_k_top_p = True  # top-k / top-p are applied here, in Dream's order; do not add them as processors
 
     def __init__(self, mask_id: int, config: GenerationConfig | None = None, **kwargs: Any) -> None:
         super().__init__(mask_id, config, **kwargs)
         self.origin = self.config.remasking == ORIGIN
         self.fixed_plan = not self.origin  # origin's counts are random
-        if self.config.alg_temp is not None and self.config.alg_temp < 0:
-            raise ConfigError(f"alg_temp must be >= 0 (0 or None: commit the most confident), "
-                              f"got {self.config.alg_temp}")
         self.timesteps = torch.empty(0)
         self.remaining = torch.empty(0, dtype=torch.long)
 
@@ -123,7 +137,7 @@ class DreamSampler(Sampler):
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         # float32 as the reference: int(num_mask * (1 - s / t)) floors a float32 product.
-        self.timesteps = torch.linspace(1, self.config.eps, steps + 1)
+        self.timesteps = torch.linspace(1, self.options.eps, steps + 1)
         self.remaining = is_masked.sum(1)  # (B,)
         self.step_index = 0
         self.plan = torch.zeros(is_masked.shape[0], steps, dtype=torch.long, device=is_masked.device)
@@ -186,11 +200,11 @@ class DreamSampler(Sampler):
             commit[candidate] = uniform(gen, (int(candidate.sum()),), device=xt.device) < p_transfer
         else:
             score = confidence
-            if cfg.alg_temp:
+            if self.options.alg_temp:
                 # Drawing n without replacement from softmax(c / alg_temp) = top-n of c / alg_temp + Gumbel.
                 u = torch.ones(xt.shape, dtype=torch.float64, device=xt.device)
                 u[candidate] = uniform(gen, (int(candidate.sum()),), device=xt.device)
-                score = confidence / cfg.alg_temp - torch.log(-torch.log(u.clamp_min(1e-300)))
+                score = confidence / self.options.alg_temp - torch.log(-torch.log(u.clamp_min(1e-300)))
             commit = self.remasking.select(score, candidate, n)
         kept_masked = commit & (x0 == self.mask_id)  # (B, L): [MASK] predictions, committed as upstream does
         self.remaining = self.remaining - (commit & ~kept_masked).sum(1).to(self.remaining.device)

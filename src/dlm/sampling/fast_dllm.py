@@ -12,16 +12,30 @@ it with the remasking rule, and commits, among the masked positions before the b
 `factor` wins when both are set, as in the reference. The number of steps of a block is then variable: a driver
 steps until the block holds no mask (`variable_steps`; denoise_steps and sampling.cache.denoise_cached do).
 
-    sampler = SAMPLERS.build("fast_dllm", mask_id=tok.mask_id, config=GenerationConfig(threshold=0.9))
+    sampler = SAMPLERS.build("fast_dllm", mask_id=tok.mask_id, threshold=0.9)
     sampler.set_timesteps(steps, is_masked[:, lo:hi]); out = sampler.step(logits, xt, lo, hi, generator)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from dlm.config import ConfigError
 from dlm.sampling.llada import LLaDASampler
-from dlm.sampling.sampler import SAMPLERS, SamplerOutput
+from dlm.sampling.sampler import SAMPLERS, SamplerOutput, ThresholdOptions
+
+
+@dataclass
+class FastDLLMOptions(ThresholdOptions):
+    factor: float | None = None  # factor decoding: commit the n best with (n + 1)(1 - c_n) < factor
+
+    def validate(self) -> FastDLLMOptions:
+        super().validate()
+        if self.factor is not None and self.factor <= 0:
+            raise ConfigError(f"factor must be > 0, got {self.factor}")
+        return self
 
 
 def threshold_count(confidence: torch.Tensor, eligible: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -48,12 +62,14 @@ def factor_count(confidence: torch.Tensor, eligible: torch.Tensor, factor: float
 class FastDLLMSampler(LLaDASampler):
     """LLaDA's step with Fast-dLLM's commit count; without threshold and factor it is LLaDASampler exactly."""
 
+    Options = FastDLLMOptions
+    options: FastDLLMOptions
     variable_steps = True  # a driver steps until the block holds no mask, not a fixed number of times
 
     @property
     def adaptive(self) -> bool:
         """True when the logits decide how many tokens a step commits (threshold or factor)."""
-        return self.config.threshold is not None or self.config.factor is not None
+        return self.options.threshold is not None or self.options.factor is not None
 
     @property
     def fixed_plan(self) -> bool:
@@ -79,10 +95,10 @@ class FastDLLMSampler(LLaDASampler):
         planned = None if self.adaptive else self.commits_planned  # a row planned to commit nothing draws nothing
         allowed = None if planned is None else (planned > 0)[:, None]
         candidate, x0, confidence = self.predict(logits, xt, hi, generator, offset, allowed)
-        if self.config.factor is not None:
-            n = factor_count(confidence, candidate, self.config.factor)
-        elif self.config.threshold is not None:
-            n = threshold_count(confidence, candidate, self.config.threshold)
+        if self.options.factor is not None:
+            n = factor_count(confidence, candidate, self.options.factor)
+        elif self.options.threshold is not None:
+            n = threshold_count(confidence, candidate, self.options.threshold)
         else:
             n = planned
         commit = self.remasking.select(confidence, candidate, n)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from dlm.sampling.noise import for_items, uniform
-from dlm.sampling.sampler import SAMPLERS, Sampler, SamplerOutput, gumbel_argmax
+from dlm.sampling.sampler import SAMPLERS, Sampler, SamplerOutput, TimestepOptions, gumbel_argmax
 from dlm.schedules import LogLinear, NoiseSchedule
 
 
@@ -30,6 +30,8 @@ from dlm.schedules import LogLinear, NoiseSchedule
 class MDLMSampler(Sampler):
     """Ancestral sampling; the number of commits per step is random, so `commits_planned` is the masks left."""
 
+    Options = TimestepOptions
+    options: TimestepOptions
     reuse_logits_when_unchanged = False
     # MDLM's move_chance = t. The schedule's own eps only scales move_chance, so it cancels in the unmask ratio.
     schedule: NoiseSchedule = LogLinear(eps=0.0)
@@ -38,7 +40,7 @@ class MDLMSampler(Sampler):
         """is_masked: (B, Lr) masks of the region about to be denoised."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        self.timesteps = torch.linspace(1, self.config.eps, steps + 1, dtype=torch.float64)
+        self.timesteps = torch.linspace(1, self.options.eps, steps + 1, dtype=torch.float64)
         self.remaining = is_masked.sum(1)  # (B,)
         self.step_index = 0
 

@@ -10,17 +10,43 @@ they register in `SAMPLERS`, which imports them on the first lookup.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from dlm.config import GenerationConfig
+from dlm.config import ConfigError, GenerationConfig, SamplerOptions
 from dlm.registry import Registry
 from dlm.sampling.noise import Noise, uniform
 from dlm.sampling.remasking import REMASKING
 
 SAMPLERS: Registry[type[Sampler]] = Registry("sampler", plugins=tuple(
-    f"dlm.sampling.{m}" for m in ("llada", "dream", "mdlm", "fast_dllm", "sedd", "d3pm", "block")))
+    f"dlm.sampling.{m}" for m in ("llada", "dream", "mdlm", "fast_dllm", "sedd", "d3pm", "block")), name_attr="name")
+
+
+@dataclass
+class ThresholdOptions(SamplerOptions):
+    """Confidence-threshold decoding (Fast-dLLM, SDAR, Fast-dLLM v2)."""
+
+    threshold: float | None = None  # commit every masked token with confidence >= threshold (at least one)
+
+    def validate(self) -> ThresholdOptions:
+        super().validate()
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"threshold must be in (0, 1], got {self.threshold}")
+        return self
+
+
+@dataclass
+class TimestepOptions(SamplerOptions):
+    """Samplers that walk a linear schedule of times from 1 down to eps (Dream, MDLM)."""
+
+    eps: float = 1e-3  # the last timestep of the linear schedule 1 -> eps
+
+    def validate(self) -> TimestepOptions:
+        super().validate()
+        if not 0.0 < self.eps < 1.0:
+            raise ConfigError(f"eps must be in (0, 1), got {self.eps}")
+        return self
 
 
 @dataclass
@@ -53,7 +79,8 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: Noise) ->
 
 
 class Sampler:
-    """A denoising rule. Options live on `self.config` (a GenerationConfig); `step` takes only tensors.
+    """A denoising rule. Options live on `self.config` (a GenerationConfig: the common ones) and `self.options`
+    (its `Options`, this sampler's own, declared on its class); `step` takes only tensors.
 
     Subclasses implement `set_timesteps` (plan a block) and `step` (one forward pass -> one update). The base
     plans LLaDA's even split; `commits_planned` is what the next step commits when the rule fixes a count.
@@ -61,6 +88,9 @@ class Sampler:
     The contract: every hook a denoising loop may use is declared here with its default, as diffusers' schedulers
     do, so loops never probe for attributes; tests/test_sampler_contract.py checks every registered sampler.
     """
+
+    name: ClassVar[str] = ""  # the name it is registered under in SAMPLERS (set by the registry)
+    Options: ClassVar[type[SamplerOptions]] = SamplerOptions  # the options it reads beyond GenerationConfig's
 
     # ----- what the loop may rely on (class-level defaults; a subclass overrides what differs) -----------------
     fixed_plan: bool = False  # `commits_planned` is exact: a step planned to commit nothing may skip its forward
@@ -102,7 +132,9 @@ class Sampler:
 
     def __init__(self, mask_id: int, config: GenerationConfig | None = None, eos_id: int | None = None,
                  pad_id: int | None = None, **overrides: Any) -> None:
-        self.config = (config or GenerationConfig()).replace(**overrides).validate()
+        # A config made for another sampler keeps the options this one reads too (GenerationConfig.replace).
+        self.config = (config or GenerationConfig()).replace(sampler=self.name, **overrides).validate()
+        self.options = self.config.options
         self.mask_id = mask_id
         self.eos_id = eos_id
         # The end-of-text markers that `defer_eos` commits last: [EOS], and [PAD] that closes an infilling gap.

@@ -8,7 +8,6 @@ Everything here is a pure function of the request and the model's tokenizer; `ap
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -26,7 +25,7 @@ from dlm.server.settings import ServerSettings
 from dlm.tokenizer import Tokenizer
 
 MASK_GLYPH = "░"
-GENERATION_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationConfig))
+GENERATION_FIELDS = frozenset(GenerationConfig.option_names())  # common fields and every sampler's own
 OPENAI_NAMES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
                 "temperature": "temperature", "top_p": "top_p", "n": "num_samples",
                 "seed": "seed"}  # request field -> GenerationConfig field (max_completion_tokens: chat's newer name)
