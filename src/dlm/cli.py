@@ -19,6 +19,7 @@ Every error the user can fix is printed as one line `dlm: error: ...` with exit 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import typing
