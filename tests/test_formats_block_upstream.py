@@ -54,7 +54,7 @@ def test_fast_dllm_v2_loads_as_a_block_model(fast):
     assert lm.block_size == cfg["bd_size"] and lm.config.process.process == "bd3lm"
     assert lm.config.model.logits_shift and lm.config.model.qkv_bias and not lm.config.model.qk_norm
     s = lm.config.sampling
-    assert (s.sampler, s.threshold, s.sub_block, s.suppress_special) == ("block", 0.9, 8, False)
+    assert (s.sampler, s.options.threshold, s.options.sub_block, s.suppress_special) == ("block", 0.9, 8, False)
     tok = lm.tokenizer
     assert tok.decode([tok.mask_id], skip_special=False) == "|<MASK>|"
     assert tok.eos_id == cfg["eos_token_id"]  # <|im_end|>, upstream's stop_token
@@ -67,7 +67,7 @@ def test_sdar_loads_as_a_block_model(sdar):
     m = lm.config.model
     assert m.qk_norm and not m.qkv_bias and not m.logits_shift and m.head_dim == cfg["head_dim"]
     s = lm.config.sampling
-    assert (s.sampler, s.threshold, s.sub_block, s.suppress_special) == ("block", 0.85, 0, False)
+    assert (s.sampler, s.options.threshold, s.options.sub_block, s.suppress_special) == ("block", 0.85, 0, False)
     assert lm.tokenizer.mask_id == cfg["mask_token_id"] and lm.tokenizer.eos_id == cfg["eos_token_id"]
 
 
@@ -166,7 +166,7 @@ def test_cached_block_sampling_equals_uncached(folder):
         sampler = SAMPLERS.build("block", mask_id=lm.tokenizer.mask_id, config=lm.config.sampling)
         assert isinstance(sampler, BlockSampler)
         *_, last = block_steps(lm.model, prompt, mask, sampler, block_size=lm.block_size, max_new_tokens=12,
-                               steps=12, eos_id=lm.tokenizer.eos_id, sub_block=lm.config.sampling.sub_block,
+                               steps=12, eos_id=lm.tokenizer.eos_id, sub_block=lm.config.sampling.options.sub_block,
                                cache=cache)
         outs.append(last.output.xt)
     assert torch.equal(outs[0], outs[1])
