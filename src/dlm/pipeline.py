@@ -300,7 +300,8 @@ class DiffusionLM:
         yield from block_steps(self.model, canvas[:, :start], am[:, :start] if am is not None else None, sampler, g,
                                processors, block_size=bs, max_new_tokens=canvas.shape[1] - start, steps=opts.steps,
                                eos_id=tok.eos_id, sub_block=sampler.options.sub_block, window=max(self.max_len, 2 * bs),
-                               stop_ids=sorted(tok.stop_ids), ar_first_token=sampler.options.ar_first_token)
+                               stop_ids=sorted(tok.stop_ids), ar_first_token=sampler.options.ar_first_token,
+                               whole_blocks=sampler.options.whole_blocks)
 
     def _check_family(self, sampler: Any, name: str) -> None:
         """A SEDD / D3PM checkpoint samples with its family's samplers, which take its process (graph, schedule)."""

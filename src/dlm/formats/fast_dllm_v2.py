@@ -70,7 +70,7 @@ def positive_int(config: dict[str, Any], key: str, folder: Path, default: int | 
 
 
 def block_checkpoint(model_cfg, block_size: int, threshold: float, sub_block: int, folder: Path,
-                     model_type: str, ar_first_token: bool = False) -> CheckpointConfig:
+                     model_type: str, ar_first_token: bool = False, whole_blocks: bool = False) -> CheckpointConfig:
     """A block-diffusion CheckpointConfig: the bd3lm process with `block_size`, the block sampler's defaults."""
     from dlm.processes.masked import PROCESSES
 
@@ -80,7 +80,8 @@ def block_checkpoint(model_cfg, block_size: int, threshold: float, sub_block: in
         # One token per step planned for any length up to the context (steps for max_new_tokens tokens, as
         # LLaDA counts them): with the threshold, each step commits every confident token and at least one, as
         # upstream does. suppress_special off: nothing is banned, as upstream.
-        steps=model_cfg.max_len, temperature=0.0, suppress_special=False, ar_first_token=ar_first_token)
+        steps=model_cfg.max_len, temperature=0.0, suppress_special=False, ar_first_token=ar_first_token,
+        whole_blocks=whole_blocks)
     return CheckpointConfig(model=model_cfg, process=process, sampling=sampling,
                             extra={"source": str(folder), "model_type": model_type})
 

@@ -31,10 +31,10 @@ block that holds `eos_id` (config's eos, <|endoftext|>), the answer cut after it
 blocks of 32, threshold 0.95, one token per step planned: the defaults set here. Greedy: the hub's LLaDA2.0
 helper samples even at temperature 0 (torch.multinomial at temperature 1, inclusionAI/LLaDA2.X issue #6, fixed
 to argmax in LLaDA2.1's modeling file); dlm decodes greedily, as the fix and the docstring ("0.0 corresponds to
-greedy decoding") say. Not reproduced: LLaDA2.1's token editing (`editing_threshold`, re-writing committed
-tokens), and two corners of upstream's loop: with gen_length < 32 it plans several tokens per step
-(steps = min(steps, gen_length)), and it also decodes the last block past gen_length (then drops those tokens);
-ours commits only the requested tokens, so the two agree when prompt + max_new_tokens ends on a block boundary.
+greedy decoding") say. Upstream decodes every block whole, the last one past gen_length too (then drops those
+tokens), in min(steps, gen_length) steps per block whose counts spread block_length (not the masks) over them:
+BlockOptions.whole_blocks, on for these folders, so any prompt and max_new_tokens give upstream's tokens. Not
+reproduced: LLaDA2.1's token editing (`editing_threshold`, re-writing committed tokens).
 
     lm = DiffusionLM.from_pretrained("/models/LLaDA2.0-mini", dtype="auto")   # bd3lm, blocks of 32
 """
@@ -169,7 +169,7 @@ class LLaDA2Format(Format):
         from dlm.models import build_model
 
         model_cfg = model_config(config, folder)
-        cfg = block_checkpoint(model_cfg, BLOCK_LENGTH, THRESHOLD, 0, folder, "llada2_moe")
+        cfg = block_checkpoint(model_cfg, BLOCK_LENGTH, THRESHOLD, 0, folder, "llada2_moe", whole_blocks=True)
         mask_id = config.get("mask_token_id")
         if mask_id is not None and (isinstance(mask_id, bool) or not isinstance(mask_id, int)
                                     or not 0 <= mask_id < model_cfg.vocab_size):

@@ -60,6 +60,10 @@ class BlockOptions(ThresholdOptions):
     # A block's first token is decoded alone, first, from the finished block before it (Fast-dLLM v2 commits it
     # autoregressively before the block's diffusion steps).
     ar_first_token: bool = False
+    # LLaDA2's generate: every block is decoded whole, the last one past max_new_tokens too (those tokens are then
+    # dropped), in min(steps per block, max_new_tokens) steps whose counts spread the block's length (not its
+    # masks) over them; a block's steps stop there even if a [MASK] prediction left a mask.
+    whole_blocks: bool = False
 
     def validate(self) -> BlockOptions:
         super().validate()
@@ -128,7 +132,8 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
                 generator: Noise = None, processors: Sequence[LogitsProcessor] = (), *,
                 block_size: int, max_new_tokens: int, steps: int, eos_id: int | None = None, sub_block: int = 0,
                 cache: bool = True, window: int | None = None,
-                stop_ids: Sequence[int] | None = None, ar_first_token: bool = False) -> Iterator[StepEvent]:
+                stop_ids: Sequence[int] | None = None, ar_first_token: bool = False,
+                whole_blocks: bool = False) -> Iterator[StepEvent]:
     """Sample after `prompt` (B, P) (left-padded; `prompt_mask` (B, P), 1 = real token) block by block.
 
     model: a network with attention modes (`supports_attention_modes`: net(x, None, attention_mask=,
@@ -136,7 +141,7 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
     event's `output.xt` is the result (each row's tokens after its prompt, [EOS] after a stop). A row stops once its
     finished block holds `eos_id` or any of `stop_ids` (a chat model's end of turn, as upstream). `ar_first_token`:
     a block with no prompt token in it decodes its first position alone first (Fast-dLLM v2's AR token), then the
-    rest in sub-blocks [1, sub), [sub, 2 sub), ... `window`: the
+    rest in sub-blocks [1, sub), [sub, 2 sub), ... `whole_blocks`: LLaDA2's plan (BlockOptions.whole_blocks). `window`: the
     model's context; once the cache and the next forward would exceed it, the oldest whole blocks leave the cache
     (a sliding window, as BD3LM's sampler), so any `max_new_tokens` can be generated.
     """
@@ -222,9 +227,10 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
     j = torch.arange(bs, device=device)
     for k in range(K, K + 2 + -(-max_new_tokens // bs)):
         g = (k - K) * bs + j[None] - tail[rows][:, None]  # (B', bs) index of each position among the new tokens
-        eligible = (g >= 0) & (g < max_new_tokens)
-        if not bool(eligible.any()):
+        wanted = (g >= 0) & (g < max_new_tokens)  # (B', bs) the positions that are part of the output
+        if not bool(wanted.any()):
             break
+        eligible = (g >= 0) if whole_blocks else wanted  # LLaDA2 also decodes the last block's tail past the output
         # Each row's sub-block of each position: [0, sub), [sub, 2 sub), ...; with ar_first_token a row whose block
         # holds no prompt token has [0, 1), [1, sub), [sub, 2 sub), ... (position 0 is AR), so rows may differ.
         part = (j // sub)[None].expand(len(rows), bs)
@@ -236,25 +242,31 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
             if not bool(todo.any()):
                 continue
             size = (part == i_sub).sum(1)  # (B',) the sub-block's positions in each row
-            sampler.set_timesteps((-(-per_block * size // bs)).clamp_min(1), todo)
+            if whole_blocks:  # LLaDA2: min(steps, gen_length) steps, counts of block_length / steps, as many steps
+                n_steps = min(per_block, max_new_tokens)
+                sampler.set_timesteps(n_steps, torch.ones_like(todo))
+                budget = n_steps
+            else:
+                sampler.set_timesteps((-(-per_block * size // bs)).clamp_min(1), todo)
+                # Every step commits at least one mask, unless a [MASK] prediction leaves it masked
+                # (suppress_special off, as upstream checkpoints load): a budget keeps the block from stepping forever.
+                budget = int(todo.sum(1).max()) + per_block
             sampler.eligible = region
-            # Every step commits at least one mask, unless a [MASK] prediction leaves it masked (suppress_special
-            # off, as upstream checkpoints load): a budget keeps such a block from stepping forever.
-            for _ in range(int(todo.sum(1).max()) + per_block):
+            for _ in range(budget):
                 if not bool((region & (block == mask_id)).any()):
                     break
                 logits = apply_processors(processors, forward(block), block)  # (B', bs, V)
                 out = sampler.step(logits, block, 0, bs, generator)  # `region` (eligible) bounds the commits
                 block = out.xt
-                last_view = _view(canvas, out, rows, g, eligible, P)
+                last_view = _view(canvas, out, rows, g, wanted, P)
                 yield StepEvent(block=k - K, step=global_step, output=last_view)
                 global_step += 1
-        is_stop = torch.isin(block, stops) & eligible  # (B', bs)
+        is_stop = torch.isin(block, stops) & wanted  # (B', bs)
         done = is_stop.any(1)
         if bool(done.any()):
             for r in done.nonzero()[:, 0].tolist():
-                cols = P + g[r][eligible[r]]
-                first = int(cols[is_stop[r][eligible[r]]].min())
+                cols = P + g[r][wanted[r]]
+                first = int(cols[is_stop[r][wanted[r]]].min())
                 canvas[rows[r], first + 1:] = fill_id  # the stop token stays; [EOS] after it
                 if last_view is not None:  # when no later step runs, the last event already holds the result
                     last_view.xt[rows[r], first + 1:] = fill_id
