@@ -60,7 +60,9 @@ def test_llada2_loads_as_a_block_moe_model(tiny):
     kinds = [type(b.ff).__name__ for b in lm.model.blocks]
     assert kinds == ["SwiGLU", "MoE", "MoE"]  # first_k_dense_replace = 1
     s = lm.config.sampling
-    assert (s.sampler, s.options.threshold, s.options.sub_block, s.temperature, s.suppress_special) == ("block", 0.95, 0, 0.0, False)
+    assert (s.sampler, s.options.threshold, s.options.sub_block, s.temperature, s.suppress_special) == (
+        "block", 0.95, 0, 0.0, False)
+    assert s.options.whole_blocks  # upstream's plan for every length
     tok = lm.tokenizer
     assert tok.decode([tok.mask_id], skip_special=False) == "<|mask|>"
     assert tok.eos_id == cfg["eos_token_id"] and tok.decode([tok.eos_id], skip_special=False) == "<|endoftext|>"
