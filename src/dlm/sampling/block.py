@@ -142,8 +142,8 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
     finished block holds `eos_id` or any of `stop_ids` (a chat model's end of turn, as upstream). `ar_first_token`:
     a block with no prompt token in it decodes its first position alone first (Fast-dLLM v2's AR token), then the
     rest in sub-blocks [1, sub), [sub, 2 sub), ... `whole_blocks`: LLaDA2's plan (BlockOptions.whole_blocks).
-    `window`: the model's context; once the cache and the next forward would exceed it, the oldest whole blocks leave the cache
-    (a sliding window, as BD3LM's sampler), so any `max_new_tokens` can be generated.
+    `window`: the model's context; once the cache and the next forward would exceed it, the oldest whole blocks leave
+    the cache (a sliding window, as BD3LM's sampler), so any `max_new_tokens` can be generated.
     """
     if not getattr(model, "supports_attention_modes", False):
         raise SamplingError(f"the block sampler needs a network with block-causal attention and a block cache; "
