@@ -434,7 +434,8 @@ def plot_matched(m: dict[str, Any], path: Path) -> None:
     for i, n in enumerate(lengths):
         a.scatter([], [], color="gray", marker=markers[i % 4], label=f"{n} new tokens")
     for f, col in colors.items():
-        a.scatter([], [], color=col, label=REFERENCE[f].split(",")[0])
+        a.scatter([], [], color=col, label={"block": "block", "dual": "llada + dual cache",
+                                            "nocache": "llada, no cache"}[f])
     a.set_xlabel("forwards per token (each sweep: 1 token/step, thresholds, 2 tokens/step)")
     a.set_ylabel("judge perplexity (SmolLM2-135M)")
     a.set_yscale("log")
