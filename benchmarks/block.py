@@ -25,10 +25,11 @@
    1-token-per-step greedy decode of the same prompt (benchmarks/sampling.py's definition). The matched setting
    of a sampler is the one with the fewest forwards per token (then the most tokens/s) among those whose
    agreement is >= `--agreement-min` and whose judge perplexity is at most (1 + `--ppl-tolerance`) x the
-   sampler's own 1-token-per-step value; it and the 1-token-per-step row are then timed twice more on the first
-   prompt (the fastest of 3). Every setting runs in a fresh subprocess: peak memory is the growth of the
-   process's resident set (VmHWM after Linux's clear_refs peak reset, minus VmRSS before) over its sampling,
-   after one 16-token warm-up; the time per token by position comes from the step events.
+   sampler's own 1-token-per-step value; it and the 1-token-per-step row then run the first prompt `--repeats`
+   times in a second fresh process (tokens/s: the fastest of these and the sweep's run, 4 by default). Every
+   setting runs in a fresh subprocess: peak memory is the growth of the process's resident set (VmHWM after
+   Linux's clear_refs peak reset, minus VmRSS before) over its sampling, after one 16-token warm-up; the time
+   per token by position comes from the step events.
 4. The cost at a real model's shape (`--device cuda --shape llada2-mini`, the key "shape"): a random network of
    LLaDA2.0-mini's shape (MoE, 16B parameters) in bf16, the block sampler (blocks of 32) against LLaDA + dual
    cache: tokens/s, forwards and positions per token, peak CUDA memory, time per token by position.
@@ -344,7 +345,7 @@ def matched(runs: Path, args: argparse.Namespace, save) -> dict[str, Any]:
             r.update(judged(lm, r["new_ids"], prompts[:k], judge))
         chosen = {f: pick(rows, f, args) for f in ("block", "dual")}
         for name in {*(REFERENCE[f] for f in chosen), *chosen.values()} | ({REFERENCE["nocache"]} if exact else set()):
-            r = rows[name]  # the fastest of 3 runs of the first prompt (the sweep's run and two more)
+            r = rows[name]  # the fastest run of the first prompt: the sweep's, and `repeats` in a second process
             more = run_worker({"runs": str(runs), "seq_len": args.seq_len, "model": "block" if r["family"] == "block"
                                else "full", "opts": r["opts"], "n": n, "prompts": prompts[:1],
                                "threads": args.threads, "retimes": args.repeats - 1})
@@ -375,7 +376,8 @@ def matched_table(m: dict[str, Any], n: int) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, r in L["rows"].items():
         mark = " (matched)" if name in L["matched"].values() else ""
-        tps = f"{r['tokens_per_s']:.0f} (best of 3)" if "tokens_per_s" in r else f"{r['sweep_tokens_per_s']:.0f}"
+        tps = (f"{r['tokens_per_s']:.0f} (best of {len(r['seconds_prompt0'])})" if "tokens_per_s" in r
+               else f"{r['sweep_tokens_per_s']:.0f}")
         lines.append(f"| {r['family']} | {name}{mark} | {r['forwards_per_token']:.3f} | {tps} | "
                      f"{r['perplexity']:.1f} ± {r['perplexity_se']:.1f} | {r['agreement']:.3f} | "
                      f"+{_mb(r['peak_rss_growth_mb'])} |")
