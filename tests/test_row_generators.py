@@ -2,7 +2,7 @@
 
 For every registered sampler, at temperature > 0 (and with random remasking where the sampler ranks): a row
 decoded alone equals the same row decoded beside three other prompts of other lengths (left-padded) with other
-seeds; row i of a seeded call is the one-row call seeded seed + i; n samples of one seed differ from each other
+seeds; row i of a seeded call is the one-row call seeded row_seed(seed, i); n samples of one seed differ from each other
 and repeat across calls; unseeded rows differ. Tiny random networks (a random network's predictions are spread,
 so samples of different noise differ).
 """
@@ -16,7 +16,7 @@ from dlm.config import CheckpointConfig, GenerationConfig, ModelConfig
 from dlm.models import build_model
 from dlm.pipeline import DiffusionLM
 from dlm.sampling import SAMPLERS, SamplingError
-from dlm.sampling.noise import RowGenerators, for_items, subset, uniform
+from dlm.sampling.noise import RowGenerators, for_items, row_seed, subset, uniform
 from dlm.tokenizer import ByteTokenizer
 from dlm.train import generation_defaults, process_config
 
@@ -71,14 +71,14 @@ def test_a_seeded_row_is_the_same_alone_and_in_a_batch(lm):
     assert batched[2] == lm.generate(PROMPTS[2], seed=12)  # a row in the middle, shorter than its neighbours
     ids = lm.generate(PROMPTS, generator=RowGenerators.from_seeds([99, 11, 12, 13]))
     assert ids[1:] == batched[1:]  # changing row 0's seed leaves the other rows' samples as they were
-    assert lm.generate(PROMPTS, seed=5)[1] == lm.generate(PROMPTS[1], seed=6)  # row i: seed + i
+    assert lm.generate(PROMPTS, seed=5)[1] == lm.generate(PROMPTS[1], seed=row_seed(5, 1))  # row i: row_seed(seed, i)
 
 
 def test_n_samples_of_one_seed_differ_and_repeat(lm):
     samples = lm.generate(PROMPTS[0], seed=3, num_samples=4)
     assert len(samples) == 4 and len(set(samples)) == 4  # diverse: different noise in every row
     assert lm.generate(PROMPTS[0], seed=3, num_samples=4) == samples  # reproducible
-    assert samples[1] == lm.generate(PROMPTS[0], seed=4)  # sample j is the one-row call seeded seed + j
+    assert samples[1] == lm.generate(PROMPTS[0], seed=row_seed(3, 1))  # sample j: the one-row call row_seed(seed, j)
     assert lm.generate(PROMPTS[:2], seed=3, num_samples=4)[0] == samples  # another prompt beside it changes nothing
 
 
@@ -93,7 +93,8 @@ def test_the_row_noise_helpers():
     counts = torch.tensor([2, 0, 3])
     u = uniform(for_items(g, counts), (5, 4))  # row 0 owns items 0-1, row 2 items 2-4
     assert torch.equal(u[:2], torch.rand(2, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
-    assert torch.equal(u[2:], torch.rand(3, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64))
+    row2 = torch.Generator().manual_seed(row_seed(7, 2))
+    assert torch.equal(u[2:], torch.rand(3, 4, generator=row2, dtype=torch.float64))
     kept = subset(g, torch.tensor([False, True, True]))
     assert len(kept) == 2 and kept.generators[1] is g.generators[2]  # the stream carries on with its row
     single = torch.Generator().manual_seed(0)  # a plain generator still works: the whole draw from one stream
@@ -130,3 +131,16 @@ def test_the_autoregressive_baseline_draws_per_row_too():
     batched = lm.generate(PROMPTS, generator=RowGenerators.from_seeds([5, 11, 12, 13]))
     assert batched[0] == lm.generate(PROMPTS[0], seed=5) and batched[2] == lm.generate(PROMPTS[2], seed=12)
     assert len(set(lm.generate(PROMPTS[0], seed=3, num_samples=4))) == 4
+
+
+def test_row_seeds_of_nearby_seeds_do_not_overlap():
+    """seed + i would give seeds 0 and 1 at n = 4 three shared rows; row_seed gives none for seeds 0..99 at n = 8."""
+    seeds = [row_seed(s, i) for s in range(100) for i in range(8)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= x < 2**63 for x in seeds)
+    assert [row_seed(s, 0) for s in range(5)] == list(range(5))  # row 0 is the seed: one-row calls unchanged
+
+
+def test_nearby_seeds_give_different_samples(lm):
+    a = lm.generate(PROMPTS[0], seed=3, num_samples=4)
+    b = lm.generate(PROMPTS[0], seed=4, num_samples=4)
+    assert a[0] != b[0] and not set(a[1:]) & set(b)  # seed 3's rows 1..3 are none of seed 4's

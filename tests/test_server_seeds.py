@@ -79,4 +79,4 @@ def test_a_seeded_request_gives_the_same_text_alone_and_batched():
     assert together[0] == alone == again  # the same seeded request: the same text, batched or not
     assert together[1] == other_alone
     assert len(set(alone)) == 3  # seed + n: three different samples
-    assert alone == lm.generate("ROMEO:", seed=7, num_samples=3)  # the library's rule: row i seeded seed + i
+    assert alone == lm.generate("ROMEO:", seed=7, num_samples=3)  # the library's rule: row i seeded row_seed(seed, i)

@@ -249,7 +249,7 @@ class DiffusionLM:
         """The public canvas primitive: the denoising events of a canvas (B, L) whose [start, L) is generated
         block by block (masks before `start` are filled with the first block), under `opts` (from `options()`),
         the logits processors and, for guidance, the prompt mask (B, L). Uses the KV caches when opts.cache asks.
-        The noise: one generator per row, row i seeded opts.seed + i (dlm.sampling.noise), unless `generator`
+        The noise: one generator per row, row i seeded row_seed(opts.seed, i) (dlm.sampling.noise), unless `generator`
         gives it (RowGenerators or a list of one torch.Generator per row; a single torch.Generator is shared)."""
         g = self._row_noise(opts, canvas.shape[0], generator)
         tok = self.tokenizer
@@ -275,8 +275,8 @@ class DiffusionLM:
         yield from denoise_steps(model_fn, canvas, start, opts.steps, opts.block_length, sampler, g, processors, eos)
 
     def _row_noise(self, opts: GenerationConfig, rows: int, generator: Any = None) -> Noise:
-        """The noise of a call: `generator` when given, else one generator per row seeded opts.seed + i (a fresh
-        base seed when opts.seed is None), so a row's samples never depend on the other rows of the batch."""
+        """The noise of a call: `generator` when given, else one generator per row seeded row_seed(opts.seed, i)
+        (a fresh base seed when opts.seed is None), so a row's samples never depend on the other rows of the batch."""
         if generator is None:
             return RowGenerators.seeded(opts.seed, rows, self.device)
         g = as_noise(generator)
@@ -356,8 +356,9 @@ class DiffusionLM:
         the list[int] of prompt + new tokens. `max_length` is the total length (Hugging Face's name); other
         libraries' option names (num_steps, num_sampling_steps, gen_length, ...) are accepted as ours.
         Noise: row i (prompt p's sample j is row p * num_samples + j) draws from its own generator seeded
-        seed + i, so n samples of one seed differ, and a row's text does not depend on the other rows;
-        `generator` (RowGenerators, or a list of one torch.Generator per row) replaces that rule.
+        row_seed(seed, i) (seed itself for row 0; dlm.sampling.noise), so n samples of one seed differ, and a
+        row's text does not depend on the other rows; `generator` (RowGenerators, or a list of one
+        torch.Generator per row) replaces that rule.
         `constraints={"format": "markdown", "sections": [...], "max_length": n}` writes a Markdown document with
         exactly those headings (dlm.control.documents.generate_markdown); the code constraints of
         `generate_with_constraints` (function_signature, max_lines, ...) give its result.

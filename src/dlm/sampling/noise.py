@@ -6,11 +6,13 @@ holds after the draws of rows 0..r-1, so a seeded row changes when its neighbour
 torch.Generator per row, and every random draw of the samplers goes through `uniform` / `randint` below, which
 draw row by row from each row's own generator.
 
-The row-seed rule: row i of a request seeded with `seed` gets the generator seeded `seed + i`, where i counts the
-request's rows in order (prompt p's sample j is row p * num_samples + j). So row 0 of a seeded call is exactly the
-one-generator stream of that seed, `num_samples = n` gives n different reproducible samples, row i of a request
-equals a one-row request seeded `seed + i`, and a request batched with other requests (the server) gives the text
-it gives alone. Unseeded (`seed=None`): a fresh random base seed, then the same rule, so rows differ.
+The row-seed rule (`row_seed`): row i of a request seeded with `seed` gets the generator seeded `row_seed(seed,
+i)`, where i counts the request's rows in order (prompt p's sample j is row p * num_samples + j): `seed` itself for
+row 0, and for i >= 1 a SplitMix64 hash of (seed, i). So row 0 of a seeded call is exactly the one-generator
+stream of that seed, `num_samples = n` gives n different reproducible samples, a request batched with other
+requests (the server) gives the text it gives alone, and the rows of nearby seeds do not overlap (with `seed + i`,
+seeds 0 and 1 at n = 4 would share three of their four samples; here they share none, up to hash collisions in
+2**63). Unseeded (`seed=None`): a fresh random base seed, then the same rule, so rows differ.
 
 The draws are laid out per candidate, never per canvas position: a step draws only at the positions it may change
 (its candidates, in row-major order), and only in the rows that may change, so a row's stream is the same whether
@@ -18,7 +20,7 @@ it is left-padded in a wider batch or not, and whether its neighbours still take
 A plain torch.Generator (or None: the global RNG) still works wherever a RowGenerators does: it draws the whole
 batch from the one stream, as before.
 
-    g = RowGenerators.seeded(seed=0, rows=4)                     # rows seeded 0, 1, 2, 3
+    g = RowGenerators.seeded(seed=0, rows=4)                     # rows seeded row_seed(0, 0..3): 0, then hashes
     u = uniform(g.for_items(candidate.sum(1)), (N, V))           # N = candidate.sum(): row r draws its (n_r, V)
     kept = g.subset(torch.tensor([True, False, True, True]))     # rows leave the batch with their generators
 """
@@ -31,6 +33,18 @@ from collections.abc import Sequence
 import torch
 
 SEED_SPACE = 2**63  # base seeds drawn for unseeded calls stay in the seed rule's range [0, 2**63)
+_MASK64 = 2**64 - 1
+
+
+def row_seed(seed: int, i: int) -> int:
+    """The seed of row i of a request seeded `seed`: `seed` for row 0; else SplitMix64's finaliser of
+    seed + i * golden ratio (Steele et al. 2014), in [0, 2**63)."""
+    if i == 0:
+        return seed
+    z = (seed + i * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) % SEED_SPACE
 
 
 class RowGenerators:
@@ -43,9 +57,10 @@ class RowGenerators:
 
     @classmethod
     def seeded(cls, seed: int | None, rows: int, device: torch.device | str = "cpu") -> RowGenerators:
-        """Row i seeded `seed + i`; `seed=None` draws a fresh base seed (fresh noise, every row different)."""
+        """Row i seeded `row_seed(seed, i)`; `seed=None` draws a fresh base seed (fresh noise, every row
+        different)."""
         base = secrets.randbelow(SEED_SPACE) if seed is None else seed  # the global RNG is left alone
-        return cls.from_seeds([base + i for i in range(rows)], device)
+        return cls.from_seeds([row_seed(base, i) for i in range(rows)], device)
 
     @classmethod
     def from_seeds(cls, seeds: Sequence[int], device: torch.device | str = "cpu") -> RowGenerators:

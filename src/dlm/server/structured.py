@@ -44,6 +44,7 @@ from dlm.control.json_schema import (
 )
 from dlm.eval.conditional import conditional_loglik
 from dlm.pipeline import DiffusionLM
+from dlm.sampling.noise import row_seed
 from dlm.server.protocol import ApiError, ChatRequest, CompletionRequest, ToolSpec, cut_at_stop, stop_list
 from dlm.server.settings import ServerSettings
 
@@ -98,7 +99,7 @@ class Plan:
             for j in range(self.n):
                 r = i * self.n + j
                 callback()  # a withdrawn request stops between rows
-                out.append(self.row(lm, prompt, None if self.seed is None else self.seed + r, callback))
+                out.append(self.row(lm, prompt, None if self.seed is None else row_seed(self.seed, r), callback))
         return out
 
 
