@@ -35,7 +35,7 @@
    cache: tokens/s, forwards and positions per token, peak CUDA memory, time per token by position.
 
     python benchmarks/block.py --threads 1 --clipped 1 16         # ~75 min on one (shared) thread here
-    python benchmarks/block.py --matched --threads 1              # part 3 only, ~30 min on one shared thread
+    python benchmarks/block.py --matched --threads 1              # part 3 only, 45 min on one thread (load 3-13)
     python benchmarks/block.py --quick --out /tmp/block           # smoke run (~1 min)
     python benchmarks/block.py --matched --quick --out /tmp/block # smoke run of part 3 (the trained runs)
     python benchmarks/block.py --device cuda --shape llada2-mini   # part 4, on a GPU (not run here: no GPU)
