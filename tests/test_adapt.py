@@ -214,7 +214,7 @@ def test_lora_adapt_trains_only_adapters(tmp_path):
     lm = DiffusionLM.from_pretrained(tmp_path / "run")  # the merged weights, a plain dlm folder
     assert isinstance(lm.generate("To be", max_new_tokens=4, steps=4), str)
     # the adapters were merged into every LoRA target and nothing else moved (norms, biases); the embedding and
-    # head differ from the AR folder by the [MASK] row dlm adapt adds
+    # head only gain the [MASK] row dlm adapt adds
     from dlm.lora import TARGETS
 
     base, merged = DiffusionLM.from_pretrained(folder).model.state_dict(), lm.model.state_dict()
@@ -222,6 +222,8 @@ def test_lora_adapt_trains_only_adapters(tmp_path):
     changed = {k for k in base if base[k].shape != merged[k].shape or not torch.equal(base[k], merged[k])}
     targets = {k for k in base if k.endswith(".weight") and k.split(".")[-2] in TARGETS}
     assert targets and targets <= changed and changed - targets <= {"wte.weight", "lm_head.weight"}
+    for k in changed - targets:
+        assert merged[k].shape[0] == base[k].shape[0] + 1 and torch.equal(merged[k][:-1], base[k])
 
 
 def test_adapt_resumes_exactly(tmp_path):
