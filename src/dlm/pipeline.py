@@ -289,19 +289,23 @@ class DiffusionLM:
 
     def _block_events(self, canvas: torch.Tensor, start: int, opts: GenerationConfig, am: torch.Tensor | None,
                       processors: list | tuple, sampler: BlockSampler, g: Noise) -> Iterator[StepEvent]:
-        """The block sampler's events (dlm.sampling.block): after the prompt canvas[:, :start], block by block."""
+        """The block sampler's events (dlm.sampling.block): after the prompt canvas[:, :start], block by block. A
+        canvas with known tokens after its first [MASK] (infilling, JSON, documents, code) is decoded from that
+        [MASK] on as a template: each block sees its own known tokens and everything before it, nothing later."""
         tok = self.tokenizer
         if opts.cfg_scale > 0:
             raise SamplingError("the block sampler does not do classifier-free guidance (cfg_scale > 0)")
-        if bool((canvas[:, :start] == tok.mask_id).any()) or bool((canvas[:, start:] != tok.mask_id).any()):
-            raise SamplingError("the block sampler writes after the prompt only; gaps inside the text (infilling) "
-                                "need the future of the gap: use a full-attention model and sampler='llada'")
+        gaps = (canvas == tok.mask_id).any(0).nonzero()
+        if len(gaps) and int(gaps[0]) < start:  # a gap inside the text: decode from the first gap on
+            start = int(gaps[0])
+        new = canvas[:, start:]
+        known = bool((new != tok.mask_id).any())  # a template (infill, JSON, documents): known tokens to keep
         bs = self.block_size or opts.block_length or canvas.shape[1] - start
         yield from block_steps(self.model, canvas[:, :start], am[:, :start] if am is not None else None, sampler, g,
                                processors, block_size=bs, max_new_tokens=canvas.shape[1] - start, steps=opts.steps,
                                eos_id=tok.eos_id, sub_block=sampler.options.sub_block, window=max(self.max_len, 2 * bs),
                                stop_ids=sorted(tok.stop_ids), ar_first_token=sampler.options.ar_first_token,
-                               whole_blocks=sampler.options.whole_blocks)
+                               whole_blocks=sampler.options.whole_blocks, template=new if known else None)
 
     def _check_family(self, sampler: Any, name: str) -> None:
         """A SEDD / D3PM checkpoint samples with its family's samplers, which take its process (graph, schedule)."""

@@ -50,7 +50,7 @@ from dlm.models.common import BlockCache
 from dlm.sampling.generate import SamplingError, StepEvent
 from dlm.sampling.llada import LLaDASampler
 from dlm.sampling.noise import Noise, subset
-from dlm.sampling.processors import LogitsProcessor, apply_processors
+from dlm.sampling.processors import LogitsProcessor, apply_processors, windowed
 from dlm.sampling.sampler import SAMPLERS, SamplerOutput, ThresholdOptions
 
 
@@ -133,8 +133,14 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
                 block_size: int, max_new_tokens: int, steps: int, eos_id: int | None = None, sub_block: int = 0,
                 cache: bool = True, window: int | None = None,
                 stop_ids: Sequence[int] | None = None, ar_first_token: bool = False,
-                whole_blocks: bool = False) -> Iterator[StepEvent]:
+                whole_blocks: bool = False, template: torch.Tensor | None = None) -> Iterator[StepEvent]:
     """Sample after `prompt` (B, P) (left-padded; `prompt_mask` (B, P), 1 = real token) block by block.
+
+    `template` (B, max_new_tokens): the new tokens' canvas, [MASK] where the model writes and known tokens elsewhere
+    (infilling, JSON, documents, code on a block model). A known token is kept, and the model sees it once the
+    block that holds it is decoded (the current block and those before it: nothing later, under block-causal
+    attention); `steps` is then spread over the blocks in proportion to their masks, and rows do not stop early.
+    Positional logits processors (`where=`) are read at each block's canvas positions (LogitsProcessor.window).
 
     model: a network with attention modes (`supports_attention_modes`: net(x, None, attention_mask=,
     cache=BlockCache, block_size=)). Yields a StepEvent per step over the (B, P + max_new_tokens) view; the last
@@ -151,10 +157,11 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
     if block_size < 1 or max_new_tokens < 1 or steps < 1:
         raise SamplingError(f"block_size, max_new_tokens and steps must be >= 1, got {block_size}, "
                             f"{max_new_tokens}, {steps}")
-    bad = [type(p).__name__ for p in processors if not getattr(p, "window_safe", False)]
+    origin = torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long)
+    bad = [type(p).__name__ for p in processors if windowed(p, *origin) is None]
     if bad:
         raise SamplingError(f"the block sampler sees one block at a time; {', '.join(bad)} needs the whole canvas "
-                            "(drop repetition_penalty / positional constraints, or use another sampler)")
+                            "(drop repetition_penalty, or use another sampler)")
     mask_id, bs, device = sampler.mask_id, block_size, prompt.device
     B, P = prompt.shape
     lengths = prompt_mask.long().sum(1) if prompt_mask is not None else torch.full((B,), P, device=device)
@@ -166,7 +173,12 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
     for b in range(B):
         n_b = int(lengths[b])
         seq[b, int(shift[b]):int(shift[b]) + n_b] = prompt[b, P - n_b:]
-    canvas = torch.cat([prompt, torch.full((B, max_new_tokens), mask_id, dtype=torch.long, device=device)], 1)
+    if template is not None and template.shape != (B, max_new_tokens):
+        raise SamplingError(f"template must be (B, max_new_tokens) = ({B}, {max_new_tokens}), got "
+                            f"{tuple(template.shape)}")
+    new = template.to(device) if template is not None else torch.full((B, max_new_tokens), mask_id, device=device)
+    canvas = torch.cat([prompt, new], 1)
+    n_masks = (new == mask_id).sum(1).clamp_min(1)  # (B,) the masks the steps are spread over (a template's)
     rows = torch.arange(B, device=device)  # the rows still generating
     kv = BlockCache()
 
@@ -220,7 +232,8 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
     per_block = steps_per_block(steps, bs, max_new_tokens)
     sub = sub_block if 0 < sub_block < bs else bs
     global_step = 0
-    stops = torch.tensor(sorted({*(stop_ids or ()), *(() if eos_id is None else (eos_id,))}), dtype=torch.long,
+    stops = torch.tensor([] if template is not None else  # a template is filled to its end
+                         sorted({*(stop_ids or ()), *(() if eos_id is None else (eos_id,))}), dtype=torch.long,
                          device=device)
     fill_id = eos_id if eos_id is not None else (int(stops[0]) if stops.numel() else None)
     last_view: SamplerOutput | None = None  # the last event's output: a stop found after it is written into it too
@@ -231,6 +244,11 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
         if not bool(wanted.any()):
             break
         eligible = (g >= 0) if whole_blocks else wanted  # LLaDA2 also decodes the last block's tail past the output
+        cols = torch.where(g < max_new_tokens, P + g, -1)  # (B', bs) canvas column of each position (-1: past it)
+        if template is not None:  # the block's known tokens, in place before its first step
+            r, c = wanted.nonzero(as_tuple=True)
+            block[r, c] = new[rows[r], g[r, c]]
+        procs = [windowed(p, rows, cols) for p in processors]
         # Each row's sub-block of each position: [0, sub), [sub, 2 sub), ...; with ar_first_token a row whose block
         # holds no prompt token has [0, 1), [1, sub), [sub, 2 sub), ... (position 0 is AR), so rows may differ.
         part = (j // sub)[None].expand(len(rows), bs)
@@ -246,6 +264,9 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
                 n_steps = min(per_block, max_new_tokens)
                 sampler.set_timesteps(n_steps, torch.ones_like(todo))
                 budget = n_steps
+            elif template is not None:  # steps in proportion to the masks: the template's steps for all of them
+                sampler.set_timesteps((-(-steps * todo.sum(1) // n_masks[rows])).clamp_min(1), todo)
+                budget = int(todo.sum(1).max()) + per_block
             else:
                 sampler.set_timesteps((-(-per_block * size // bs)).clamp_min(1), todo)
                 # Every step commits at least one mask, unless a [MASK] prediction leaves it masked
@@ -255,7 +276,7 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
             for _ in range(budget):
                 if not bool((region & (block == mask_id)).any()):
                     break
-                logits = apply_processors(processors, forward(block), block)  # (B', bs, V)
+                logits = apply_processors(procs, forward(block), block)  # (B', bs, V)
                 out = sampler.step(logits, block, 0, bs, generator)  # `region` (eligible) bounds the commits
                 block = out.xt
                 last_view = _view(canvas, out, rows, g, wanted, P)
@@ -274,7 +295,9 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
         last = not bool(((g + bs < max_new_tokens) & keep[:, None]).any())
         if last or not bool(keep.any()):
             break
-        pending = block  # its K/V, computed once, go in with the next block's first forward
+        # Its K/V, computed once, go in with the next block's first forward (a block with nothing to decode ran no
+        # forward, so the blocks waiting are appended together).
+        pending = block if pending is None else torch.cat([pending, block], 1)
         if not bool(keep.all()):
             rows, pending = rows[keep], pending[keep]
             generator = subset(generator, keep)  # one generator per row: they leave the batch with their rows
@@ -283,7 +306,7 @@ def block_steps(model: torch.nn.Module, prompt: torch.Tensor, prompt_mask: torch
                 kv.select(keep)
             else:
                 history = history[keep]
-        block = torch.full_like(pending, mask_id)
+        block = torch.full((len(rows), bs), mask_id, dtype=torch.long, device=device)
 
 
 def _view(canvas: torch.Tensor, out: SamplerOutput, rows: torch.Tensor, g: torch.Tensor, eligible: torch.Tensor,

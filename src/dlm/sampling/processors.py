@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,11 +31,24 @@ class LogitsProcessor:
     def __call__(self, logits: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:  # (B, L, V), (B, L) -> (B, L, V)
         raise NotImplementedError
 
+    def window(self, rows: torch.Tensor, cols: torch.Tensor) -> LogitsProcessor | None:
+        """This processor on a window of the canvas: logits (B', W, V) whose position (i, w) is canvas row
+        rows[i], column cols[i, w] (-1: not on the canvas) -> a processor for those logits, or None when it needs
+        the whole canvas. Position-free processors are themselves."""
+        return self if self.window_safe else None
+
     def __repr__(self) -> str:
         def show(v: object) -> str:
             return f"<tensor {tuple(v.shape)}>" if isinstance(v, torch.Tensor) else repr(v)
 
         return f"{type(self).__name__}({', '.join(f'{k}={show(v)}' for k, v in vars(self).items())})"
+
+
+def windowed(p: Any, rows: torch.Tensor, cols: torch.Tensor) -> Any:
+    """`p.window(rows, cols)` for a LogitsProcessor; a plain callable is kept if it says it is `window_safe`."""
+    if isinstance(p, LogitsProcessor):
+        return p.window(rows, cols)
+    return p if getattr(p, "window_safe", False) else None
 
 
 def apply_processors(processors: Sequence[LogitsProcessor], logits: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
@@ -96,6 +109,15 @@ class _TokenSet(LogitsProcessor):
     def __init__(self, token_ids: Sequence[int], where: torch.Tensor | None = None) -> None:
         self.token_ids = [int(i) for i in token_ids]
         self.where = where
+
+    def window(self, rows: torch.Tensor, cols: torch.Tensor) -> _TokenSet:
+        """`where` read at the window's canvas positions (columns -1 hold no constraint)."""
+        if self.where is None:
+            return self
+        where = self.where.to(cols.device)
+        r = rows[:, None].expand_as(cols) if where.shape[0] > 1 else torch.zeros_like(cols)
+        sub = where[r, cols.clamp(0, where.shape[1] - 1)] & (cols >= 0) & (cols < where.shape[1])  # (B', W)
+        return type(self)(self.token_ids, where=sub)
 
     def __call__(self, logits, xt):
         if not self.token_ids:
