@@ -121,7 +121,7 @@ def test_bad_chats_are_one_line_errors(tmp_path, capsys):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": CHATS[0][:1]}) + "\n")
-    with pytest.raises(CorpusError, match="bad.jsonl:1"):
+    with pytest.raises(CorpusError, match="bad.jsonl, line 1"):
         load_chats(bad)
     with pytest.raises(SystemExit) as e:
         main(["sft", "--data", str(bad), "--out", str(tmp_path / "x")])

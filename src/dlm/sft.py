@@ -20,7 +20,6 @@ BPE tokenizers) uses the plain FALLBACK format below, the response ending with [
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ import torch
 
 from dlm.config import CheckpointConfig, ConfigError, SFTConfig, TrainConfig
 from dlm.data import Batch, CorpusError, _mix
+from dlm.io import read_jsonl
 from dlm.tokenizer import Tokenizer, plain_chat
 
 if TYPE_CHECKING:
@@ -78,24 +78,15 @@ def encode_chat(tok: Tokenizer, messages: Messages, template: str = "auto") -> t
 def load_chats(path: str | Path) -> list[Messages]:
     """JSONL of {"messages": [{"role", "content"}, ...]} whose last message is the assistant's answer."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CorpusError(f"cannot read the chats {path}: {e}") from e
     chats = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            msgs = json.loads(line)["messages"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CorpusError(f'{path}:{n}: each line must be a JSON object {{"messages": [...]}}') from e
+    for n, rec in read_jsonl(path, expect='a JSON object {"messages": [...]}', error=CorpusError):
+        msgs = rec.get("messages") if isinstance(rec, dict) else None
         ok = isinstance(msgs, list) and len(msgs) >= 2 and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in msgs)
         if not ok or msgs[-1]["role"] != "assistant":
-            raise CorpusError(f'{path}:{n}: "messages" must be >= 2 {{"role", "content"}} objects, the last the '
-                              "assistant's answer")
+            raise CorpusError(f'{path}, line {n}: "messages" must be >= 2 {{"role", "content"}} objects, the last '
+                              "the assistant's answer")
         chats.append(msgs)
     if not chats:
         raise CorpusError(f"{path} holds no chats")
