@@ -113,8 +113,11 @@ def test_generation_runs_end_to_end_with_the_family_sampler(lms, kind):
     texts = lm.generate(["the quick brown", "a"], max_new_tokens=4, steps=4, seed=0)  # left-padded batch
     assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)
     # left padding is invisible: each row of the batch is what its prompt gives alone (row i's noise is seeded
-    # seed + i, dlm.sampling.noise)
-    assert texts == [lm.generate(p, max_new_tokens=4, steps=4, seed=i) for i, p in enumerate(("the quick brown", "a"))]
+    # row_seed(seed, i), dlm.sampling.noise)
+    from dlm.sampling.noise import row_seed
+
+    assert texts == [lm.generate(p, max_new_tokens=4, steps=4, seed=row_seed(0, i))
+                     for i, p in enumerate(("the quick brown", "a"))]
 
 
 def test_bfloat16_load_stays_close():
