@@ -58,6 +58,9 @@ GRID: list[dict[str, Any]] = [
       for b in (4, 8)),
     {"steps": "tokens", "temperature": 1.0, "top_p": 0.9, "block_length": 8, "remasking": "random"},
     {"steps": "half", "temperature": 0.7, "top_p": 0.9},
+    # Added for the 2,600-step model, whose T 0.7 samples repeat more (distinct-2 0.74 at repetition penalty 1.1).
+    *({"steps": "tokens", "temperature": t, "top_p": 0.9, "repetition_penalty": 1.1} for t in (0.8, 0.9, 1.0)),
+    *({"steps": "tokens", "temperature": t, "top_p": 0.9, "repetition_penalty": 1.2} for t in (0.8, 0.9)),
 ]
 
 
@@ -205,7 +208,8 @@ def main() -> None:
         label = args.label or args.model
         lm = DiffusionLM.from_pretrained(args.model)
         cpt = chars_per_token(lm, val)
-        if args.grid:
+        if args.grid:  # rows run now replace the label's rows of the same options; the others are kept
+            keep = {json.dumps(r["options"], sort_keys=True): r for r in result.get("grid", {}).get(label, [])}
             rows = []
             for options in [GRID[i] for i in args.grid_rows] if args.grid_rows else GRID:
                 texts, secs, n_tok = continue_prompts(lm, pairs, args.new_chars, cpt, options)
@@ -213,10 +217,11 @@ def main() -> None:
                        **judge_row(texts, pairs, judge), "example": pairs[0][0] + "|" + texts[0]}
                 print(json.dumps({k: v for k, v in row.items() if k != "example"}), flush=True)
                 rows.append(row)
-                result.setdefault("grid", {})[label] = rows
+                keep[json.dumps(options, sort_keys=True)] = row
+                result.setdefault("grid", {})[label] = list(keep.values())
                 save(out, result)
             if result.get("reference"):
-                best = pick(rows, result["reference"], args.new_chars)
+                best = pick(result["grid"][label], result["reference"], args.new_chars)
                 result.setdefault("picked", {})[label] = best and best["options"]
                 print("picked:", best and best["options"])
         else:
