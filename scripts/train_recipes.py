@@ -46,7 +46,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                                       repetition_penalty=1.1)),
     # The same run continued from its step-1200 checkpoint to 2600 steps (a copy of the finished run resumed with the
     # longer budget, so the cosine schedule restarts at step 1200 from about 1e-3): the default since 2026-12-02.
-    # Trained in 2026-12 sessions: ~45 min of one thread on the shared 2-core Xeon (1,300-4,900 tok/s).
+    # Trained 2026-12-02: steps 1200-2600 in 97 min of one thread on the shared 2-core Xeon (1,300-4,900 tok/s).
     "bpe4k-small-x2600": dict(tokenizer="bpe:4096", preset="small", model={}, max_steps=2600,
                               continue_from=("bpe4k-small", 1200),
                               # `benchmarks/recipes.py --grid` picks T 0.9, top-p 0.9, penalty 1.1 (judge 45.7,
