@@ -34,14 +34,15 @@ def test_local_tasks_run_through_simple_evaluate():
     from dlm.eval.lm_eval_adapter import DLMEvalLM
 
     tasks = ["dlm_shakespeare_mc", "dlm_shakespeare_gen", "dlm_shakespeare_ppl"]
-    out = lm_eval.simple_evaluate(model=DLMEvalLM(pretrained="default", mc_num=4), tasks=tasks,
-                                  task_manager=TaskManager(include_path=str(TASKS)))
+    model = DLMEvalLM(pretrained="default", mc_num=4)
+    out = lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=TaskManager(include_path=str(TASKS)))
     res = out["results"]
     assert res["dlm_shakespeare_mc"]["sample_len"] == 5
     assert res["dlm_shakespeare_mc"]["acc,none"] >= 0.4  # the true ending beats two scrambles of it (chance 1/3)
     assert 0.0 <= res["dlm_shakespeare_gen"]["exact_match,none"] <= 1.0
-    assert all(len(s["resps"][0][0]) <= 16 and "\n" not in s["resps"][0][0]
-               for s in out["samples"]["dlm_shakespeare_gen"])  # max_gen_toks bytes, cut at the stop
+    enc = model.lm.tokenizer.encode  # max_gen_toks counts tokens (bytes for a byte model, BPE tokens here)
+    assert all(len(enc(s["resps"][0][0])) <= 16 and "\n" not in s["resps"][0][0]
+               for s in out["samples"]["dlm_shakespeare_gen"])  # at most max_gen_toks tokens, cut at the stop
     assert 1.0 < res["dlm_shakespeare_ppl"]["bits_per_byte,none"] < 8.0
 
 
