@@ -105,3 +105,13 @@ def folder_and_reference(folder: Path):
     from dlm.pipeline import DiffusionLM
 
     return DiffusionLM.from_pretrained(str(folder)), load_file(folder / "reference.safetensors")
+
+
+def edited_copy(tmp_path: Path, folder: Path, key: str, value) -> Path:
+    """A copy of an upstream folder under tmp_path whose config.json has `key` set to `value` (for refusal tests)."""
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg[key] = value
+    (copy / "config.json").write_text(json.dumps(cfg))
+    return copy

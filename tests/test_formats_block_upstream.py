@@ -9,12 +9,11 @@ flash-attn kernels) and their generation loops; reference_meta.json says exactly
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from hf_helpers import folder_and_reference
+from hf_helpers import edited_copy, folder_and_reference
 from safetensors.torch import load_file
 from tolerance import model_atol
 
@@ -190,11 +189,7 @@ def test_cached_block_sampling_equals_uncached(folder):
     (SDAR, "hidden_size", 128, "shape"),
 ], ids=["bd_size", "layer_types", "hidden_act", "block_size", "mask_token_id", "attention_bias", "sizes"])
 def test_config_errors_are_one_line(tmp_path, folder, key, value, match):
-    copy = tmp_path / folder.name
-    shutil.copytree(folder, copy)
-    cfg = json.loads((copy / "config.json").read_text())
-    cfg[key] = value
-    (copy / "config.json").write_text(json.dumps(cfg))
+    copy = edited_copy(tmp_path, folder, key, value)
     with pytest.raises(CheckpointError, match=match) as info:
         DiffusionLM.from_pretrained(str(copy))
     assert "\n" not in str(info.value)

@@ -16,12 +16,11 @@ reference_meta.json says exactly how. No upstream code runs here.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from hf_helpers import folder_and_reference
+from hf_helpers import edited_copy, folder_and_reference
 from tolerance import model_atol
 
 from dlm.checkpoint import CheckpointError
@@ -233,11 +232,7 @@ def test_cached_block_sampling_equals_uncached(tiny):
 ], ids=["use_bias", "score_function", "norm_topk_prob", "rotary_dim", "n_group", "hidden_act", "rope_scaling",
         "mask_token_id", "kv_heads", "sizes"])
 def test_config_errors_are_one_line(tmp_path, key, value, match):
-    copy = tmp_path / TINY.name
-    shutil.copytree(TINY, copy)
-    cfg = json.loads((copy / "config.json").read_text())
-    cfg[key] = value
-    (copy / "config.json").write_text(json.dumps(cfg))
+    copy = edited_copy(tmp_path, TINY, key, value)
     with pytest.raises(CheckpointError, match=match) as info:
         DiffusionLM.from_pretrained(str(copy))
     assert "\n" not in str(info.value)
