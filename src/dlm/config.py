@@ -10,6 +10,7 @@ values are type-checked when a config is built from a dict.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -75,7 +76,7 @@ class _Config:
     def from_dict(cls: type[T], d: dict[str, Any]) -> T:
         if not isinstance(d, dict):
             raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(d).__name__}")
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(d) - known)
         if unknown:
@@ -333,6 +334,11 @@ class SFTConfig(_Config):
     max_examples: int | None = None  # use the first n chats only
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 @dataclass
 class SamplerOptions(_Config):
     """The options one sampler reads beyond GenerationConfig's common ones. Each sampler declares a subclass beside
@@ -355,8 +361,9 @@ def sampler_options(sampler: str) -> type[SamplerOptions]:
     return SAMPLERS.get(sampler).Options
 
 
+@functools.cache  # the registry is fixed once its plugins are imported; every GenerationConfig reads this
 def all_sampler_options() -> dict[str, tuple[list[str], Any, Any]]:
-    """Every sampler option by name -> (the samplers that read it, its type, its default)."""
+    """Every sampler option by name -> (the samplers that read it, its type, its default). Read only."""
     from dlm.sampling.sampler import SAMPLERS
 
     out: dict[str, tuple[list[str], Any, Any]] = {}
@@ -446,7 +453,7 @@ class GenerationConfig(_Config):
                                   f"{'s' if len(readers) > 1 else ''}, not of {sampler!r}: give sampler="
                                   f"{readers[0]!r} with it (or leave {k} out)")
             del flat[k]
-        hints = typing.get_type_hints(type(self))
+        hints = _hints(type(self))
         for name, f in common.items():
             setattr(self, name, _check_type("GenerationConfig", name, d[name], hints[name]) if name in d else f.default)
         self.options = own_cls.from_dict(flat)
