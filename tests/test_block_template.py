@@ -10,10 +10,10 @@ import json
 
 import pytest
 import torch
+from test_block_sampling import _lm  # the tiny bd3lm pipeline (blocks of 4)
 
-from dlm.config import CheckpointConfig, GenerationConfig, ModelConfig, ProcessConfig
+from dlm.config import GenerationConfig, ModelConfig
 from dlm.models import build_model
-from dlm.pipeline import DiffusionLM
 from dlm.sampling import SAMPLERS, SamplingError
 from dlm.sampling.block import block_steps
 from dlm.sampling.processors import AllowedTokens, RepetitionPenalty
@@ -120,13 +120,6 @@ def test_positional_constraints_hold_at_their_canvas_positions():
     assert all(int(x) in digits for x in out[:, [P + 1, P + 20]].flatten())
     with pytest.raises(SamplingError, match="RepetitionPenalty needs the whole canvas"):
         _run(net, PROMPT, t, processors=[RepetitionPenalty(1.2, MASK)])
-
-
-def _lm(seed: int = 0) -> DiffusionLM:
-    pcfg = ProcessConfig(process="bd3lm", loss="bd3lm", schedule="loglinear", eps=0.0, block_size=BS)
-    cfg = CheckpointConfig(model=ModelConfig.preset("tiny", vocab_size=V), process=pcfg,
-                           sampling=GenerationConfig(sampler="block", max_new_tokens=12, steps=12))
-    return DiffusionLM(_net(seed), TOK, cfg)
 
 
 def test_infill_and_json_on_a_block_model():
