@@ -274,12 +274,16 @@ def test_windowed_head_gives_the_same_tokens_as_the_full_head(lm, monkeypatch):
     monkeypatch.setattr(type(lm.model), "forward", spy)
     windowed = lm.generate(prompts, **kw)
     sampled = lm.generate(prompts, temperature=0.8, top_k=20, **kw)
+    n = len(calls)
+    penalised = lm.generate(prompts, temperature=0.8, top_p=0.9, repetition_penalty=1.3, **kw)  # reads the prompt
+    assert all(w is not None for w in calls[n:])  # the penalty reads the whole canvas but allows the window
     infilled = lm.infill("To be, or not to be, [MASK] is the question.", max_span=16, seed=0)
     assert any(w is not None for w in calls)
     monkeypatch.setattr(type(lm.model), "supports_logits_window", False, raising=False)
     calls.clear()
     assert lm.generate(prompts, **kw) == windowed
     assert lm.generate(prompts, temperature=0.8, top_k=20, **kw) == sampled
+    assert lm.generate(prompts, temperature=0.8, top_p=0.9, repetition_penalty=1.3, **kw) == penalised
     assert lm.infill("To be, or not to be, [MASK] is the question.", max_span=16, seed=0) == infilled
     assert all(w is None for w in calls)
 

@@ -109,10 +109,11 @@ def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     last_logits: torch.Tensor | None = None
     global_step = 0
     # Windowed steps: the sampler can take logits of [w0, hi) only, the model_fn can compute just those, and no
-    # processor looks at positions (a `where` mask) or at the rest of the canvas (repetition penalty). A plain
-    # callable given as a processor is not known to be window-safe.
+    # processor looks at positions (a `where` mask); one that reads the rest of the canvas (repetition penalty)
+    # must be `position_free` and is given the whole canvas. A plain callable given as a processor is not known to
+    # be window-safe.
     window = (sampler.windowed and model_fn.supports_window and not model_fn.cached
-              and all(getattr(p, "window_safe", False) for p in processors))
+              and all(getattr(p, "window_safe", False) or getattr(p, "position_free", False) for p in processors))
     with torch.no_grad():
         for b in range(n_blocks):
             lo, hi = start + b * block_length, min(start + (b + 1) * block_length, L)  # the last may be shorter
@@ -147,7 +148,7 @@ def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
                 else:
                     raw = model_fn(x, **t_kw)
                     last_x, last_logits = x, raw
-                logits = apply_processors(processors, raw, seen)
+                logits = apply_processors(processors, raw, seen, canvas=x if window else None)
                 out = sampler.step(logits, x, lo, hi, generator, **kwargs)
                 x = out.xt
                 yield StepEvent(block=b, step=global_step, output=out)
