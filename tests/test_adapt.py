@@ -401,3 +401,22 @@ def test_heldout_bound_scores_the_window_after_a_clean_bos():
         is_masked = xt[:, 1:] == mask
         assert torch.equal(torch.where(is_masked, mask, x0), xt[:, 1:])  # the rest is the window, clean
         assert ((is_masked.sum(1) >= 1) & (is_masked.sum(1) <= n)).all()
+
+
+def test_dlm_eval_scores_an_adapted_model_after_bos(tmp_path):
+    """evaluate_text (dlm eval) scores an adapted model's windows after a clean [BOS], as it was trained: the same
+    windows and draws as heldout_bound; `window` sets their length ([BOS] + window - 1 tokens)."""
+    from dlm.data import TokenStream, load_corpus, tokenize_documents
+    from dlm.eval.heldout import evaluate_text
+
+    folder = tmp_path / "llama"
+    write_causal(folder, "llama")
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    _run(folder, data, tmp_path / "run", max_steps=2, ckpt_every=2)
+    lm = DiffusionLM.from_pretrained(tmp_path / "run")
+    r = evaluate_text(lm, str(data), max_windows=3, precision="fp32", window=16)
+    windows = TokenStream(tokenize_documents(load_corpus(str(data)), lm.tokenizer), 15).windows(3)
+    nats = heldout_bound(lm.model, windows, lm.tokenizer.bos_id, lm.tokenizer.mask_id, n_samples=1)
+    assert r["n_tokens"] == windows.numel() == 45
+    assert r["bits_per_token"] == pytest.approx(float(nats.sum()) / math.log(2) / 45, rel=1e-9)

@@ -398,7 +398,7 @@ def _eval(args: argparse.Namespace) -> None:
         _eval_conditional(lm, args)
         return
     result = evaluate_text(lm, args.data, n_samples=args.samples, seed=args.seed, max_windows=args.max_windows,
-                           precision=_precision(args), show_progress=not args.json)
+                           precision=_precision(args), show_progress=not args.json, window=args.window)
     if args.json:
         print(json.dumps(result))
     else:
@@ -666,6 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Monte Carlo samples per window (default 1) or per answer (default 4)")
     _add_precision_flags(e)
     e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's max_len; "
+                   "a large model's 8192 wants less)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_eval)

@@ -24,15 +24,18 @@ from dlm.progress import Bar
 
 
 def evaluate_text(lm: Any, data: str, n_samples: int = 1, seed: int = 0, max_windows: int | None = None,
-                  batch_size: int = 32, precision: str = "auto", show_progress: bool = False) -> dict[str, Any]:
-    """Score `data` with `n_samples` Monte Carlo samples per window (all windows unless `max_windows`); a progress
-    bar on the terminal (stderr) with `show_progress`."""
+                  batch_size: int = 32, precision: str = "auto", show_progress: bool = False,
+                  window: int | None = None) -> dict[str, Any]:
+    """Score `data` with `n_samples` Monte Carlo samples per window (all windows unless `max_windows`) of `window`
+    tokens (default: the model's max_len); a progress bar on the terminal (stderr) with `show_progress`. A model
+    adapted from an AR LM (`lm.bos_prefix`) scores each window after a clean [BOS], as it was trained."""
     docs = load_corpus(data)
     if data in CORPORA:
         _, docs = split_documents(docs, TrainConfig.val_fraction)
     tok = lm.tokenizer
     tokens = tokenize_documents(docs, tok)
-    L = min(lm.max_len, len(tokens) - 1)  # a short text is one window of (almost) its own length
+    bos_prefix = bool(lm.bos_prefix) and not lm.is_causal  # [BOS] + L tokens must fit max_len
+    L = min((window or lm.max_len) - bos_prefix, len(tokens) - 1)  # a short text: one window of about its length
     if L < 2:
         raise CorpusError(f"{data!r} is too short to evaluate")
     windows = TokenStream(tokens, L).windows(max_windows)
@@ -50,7 +53,8 @@ def evaluate_text(lm: Any, data: str, n_samples: int = 1, seed: int = 0, max_win
         hook = lm.model.register_forward_hook(bar)  # one forward pass per batch and sample
         try:
             r = elbo_bits(lm.model, windows, tok.mask_id, tok.bos_id, n_samples=n_samples, seed=seed,
-                          batch_size=batch_size, autocast=precision == "bf16", loss_fn=loss_fn, process=lm.process)
+                          batch_size=batch_size, autocast=precision == "bf16", loss_fn=loss_fn, process=lm.process,
+                          bos_prefix=bos_prefix)
         finally:
             hook.remove()
     per_char = r.bits_per_token * n_tok / max(n_chars, 1)
