@@ -20,6 +20,7 @@ import torch
 
 from dlm.checkpoint import CheckpointError, load_pretrained
 from dlm.config import OPTION_ALIASES, CheckpointConfig, ConfigError, GenerationConfig
+from dlm.derived import derived_path, is_derived
 from dlm.sampling import SAMPLERS, SamplingError, StepEvent, denoise_cached_steps, denoise_steps
 from dlm.sampling.block import BlockSampler, block_steps
 from dlm.sampling.generate import ModelFn, fit_steps
@@ -47,12 +48,15 @@ def resolve_model_path(name_or_path: str | Path, allow_pickle: bool = False) -> 
     shipped = PRETRAINED_DIR / ALIASES.get(name, name)
     if "/" not in name and (shipped / "model.safetensors").exists():
         return shipped
+    if "/" not in name and is_derived(shipped):  # a base model + a committed adapter: derived once, then cached
+        return derived_path(shipped)
     path = Path(name).expanduser()
     if path.exists():
         return path
     if HUB_ID.match(name) and not name.startswith((".", "~")):
         return download(name, allow_pickle)
-    available = sorted({*ALIASES, *(p.name for p in PRETRAINED_DIR.glob("*") if (p / "model.safetensors").exists())})
+    available = sorted({*ALIASES, *(p.name for p in PRETRAINED_DIR.glob("*")
+                                    if (p / "model.safetensors").exists() or is_derived(p))})
     raise CheckpointError(f"unknown model {name!r}: not a shipped model ({', '.join(available) or 'none'}), "
                           "no such folder, and not a hub id (owner/name)")
 
