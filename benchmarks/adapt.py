@@ -111,7 +111,8 @@ def train_tokens_per_s(out: Path) -> float:
 
 
 def measure_lora(args: argparse.Namespace) -> None:
-    """The checkpoints of a LoRA run (`train --lora-r R`) on the same windows, added under "lora"."""
+    """The checkpoints of a LoRA run (`train --lora-r R`) on the same windows, added under `--key` ("lora"), with
+    samples at `--sample-options` (default: greedy, the folder's own sampler)."""
     torch.set_num_threads(args.threads)
     record = json.loads(RESULTS.read_text())
     tok = DiffusionLM.from_pretrained(base_folder()).tokenizer
@@ -128,9 +129,11 @@ def measure_lora(args: argparse.Namespace) -> None:
         nats = heldout_bound(lm.model, windows, lm.tokenizer.bos_id, lm.tokenizer.mask_id, record["heldout"][
             "bound_samples"])
         row = {"step": step, "adaptation_tokens": step * train_cfg["batch_size"] * (train_cfg["seq_len"] - 1),
-               **score(nats, windows, n_chars), "samples": samples(lm, prompts, args.new_tokens)}
+               **score(nats, windows, n_chars), "samples": samples(lm, prompts, args.new_tokens,
+                                                                   **args.sample_options)}
         lora["checkpoints"].append(row)
-        record["lora"] = lora
+        lora["sample_options"] = args.sample_options
+        record[args.key] = lora
         save(record)
         print(step, row["bits_per_char"], [s["text"][:60] for s in row["samples"]], flush=True)
 
@@ -194,9 +197,41 @@ def sampled(args: argparse.Namespace) -> None:
     print(json.dumps(record["sampled"], indent=1))
 
 
+def ship(args: argparse.Namespace) -> None:
+    """A measured LoRA run -> the shipped derived model src/dlm/pretrained/NAME (dlm.derived: derive.json, the
+    adapter in float16, the sampling defaults `--sampling`), then the derived model's own bound on the same windows
+    (it differs from the run's by the float16 rounding of the adapter), added under "shipped"."""
+    from dlm.config import GenerationConfig
+    from dlm.derived import build, export_adapter
+
+    torch.set_num_threads(args.threads)
+    record = json.loads(RESULTS.read_text())
+    out, entry = Path(args.out), record[args.key]
+    last = entry["checkpoints"][-1]
+    shipped = ROOT / "src/dlm/pretrained" / args.name
+    run_record = {"data": entry["train"]["data"], "steps": last["step"], "adaptation_tokens": last["adaptation_tokens"],
+                  "lora": entry["lora"], "lr": entry["train"]["lr"], "batch_size": entry["train"]["batch_size"],
+                  "seq_len": entry["train"]["seq_len"], "run_bits_per_char": last["bits_per_char"],
+                  "command": "python benchmarks/adapt.py " + " ".join(sys.argv[1:])}
+    recipe = export_adapter(out, shipped, base="smollm2-135m-instruct", dtype=torch.float16, record=run_record,
+                            generation=GenerationConfig(**args.sampling))
+    state, cfg, tok = build(shipped)
+    from dlm.models import build_model
+
+    net = build_model(cfg.model)
+    net.load_state_dict(state)
+    windows, n_chars = heldout(tok, record["heldout"]["windows"], args.seq_len)
+    nats = heldout_bound(net, windows, tok.bos_id, tok.mask_id, record["heldout"]["bound_samples"])
+    record["shipped"] = {"name": args.name, "from": args.key, "recipe": recipe.to_dict(),
+                         "adapter_bytes": (shipped / "adapter.safetensors").stat().st_size,
+                         **score(nats, windows, n_chars)}
+    save(record)
+    print(json.dumps(record["shipped"], indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["train", "measure", "sampled", "measure-lora"])
+    ap.add_argument("command", choices=["train", "measure", "sampled", "measure-lora", "ship"])
     ap.add_argument("--out", default="runs/adapt-smollm2")
     ap.add_argument("--max-steps", type=int, default=90)
     ap.add_argument("--ckpt-every", type=int, default=30)
@@ -214,8 +249,15 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.8, help="sampled: the sampling temperature")
     ap.add_argument("--top-p", type=float, default=0.95, help="sampled: nucleus sampling")
+    ap.add_argument("--key", default="lora", help="measure-lora, ship: the results entry of the LoRA run")
+    ap.add_argument("--sample-options", type=json.loads, default={}, help="measure-lora: generate() options of the "
+                    "samples, as JSON (default: greedy at the folder's sampler)")
+    ap.add_argument("--name", default="shakespeare-smollm2", help="ship: the shipped model's name")
+    ap.add_argument("--sampling", type=json.loads, default={}, help="ship: its sampling defaults (GenerationConfig "
+                    "fields as JSON, chosen with benchmarks/recipes.py --grid-set adapted)")
     args = ap.parse_args()
-    {"train": train, "measure": measure, "sampled": sampled, "measure-lora": measure_lora}[args.command](args)
+    {"train": train, "measure": measure, "sampled": sampled, "measure-lora": measure_lora, "ship": ship}[args.command](
+        args)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,20 @@ GRID: list[dict[str, Any]] = [
     *({"steps": "tokens", "temperature": t, "top_p": 0.9, "repetition_penalty": 1.1} for t in (0.8, 0.9, 1.0)),
     *({"steps": "tokens", "temperature": t, "top_p": 0.9, "repetition_penalty": 1.2} for t in (0.8, 0.9)),
 ]
+# --grid-set adapted: for a model adapted from SmolLM2 (dlm adapt, shifted): LLaDA's low-confidence rule in small
+# blocks (semi-autoregressive, as the AR model it came from wrote left to right), and Dream's one-block entropy rule
+# that `dlm adapt` saves by default.
+LOW_CONF = {"steps": "tokens", "sampler": "llada", "remasking": "low_confidence"}
+GRID_ADAPTED: list[dict[str, Any]] = [
+    {**LOW_CONF, "block_length": 4, "temperature": 0.0, "repetition_penalty": 1.2},
+    *({**LOW_CONF, "block_length": 4, "temperature": t, "top_p": 0.9, "repetition_penalty": 1.2}
+      for t in (0.7, 0.8, 1.0)),
+    {**LOW_CONF, "block_length": 4, "temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.1},
+    *({**LOW_CONF, "block_length": b, "temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.2} for b in (1, 8, 16)),
+    {"steps": "tokens", "sampler": "dream", "remasking": "entropy", "block_length": 0, "temperature": 0.8,
+     "top_p": 0.9, "repetition_penalty": 1.2},
+]
+GRIDS = {"default": GRID, "adapted": GRID_ADAPTED}
 
 
 def held_out() -> tuple[list[Any], str]:
@@ -116,18 +130,39 @@ def continue_prompts(lm: Any, pairs: list[tuple[str, str]], new_chars: int, cpt:
     return texts, (time.perf_counter() - t0) / len(pairs), n_tokens
 
 
+_AR_JUDGE: list[Any] = []
+
+
+def ar_judge_bits(texts: list[str], pairs: list[tuple[str, str]]) -> float:
+    """Bits per character of the continuations given their prompts under the shipped AR baseline `shakespeare-ar`
+    (a 4-layer byte-level AR model trained on the training plays only): a second judge, independent of SmolLM2,
+    for the models adapted from SmolLM2 (which the SmolLM2 judge would flatter)."""
+    from dlm.eval.conditional import conditional_loglik
+    from dlm.pipeline import DiffusionLM
+
+    if not _AR_JUDGE:
+        _AR_JUDGE.append(DiffusionLM.from_pretrained("shakespeare-ar"))
+    ar = _AR_JUDGE[0]
+    nats = sum(conditional_loglik(ar, ar.tokenizer.encode(p), ar.tokenizer.encode(t)).nats
+               for (p, _), t in zip(pairs, texts, strict=True) if t)
+    return -nats / math.log(2) / max(1, sum(map(len, texts)))
+
+
 def judge_row(texts: list[str], pairs: list[tuple[str, str]], judge: Any) -> dict[str, Any]:
     r = generative_perplexity(texts, [p for p, _ in pairs], judge=judge).to_dict()
-    return {**{k: r[k] for k in JUDGED}, "mean_chars": sum(map(len, texts)) / len(texts)}
+    return {**{k: r[k] for k in JUDGED}, "mean_chars": sum(map(len, texts)) / len(texts),
+            "ar_judge_bits_per_char": ar_judge_bits(texts, pairs)}
 
 
-def pick(rows: list[dict[str, Any]], reference: dict[str, Any], new_chars: int) -> dict[str, Any] | None:
-    """The sampling defaults to ship: the lowest judge perplexity among the rows that write as much and as
-    varied text as the held-out text does (judge perplexity alone rewards repetition and short answers):
-    unigram entropy within 0.5 bits of the reference's, distinct-2 >= 0.9, and >= 90% of the characters."""
+def pick(rows: list[dict[str, Any]], reference: dict[str, Any], new_chars: int, by: str = "perplexity"
+         ) -> dict[str, Any] | None:
+    """The sampling defaults to ship: the lowest judge perplexity (`by`: or the AR judge's bits per character, for
+    a model adapted from the SmolLM2 judge) among the rows that write as much and as varied text as the held-out
+    text does (a judge alone rewards repetition and short answers): unigram entropy within 0.5 bits of the
+    reference's, distinct-2 >= 0.9, and >= 90% of the characters."""
     ok = [r for r in rows if r["unigram_entropy"] >= reference["unigram_entropy"] - 0.5 and r["distinct_2"] >= 0.9
-          and r["mean_chars"] >= 0.9 * new_chars]
-    return min(ok, key=lambda r: r["perplexity"]) if ok else None
+          and r["mean_chars"] >= 0.9 * new_chars and by in r]
+    return min(ok, key=lambda r: r[by]) if ok else None
 
 
 def machine() -> dict[str, Any]:
@@ -144,25 +179,29 @@ def save(path: Path, result: dict[str, Any]) -> None:
 
 
 def table(result: dict[str, Any]) -> str:
+    def ar(r: dict[str, Any]) -> str:  # the second judge (shakespeare-ar), where the row has it
+        return f"{r['ar_judge_bits_per_char']:.3f}" if "ar_judge_bits_per_char" in r else "-"
+
     lines = ["| model | params | tokenizer | held-out bound (bits/char) | judge perplexity | unigram entropy (bits) "
-             "| distinct-2 | s/sample |", "|---|---|---|---|---|---|---|---|"]
+             "| distinct-2 | AR judge (bits/char) | s/sample |", "|---|---|---|---|---|---|---|---|---|"]
     ref = result.get("reference")
     if ref:
         lines.append(f"| held-out text | - | - | - | {ref['perplexity']:.1f} | {ref['unigram_entropy']:.2f} | "
-                     f"{ref['distinct_2']:.3f} | - |")
+                     f"{ref['distinct_2']:.3f} | {ar(ref)} | - |")
     for label, m in result["models"].items():
         b = m["bound"]
         bound = f"{b['bits_per_char']:.3f} ± {b['stderr']:.3f}" if b else "-"
         j = m["judge"]
         lines.append(f"| {label} | {m['n_params'] / 1e6:.2f}M | {m['tokenizer']} | {bound} | {j['perplexity']:.1f} "
-                     f"| {j['unigram_entropy']:.2f} | {j['distinct_2']:.3f} | {m['seconds_per_sample']:.1f} |")
+                     f"| {j['unigram_entropy']:.2f} | {j['distinct_2']:.3f} | {ar(j)} "
+                     f"| {m['seconds_per_sample']:.1f} |")
     for label, rows in result.get("grid", {}).items():
         lines += ["", f"Sampling grid, {label}:", "", "| options | judge perplexity | unigram entropy | distinct-2 |"
-                  " s/sample |", "|---|---|---|---|---|"]
+                  " AR judge | s/sample |", "|---|---|---|---|---|---|"]
         for r in rows:
             opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
             lines.append(f"| {opts} | {r['perplexity']:.1f} | {r['unigram_entropy']:.2f} | {r['distinct_2']:.3f} | "
-                         f"{r['seconds_per_sample']:.1f} |")
+                         f"{ar(r)} | {r['seconds_per_sample']:.1f} |")
     return "\n".join(lines)
 
 
@@ -175,6 +214,12 @@ def main() -> None:
     ap.add_argument("--options", type=json.loads, default={}, help='sampling overrides as JSON, e.g. '
                     '\'{"temperature": 0.7, "top_p": 0.9}\' ("steps": "tokens" is one step per token)')
     ap.add_argument("--grid-rows", type=int, nargs="+", help="only these rows of the grid (indices)")
+    ap.add_argument("--grid-set", choices=sorted(GRIDS), default="default",
+                    help="adapted: the grid for a model adapted from an AR LM")
+    ap.add_argument("--pick-by", choices=["perplexity", "ar_judge_bits_per_char"], default="perplexity",
+                    help="the judge that picks the defaults (ar_judge_bits_per_char for a model adapted from SmolLM2)")
+    ap.add_argument("--window", type=int, default=None, help="tokens per window of the held-out bound (default: "
+                    "the model's max_len)")
     ap.add_argument("--no-bound", action="store_true", help="skip the held-out bound (keep an earlier one)")
     ap.add_argument("--bound-samples", type=int, default=4, help="mask draws per window of the ELBO")
     ap.add_argument("--samples", type=int, default=16)
@@ -211,7 +256,8 @@ def main() -> None:
         if args.grid:  # rows run now replace the label's rows of the same options; the others are kept
             keep = {json.dumps(r["options"], sort_keys=True): r for r in result.get("grid", {}).get(label, [])}
             rows = []
-            for options in [GRID[i] for i in args.grid_rows] if args.grid_rows else GRID:
+            grid = GRIDS[args.grid_set]
+            for options in [grid[i] for i in args.grid_rows] if args.grid_rows else grid:
                 texts, secs, n_tok = continue_prompts(lm, pairs, args.new_chars, cpt, options)
                 row = {"options": options, "new_tokens": n_tok, "seconds_per_sample": secs,
                        **judge_row(texts, pairs, judge), "example": pairs[0][0] + "|" + texts[0]}
@@ -221,7 +267,7 @@ def main() -> None:
                 result.setdefault("grid", {})[label] = list(keep.values())
                 save(out, result)
             if result.get("reference"):
-                best = pick(result["grid"][label], result["reference"], args.new_chars)
+                best = pick(result["grid"][label], result["reference"], args.new_chars, by=args.pick_by)
                 result.setdefault("picked", {})[label] = best and best["options"]
                 print("picked:", best and best["options"])
         else:
@@ -229,11 +275,13 @@ def main() -> None:
             row = judge_row(texts, pairs, judge)
             print(json.dumps(row), flush=True)
             old = result.get("models", {}).get(label, {}).get("bound")  # --no-bound keeps an earlier bound
-            bound = old if args.no_bound else evaluate_text(lm, "shakespeare", n_samples=args.bound_samples, seed=0)
+            bound = old if args.no_bound else evaluate_text(lm, "shakespeare", n_samples=args.bound_samples, seed=0,
+                                                            window=args.window, batch_size=8)
             tok = lm.tokenizer
+            kind = "byte" if tok.vocab_size == 260 else ("bpe" if type(tok).__name__ == "BPETokenizer" else "hf")
             result.setdefault("models", {})[label] = {
                 "model": args.model, "n_params": count_params(lm.model),
-                "tokenizer": "byte" if tok.vocab_size == 260 else f"bpe:{tok.vocab_size}",
+                "tokenizer": "byte" if kind == "byte" else f"{kind}:{tok.vocab_size}",
                 "chars_per_token": cpt, "new_tokens": n_tok, "sampling": lm.sampling.to_dict(), "options": args.options,
                 "bound": bound, "judge": row, "seconds_per_sample": secs,
                 "examples": [{"prompt": p, "continuation": t} for (p, _), t in zip(pairs[:3], texts[:3], strict=True)],
