@@ -114,7 +114,7 @@ def continue_prompts(lm: Any, pairs: list[tuple[str, str]], new_chars: int, cpt:
                      options: dict[str, Any]) -> tuple[list[str], float, int]:
     """Each prompt's continuation, cut to new_chars characters; seconds per sample; tokens generated."""
     n_tokens = math.ceil(new_chars / cpt * 1.1)  # 10% spare: the chars per token of samples vary
-    block = lm.sampling.block_length
+    block = options.get("block_length", lm.sampling.block_length)
     if block and n_tokens % block:  # the sampler wants whole blocks: round up, cut the text afterwards
         n_tokens += block - n_tokens % block
     opts = {k: v for k, v in options.items() if k != "steps"}
