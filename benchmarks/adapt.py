@@ -41,6 +41,7 @@ from dlm.eval.judge import cache_dir, convert  # noqa: E402
 from dlm.pipeline import DiffusionLM  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "adapt.json"
+CHAT_QUESTIONS = ("Who is Romeo?", "Write two lines about the sea.")
 
 
 def base_folder() -> Path:
@@ -123,14 +124,15 @@ def measure_lora(args: argparse.Namespace) -> None:
     lora = {"train": train_cfg, "lora": json.loads((out / "ckpt-{:06d}".format(train_cfg["max_steps"]) / "config.json"
                                                     ).read_text())["extra"].get("lora"),
             "train_tokens_per_s": train_tokens_per_s(out), "checkpoints": []}
+    # the shipped sampling defaults may be given whole: the length and steps are --new-tokens' here
+    options = {k: v for k, v in args.sample_options.items() if k not in ("max_new_tokens", "steps")}
     for ckpt in sorted(run_checkpoints(out)):
         step = int(ckpt.name.split("-")[1])
         lm = DiffusionLM.from_pretrained(ckpt)
         nats = heldout_bound(lm.model, windows, lm.tokenizer.bos_id, lm.tokenizer.mask_id, record["heldout"][
             "bound_samples"])
         row = {"step": step, "adaptation_tokens": step * train_cfg["batch_size"] * (train_cfg["seq_len"] - 1),
-               **score(nats, windows, n_chars), "samples": samples(lm, prompts, args.new_tokens,
-                                                                   **args.sample_options)}
+               **score(nats, windows, n_chars), "samples": samples(lm, prompts, args.new_tokens, **options)}
         lora["checkpoints"].append(row)
         lora["sample_options"] = args.sample_options
         record[args.key] = lora
@@ -225,6 +227,13 @@ def ship(args: argparse.Namespace) -> None:
     record["shipped"] = {"name": args.name, "from": args.key, "recipe": recipe.to_dict(),
                          "adapter_bytes": (shipped / "adapter.safetensors").stat().st_size,
                          **score(nats, windows, n_chars)}
+    save(record)
+    # Chat answers of the AR model and of the shipped model at its defaults (the adaptation saw only plays)
+    lm, ar = DiffusionLM.from_pretrained(args.name), DiffusionLM.from_pretrained(base_folder())
+    record["shipped"]["chat"] = [
+        {"question": q, "ar": ar.chat([{"role": "user", "content": q}], max_new_tokens=48, temperature=0.0),
+         "adapted": lm.chat([{"role": "user", "content": q}], max_new_tokens=48, seed=0)}
+        for q in CHAT_QUESTIONS]
     save(record)
     print(json.dumps(record["shipped"], indent=1))
 

@@ -38,7 +38,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model_path(name_or_path: str | Path, allow_pickle: bool = False) -> Path:
-    """A shipped model name ("default", "shakespeare"), a folder on disk, or a Hugging Face hub id.
+    """A shipped model name ("default", "shakespeare"; "shakespeare-smollm2" is derived from its base model on
+    first use: dlm.derived), a folder on disk, or a Hugging Face hub id.
 
     A local folder never touches the network. A hub id ("GSAI-ML/LLaDA-8B-Instruct") that is not a folder is
     fetched with `huggingface_hub.snapshot_download` into its cache (configs, tokenizer and safetensors weights
