@@ -52,12 +52,12 @@ RECIPES: dict[str, dict[str, Any]] = {
                               # `benchmarks/recipes.py --grid` picks T 0.9, top-p 0.9, penalty 1.1 (judge 45.7,
                               # distinct-2 0.902; recipes.json "picked"), but that setting writes runs of blank lines
                               # after "ROMEO:\n" in 4 of 12 seeds; penalty 1.2 in 0 of 12 (judge 57.5, distinct-2
-                              # 0.893): shipped with 1.2 (README, "The default model")
+                              # 0.893): shipped with 1.2 (README, "The shipped models")
                               sampling=dict(max_new_tokens=128, steps=128, temperature=0.9, top_p=0.9,
                                             repetition_penalty=1.2)),
     # 1,400 steps more (2,600 -> 4,000): bound 2.400 -> 2.320 bits/char. At penalty 1.2 it ends 2 of 12 "ROMEO:\n"
     # samples with blank-line runs (1.25: 0 of 12); 1.25 vs 1.2: judge 56.6 vs 47.3, the AR judge 1.664 vs 1.736
-    # bits/char (recipes.json), so shipped with 1.25 (README, "The default model")
+    # bits/char (recipes.json), so shipped with 1.25 (README, "The shipped models")
     "bpe4k-small-x4000": dict(tokenizer="bpe:4096", preset="small", model={}, max_steps=4000,
                               continue_from=("bpe4k-small-x2600", 2600),
                               sampling=dict(max_new_tokens=128, steps=128, temperature=0.9, top_p=0.9,
