@@ -95,7 +95,9 @@ def test_from_pretrained_derives_once_then_reads_the_cache(tiny_base, tmp_path, 
     # a new recipe (here: other sampling defaults) is a new cache entry, not the stale one
     GenerationConfig(max_new_tokens=4, steps=4).save_json(tmp_path / "pretrained/tiny-shakespeare" /
                                                           derived.GENERATION_FILE)
-    assert pipeline.resolve_model_path("tiny-shakespeare") != folder
+    refreshed = pipeline.resolve_model_path("tiny-shakespeare")
+    assert refreshed != folder and not folder.exists() and refreshed.exists()  # the stale entry is removed
+    assert "removing" in capsys.readouterr().err
     assert "tiny-shakespeare" in str(pytest.raises(CheckpointError, pipeline.resolve_model_path, "no-such").value)
 
 

@@ -178,6 +178,10 @@ def derived_path(shipped: Path) -> Path:
         tmp.rename(out)
     except OSError:  # another process derived it meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
+    for old in out.parent.glob(f"{shipped.name}-*"):  # the same model derived from an earlier recipe
+        if old != out and old.is_dir() and len(old.name) == len(out.name):
+            note(f"removing {old}, derived from an earlier recipe of {shipped.name}")
+            shutil.rmtree(old, ignore_errors=True)
     return out
 
 
