@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -208,13 +209,15 @@ def ship(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     record = json.loads(RESULTS.read_text())
+    if not args.name or "/" in args.name or args.name.startswith("."):
+        raise SystemExit(f"--name must be a plain folder name, got {args.name!r}")
     out, entry = Path(args.out), record[args.key]
     last = entry["checkpoints"][-1]
     shipped = ROOT / "src/dlm/pretrained" / args.name
     run_record = {"data": entry["train"]["data"], "steps": last["step"], "adaptation_tokens": last["adaptation_tokens"],
                   "lora": entry["lora"], "lr": entry["train"]["lr"], "batch_size": entry["train"]["batch_size"],
                   "seq_len": entry["train"]["seq_len"], "run_bits_per_char": last["bits_per_char"],
-                  "command": "python benchmarks/adapt.py " + " ".join(sys.argv[1:])}
+                  "command": "python benchmarks/adapt.py " + shlex.join(sys.argv[1:])}
     recipe = export_adapter(out, shipped, base="smollm2-135m-instruct", dtype=torch.float16, record=run_record,
                             generation=GenerationConfig(**args.sampling))
     state, cfg, tok = build(shipped)

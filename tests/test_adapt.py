@@ -420,3 +420,14 @@ def test_dlm_eval_scores_an_adapted_model_after_bos(tmp_path):
     nats = heldout_bound(lm.model, windows, lm.tokenizer.bos_id, lm.tokenizer.mask_id, n_samples=1)
     assert r["n_tokens"] == windows.numel() == 45
     assert r["bits_per_token"] == pytest.approx(float(nats.sum()) / math.log(2) / 45, rel=1e-9)
+
+
+def test_dlm_eval_refuses_a_window_outside_the_context(tmp_path):
+    from dlm.eval.heldout import evaluate_text
+
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    lm = DiffusionLM.from_pretrained(Path(__file__).parent / "data/hf/llada-tiny")
+    for bad in (0, 1, lm.max_len + 1):
+        with pytest.raises(ConfigError, match="window must be in"):
+            evaluate_text(lm, str(data), max_windows=1, window=bad)

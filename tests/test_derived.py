@@ -139,3 +139,13 @@ def test_tensor_digest_depends_on_names_dtypes_and_values():
     assert derived.tensor_sha256(a) != derived.tensor_sha256({"x": torch.zeros(3, 2), "y": torch.ones(3)})
     assert derived.tensor_sha256(a) != derived.tensor_sha256({"x": torch.zeros(2, 3).half(), "y": torch.ones(3)})
     assert derived.tensor_sha256(a) != derived.tensor_sha256({"x": torch.zeros(2, 3), "y": torch.ones(3) * 2})
+
+
+def test_a_stray_folder_in_the_cache_is_an_error_not_a_broken_model(tiny_base, tmp_path):
+    _, run_dir = tiny_base
+    _export(run_dir, tmp_path / "m")
+    stray = derived.cache_folder(tmp_path / "m")
+    (stray / "notes").mkdir(parents=True)  # a folder where the derived model goes, without weights
+    with pytest.raises(CheckpointError, match="could not place the derived model"):
+        derived.derived_path(tmp_path / "m")
+    assert not [p for p in stray.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left behind

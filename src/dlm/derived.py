@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch
 from dlm.config import CheckpointConfig, ConfigError, GenerationConfig, _Config
 from dlm.errors import CheckpointError
 
+DERIVE_VERSION = 1  # of the derivation itself (to_diffusion, the merge, the folder format): part of the cache key
 DERIVE_FILE = "derive.json"
 ADAPTER_FILE = "adapter.safetensors"
 GENERATION_FILE = "generation_config.json"
@@ -49,7 +51,7 @@ def _smollm2() -> Path:
     if not (folder / "config.json").exists():
         try:
             convert(folder)
-        except JudgeUnavailable as e:
+        except (JudgeUnavailable, ImportError) as e:
             raise CheckpointError(f"this model is derived from SmolLM2-135M-Instruct, which is not installed: {e}"
                                   ) from e
     return folder
@@ -88,7 +90,7 @@ def tensor_sha256(state: dict[str, torch.Tensor]) -> str:
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -148,7 +150,8 @@ def build(shipped: Path) -> tuple[dict[str, torch.Tensor], CheckpointConfig, Any
     digest = tensor_sha256(net.state_dict())
     if digest != recipe.base_sha256:
         raise CheckpointError(f"the base model at {base} is not the one {shipped.name} was adapted from (its tensors' "
-                              f"SHA-256 is {digest[:12]}..., the recipe's {recipe.base_sha256[:12]}...)")
+                              f"SHA-256 is {digest[:12]}..., the recipe's {recipe.base_sha256[:12]}...); if that "
+                              "folder was converted by another transformers / gguf version, delete it and retry")
     net, cfg, tok = to_diffusion(net, cfg, tok, recipe.mode, recipe.block_size)
     state = merge_adapter({k: v.detach() for k, v in net.state_dict().items()}, load_adapter_tensors(shipped, recipe),
                           recipe.scale)
@@ -159,25 +162,31 @@ def build(shipped: Path) -> tuple[dict[str, torch.Tensor], CheckpointConfig, Any
     return state, dataclasses.replace(cfg, sampling=sampling, extra=extra), tok
 
 
+def cache_folder(shipped: Path) -> Path:
+    """Where the derived model of this recipe (and derivation version) is cached."""
+    stamp = hashlib.sha256(f"v{DERIVE_VERSION}|".encode() + (shipped / DERIVE_FILE).read_bytes() + (
+        (shipped / GENERATION_FILE).read_bytes() if (shipped / GENERATION_FILE).exists() else b"")).hexdigest()[:16]
+    return cache_root() / f"{shipped.name}-{stamp}"
+
+
 def derived_path(shipped: Path) -> Path:
     """The cached folder of a shipped derived model, derived now if it is not there (or its recipe changed)."""
     from dlm.checkpoint import note, save_pretrained
 
-    stamp = hashlib.sha256((shipped / DERIVE_FILE).read_bytes() + (
-        (shipped / GENERATION_FILE).read_bytes() if (shipped / GENERATION_FILE).exists() else b"")).hexdigest()[:16]
-    out = cache_root() / f"{shipped.name}-{stamp}"
+    out = cache_folder(shipped)
     if (out / "model.safetensors").exists():
         return out
     note(f"deriving {shipped.name} once from its base model and adapter (cached in {out})")
     state, cfg, tok = build(shipped)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(tmp, state, cfg, tok)
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # unique, even across containers
+    save_pretrained(tmp, state, cfg, tok)
     try:
         tmp.rename(out)
-    except OSError:  # another process derived it meanwhile
+    except OSError as e:  # another process derived it meanwhile, or `out` is a stray folder
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "model.safetensors").exists():
+            raise CheckpointError(f"could not place the derived model at {out}: {e}; remove that folder") from e
     for old in out.parent.glob(f"{shipped.name}-*"):  # the same model derived from an earlier recipe
         if old != out and old.is_dir() and len(old.name) == len(out.name):
             note(f"removing {old}, derived from an earlier recipe of {shipped.name}")

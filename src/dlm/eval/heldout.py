@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dlm.config import TrainConfig
+from dlm.config import ConfigError, TrainConfig
 from dlm.data import CORPORA, CorpusError, TokenStream, load_corpus, split_documents, tokenize_documents
 from dlm.eval.elbo import elbo_bits
 from dlm.losses import LOSSES
@@ -35,6 +35,9 @@ def evaluate_text(lm: Any, data: str, n_samples: int = 1, seed: int = 0, max_win
     tok = lm.tokenizer
     tokens = tokenize_documents(docs, tok)
     bos_prefix = bool(lm.bos_prefix) and not lm.is_causal  # [BOS] + L tokens must fit max_len
+    if window is not None and not 2 + bos_prefix <= window <= lm.max_len:
+        raise ConfigError(f"window must be in [{2 + bos_prefix}, {lm.max_len}] tokens (the model's context), got "
+                          f"{window}")
     L = min((window or lm.max_len) - bos_prefix, len(tokens) - 1)  # a short text: one window of about its length
     if L < 2:
         raise CorpusError(f"{data!r} is too short to evaluate")

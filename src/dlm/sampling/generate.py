@@ -110,10 +110,10 @@ def denoise_steps(model_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     global_step = 0
     # Windowed steps: the sampler can take logits of [w0, hi) only, the model_fn can compute just those, and no
     # processor looks at positions (a `where` mask); one that reads the rest of the canvas (repetition penalty)
-    # must be `position_free` and is given the whole canvas. A plain callable given as a processor is not known to
+    # must declare `reads_canvas` and is given the whole canvas. A plain callable given as a processor is not known to
     # be window-safe.
     window = (sampler.windowed and model_fn.supports_window and not model_fn.cached
-              and all(getattr(p, "window_safe", False) or getattr(p, "position_free", False) for p in processors))
+              and all(getattr(p, "window_safe", False) or getattr(p, "reads_canvas", False) for p in processors))
     with torch.no_grad():
         for b in range(n_blocks):
             lo, hi = start + b * block_length, min(start + (b + 1) * block_length, L)  # the last may be shorter

@@ -29,7 +29,7 @@ class LogitsProcessor:
     window_safe = False  # True: depends on neither positions nor the rest of the canvas (may see a window only)
     # True: the same transform at every position of a row, read from the row's whole canvas (repetition penalty):
     # may run on the logits of a window of positions if it is given the whole canvas as `xt`
-    position_free = False
+    reads_canvas = False
 
     def __call__(self, logits: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:  # (B, L, V), (B, L) -> (B, L, V)
         raise NotImplementedError
@@ -57,9 +57,9 @@ def windowed(p: Any, rows: torch.Tensor, cols: torch.Tensor) -> Any:
 def apply_processors(processors: Sequence[LogitsProcessor], logits: torch.Tensor, xt: torch.Tensor,
                      canvas: torch.Tensor | None = None) -> torch.Tensor:
     """Each processor in turn. `canvas` (B, L): the whole canvas when `logits` and `xt` cover a window of it;
-    a `position_free` processor reads that instead of the window."""
+    a `reads_canvas` processor reads that instead of the window."""
     for p in processors:
-        logits = p(logits, canvas if canvas is not None and getattr(p, "position_free", False) else xt)
+        logits = p(logits, canvas if canvas is not None and getattr(p, "reads_canvas", False) else xt)
     return logits
 
 
@@ -159,10 +159,11 @@ class AllowedTokens(_TokenSet):
 class RepetitionPenalty(LogitsProcessor):
     """CTRL's penalty, as HF: for every token already on the row's canvas (any non-[MASK] position, prompt
     included), a positive logit is divided by `penalty` and a negative one multiplied by it, at every position.
-    penalty > 1 discourages repeats, < 1 encourages them, 1 is the identity. Position-free: logits (B, W, V) of a
-    window of positions with the whole canvas xt (B, L) give the same as those positions of the full logits."""
+    penalty > 1 discourages repeats, < 1 encourages them, 1 is the identity. It reads the canvas but treats every
+    position alike: logits (B, W, V) of a window of positions with the whole canvas xt (B, L) give the same as those
+    positions of the full logits."""
 
-    position_free = True
+    reads_canvas = True
 
     def __init__(self, penalty: float, mask_id: int) -> None:
         if penalty <= 0:
