@@ -38,7 +38,7 @@ from dlm.config import TrainConfig  # noqa: E402
 from dlm.control.augment import distinct_n  # noqa: E402
 from dlm.data import TokenStream, load_corpus, split_documents, tokenize_documents  # noqa: E402
 from dlm.eval.elbo import elbo_bits  # noqa: E402
-from dlm.eval.judge import cache_dir, convert  # noqa: E402
+from dlm.eval.judge import converted_folder  # noqa: E402
 from dlm.pipeline import DiffusionLM  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "adapt.json"
@@ -46,10 +46,7 @@ CHAT_QUESTIONS = ("Who is Romeo?", "Write two lines about the sea.")
 
 
 def base_folder() -> Path:
-    folder = cache_dir() / "SmolLM2-135M-Instruct"
-    if not (folder / "config.json").exists():
-        convert(folder)
-    return folder
+    return converted_folder()
 
 
 def train(args: argparse.Namespace) -> None:
@@ -124,7 +121,7 @@ def measure_lora(args: argparse.Namespace) -> None:
     train_cfg = json.loads((out / "train_config.json").read_text())
     lora = {"train": train_cfg, "lora": json.loads((out / "ckpt-{:06d}".format(train_cfg["max_steps"]) / "config.json"
                                                     ).read_text())["extra"].get("lora"),
-            "train_tokens_per_s": train_tokens_per_s(out), "checkpoints": []}
+            "train_tokens_per_s": train_tokens_per_s(out), "sample_options": args.sample_options, "checkpoints": []}
     # the shipped sampling defaults may be given whole: the length and steps are --new-tokens' here
     options = {k: v for k, v in args.sample_options.items() if k not in ("max_new_tokens", "steps")}
     for ckpt in sorted(run_checkpoints(out)):
@@ -135,7 +132,6 @@ def measure_lora(args: argparse.Namespace) -> None:
         row = {"step": step, "adaptation_tokens": step * train_cfg["batch_size"] * (train_cfg["seq_len"] - 1),
                **score(nats, windows, n_chars), "samples": samples(lm, prompts, args.new_tokens, **options)}
         lora["checkpoints"].append(row)
-        lora["sample_options"] = args.sample_options
         record[args.key] = lora
         save(record)
         print(step, row["bits_per_char"], [s["text"][:60] for s in row["samples"]], flush=True)
@@ -205,7 +201,7 @@ def ship(args: argparse.Namespace) -> None:
     adapter in float16, the sampling defaults `--sampling`), then the derived model's own bound on the same windows
     (it differs from the run's by the float16 rounding of the adapter), added under "shipped"."""
     from dlm.config import GenerationConfig
-    from dlm.derived import build, export_adapter
+    from dlm.derived import export_adapter
 
     torch.set_num_threads(args.threads)
     record = json.loads(RESULTS.read_text())
@@ -220,19 +216,16 @@ def ship(args: argparse.Namespace) -> None:
                   "command": "python benchmarks/adapt.py " + shlex.join(sys.argv[1:])}
     recipe = export_adapter(out, shipped, base="smollm2-135m-instruct", dtype=torch.float16, record=run_record,
                             generation=GenerationConfig(**args.sampling))
-    state, cfg, tok = build(shipped)
-    from dlm.models import build_model
-
-    net = build_model(cfg.model)
-    net.load_state_dict(state)
+    lm = DiffusionLM.from_pretrained(args.name)  # derived here, as a user's first load derives it
+    tok = lm.tokenizer
     windows, n_chars = heldout(tok, record["heldout"]["windows"], args.seq_len)
-    nats = heldout_bound(net, windows, tok.bos_id, tok.mask_id, record["heldout"]["bound_samples"])
+    nats = heldout_bound(lm.model, windows, tok.bos_id, tok.mask_id, record["heldout"]["bound_samples"])
     record["shipped"] = {"name": args.name, "from": args.key, "recipe": recipe.to_dict(),
                          "adapter_bytes": (shipped / "adapter.safetensors").stat().st_size,
                          **score(nats, windows, n_chars)}
     save(record)
     # Chat answers of the AR model and of the shipped model at its defaults (the adaptation saw only plays)
-    lm, ar = DiffusionLM.from_pretrained(args.name), DiffusionLM.from_pretrained(base_folder())
+    ar = DiffusionLM.from_pretrained(base_folder())
     record["shipped"]["chat"] = [
         {"question": q, "ar": ar.chat([{"role": "user", "content": q}], max_new_tokens=48, temperature=0.0),
          "adapted": lm.chat([{"role": "user", "content": q}], max_new_tokens=48, seed=0)}

@@ -25,6 +25,7 @@ times (one training while another is scored) end up in one table; `--table` prin
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -134,7 +135,11 @@ def continue_prompts(lm: Any, pairs: list[tuple[str, str]], new_chars: int, cpt:
     return texts, (time.perf_counter() - t0) / len(pairs), n_tokens
 
 
-_AR_JUDGE: list[Any] = []
+@functools.cache
+def _ar_judge() -> Any:
+    from dlm.pipeline import DiffusionLM
+
+    return DiffusionLM.from_pretrained("shakespeare-ar")
 
 
 def ar_judge_bits(texts: list[str], pairs: list[tuple[str, str]]) -> float:
@@ -142,11 +147,8 @@ def ar_judge_bits(texts: list[str], pairs: list[tuple[str, str]]) -> float:
     (a 4-layer byte-level AR model trained on the training plays only): a second judge, independent of SmolLM2,
     for the models adapted from SmolLM2 (which the SmolLM2 judge would flatter)."""
     from dlm.eval.conditional import conditional_loglik
-    from dlm.pipeline import DiffusionLM
 
-    if not _AR_JUDGE:
-        _AR_JUDGE.append(DiffusionLM.from_pretrained("shakespeare-ar"))
-    ar = _AR_JUDGE[0]
+    ar = _ar_judge()
     nats = sum(conditional_loglik(ar, ar.tokenizer.encode(p), ar.tokenizer.encode(t)).nats
                for (p, _), t in zip(pairs, texts, strict=True) if t)
     return -nats / math.log(2) / max(1, sum(map(len, texts)))
@@ -253,6 +255,7 @@ def main() -> None:
         from dlm.eval.heldout import evaluate_text
         from dlm.models import count_params
         from dlm.pipeline import DiffusionLM
+        from dlm.tokenizer import BPETokenizer, ByteTokenizer
 
         label = args.label or args.model
         lm = DiffusionLM.from_pretrained(args.model)
@@ -282,7 +285,7 @@ def main() -> None:
             bound = old if args.no_bound else evaluate_text(lm, "shakespeare", n_samples=args.bound_samples, seed=0,
                                                             window=args.window, batch_size=8)
             tok = lm.tokenizer
-            kind = "byte" if tok.vocab_size == 260 else ("bpe" if type(tok).__name__ == "BPETokenizer" else "hf")
+            kind = "byte" if isinstance(tok, ByteTokenizer) else ("bpe" if isinstance(tok, BPETokenizer) else "hf")
             result.setdefault("models", {})[label] = {
                 "model": args.model, "n_params": count_params(lm.model),
                 "tokenizer": "byte" if kind == "byte" else f"{kind}:{tok.vocab_size}",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import dlm
+from dlm.models import count_params
 from dlm.precision import set_threads
 from dlm.progress import Bar
 
@@ -86,7 +87,7 @@ def demo_adapted(lm: dlm.DiffusionLM) -> None:
 def demo_small() -> None:
     t0 = time.perf_counter()
     lm = dlm.DiffusionLM.from_pretrained("default")
-    n_params = sum(p.numel() for p in lm.model.parameters())
+    n_params = count_params(lm.model)
     print(f"\nloaded the default model, trained from scratch here: {n_params / 1e6:.1f}M parameters, BPE "
           f"({lm.tokenizer.vocab_size} tokens), on {lm.config.extra.get('data')} ({time.perf_counter() - t0:.1f} s)")
     t = time.perf_counter()

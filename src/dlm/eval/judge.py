@@ -81,6 +81,15 @@ def convert(out: Path) -> Path:
     return out
 
 
+def converted_folder() -> Path:
+    """The cached transformers folder of SmolLM2-135M-Instruct, converted from the package's GGUF file on first use
+    (the judge, `dlm adapt` experiments and the derived model shakespeare-smollm2 all read it)."""
+    folder = cache_dir() / "SmolLM2-135M-Instruct"
+    if not (folder / "config.json").exists():
+        convert(folder)
+    return folder
+
+
 @dataclass
 class Judge:
     model: Any  # a transformers causal LM
@@ -121,11 +130,9 @@ def load_judge(path: str | Path | None = None, precision: str = "auto", threads:
     precision = resolve_precision(precision, "cpu")
     if threads:
         set_threads(threads)
-    folder = Path(path) if path is not None else cache_dir() / "SmolLM2-135M-Instruct"
+    folder = Path(path) if path is not None else converted_folder()
     if not (folder / "config.json").exists():
-        if path is not None:
-            raise JudgeUnavailable(f"{folder} holds no converted judge (config.json)")
-        convert(folder)
+        raise JudgeUnavailable(f"{folder} holds no converted judge (config.json)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
